@@ -1,0 +1,128 @@
+//! Fast (approximate) base conversion between RNS bases, the core of key switching.
+
+use super::RnsPoly;
+use crate::arith::Modulus;
+
+/// Converts residues modulo `from = {q_i}` to residues modulo each prime of `to`:
+/// `y_t = sum_i [x_i * (Q/q_i)^-1]_{q_i} * (Q/q_i mod t)`, which equals `x + u*Q` for a small
+/// `0 <= u < |from|` (the usual overflow of fast base conversion, absorbed by the noise).
+pub struct BaseConverter {
+    from: Vec<Modulus>,
+    to: Vec<Modulus>,
+    /// `(Q/q_i)^-1 mod q_i` with its Shoup companion.
+    qhat_inv: Vec<(u64, u64)>,
+    /// `Q/q_i mod t`, laid out `[t][i]`.
+    qhat_mod_to: Vec<Vec<u64>>,
+}
+
+impl BaseConverter {
+    pub fn new(from: &[Modulus], to: &[Modulus]) -> Self {
+        let qhat_inv = from
+            .iter()
+            .enumerate()
+            .map(|(i, qi)| {
+                let mut prod = 1u64;
+                for (j, qj) in from.iter().enumerate() {
+                    if j != i {
+                        prod = qi.mul(prod, qi.reduce(qj.value()));
+                    }
+                }
+                let inv = qi.inv(prod).expect("distinct primes are coprime");
+                (inv, qi.shoup(inv))
+            })
+            .collect();
+        let qhat_mod_to = to
+            .iter()
+            .map(|t| {
+                (0..from.len())
+                    .map(|i| {
+                        let mut prod = 1u64;
+                        for (j, qj) in from.iter().enumerate() {
+                            if j != i {
+                                prod = t.mul(prod, t.reduce(qj.value()));
+                            }
+                        }
+                        prod
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            from: from.to_vec(),
+            to: to.to_vec(),
+            qhat_inv,
+            qhat_mod_to,
+        }
+    }
+
+    /// `input` rows are coefficient-domain residues modulo `from`; writes one row per `to`
+    /// prime into `output` (rows `out_rows[k]` of `output`).
+    pub fn convert(&self, input: &[&[u64]], output: &mut RnsPoly, out_rows: &[usize]) {
+        debug_assert_eq!(input.len(), self.from.len());
+        debug_assert_eq!(out_rows.len(), self.to.len());
+        let n = output.n();
+        // Scaled inputs z_i = [x_i * qhat_inv_i]_{q_i}, computed once for all targets.
+        let mut z = vec![0u64; n * self.from.len()];
+        for (i, (qi, row)) in self.from.iter().zip(input).enumerate() {
+            let (w, ws) = self.qhat_inv[i];
+            for (zz, &x) in z[i * n..(i + 1) * n].iter_mut().zip(row.iter()) {
+                *zz = qi.mul_shoup(x, w, ws);
+            }
+        }
+        for ((t, coeffs), &r) in self.to.iter().zip(&self.qhat_mod_to).zip(out_rows) {
+            let dst = output.limb_mut(r);
+            match coeffs.len() {
+                1 => {
+                    let c = coeffs[0];
+                    let cs = t.shoup(c);
+                    for (d, &z0) in dst.iter_mut().zip(&z[..n]) {
+                        *d = t.mul_shoup(z0, c, cs);
+                    }
+                }
+                _ => {
+                    for (k, d) in dst.iter_mut().enumerate() {
+                        let mut acc: u128 = 0;
+                        for (i, &c) in coeffs.iter().enumerate() {
+                            acc += z[i * n + k] as u128 * c as u128;
+                        }
+                        *d = t.reduce_u128(acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arith::ntt_primes_below;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// The converted value is x + u*Q with 0 <= u < |from|.
+        #[test]
+        fn conversion_is_exact_up_to_small_multiple(x in any::<u128>(), k in 1usize..=3) {
+            let n = 16;
+            let from_p = ntt_primes_below(40, n, k, &[]).unwrap();
+            let to_p = ntt_primes_below(50, n, 2, &[]).unwrap();
+            let from: Vec<Modulus> = from_p.iter().map(|&q| Modulus::new(q).unwrap()).collect();
+            let to: Vec<Modulus> = to_p.iter().map(|&q| Modulus::new(q).unwrap()).collect();
+            let big_q: u128 = from_p.iter().map(|&q| q as u128).product();
+            let x = x % big_q;
+            let rows: Vec<Vec<u64>> = from_p.iter().map(|&q| vec![(x % q as u128) as u64; n]).collect();
+            let input: Vec<&[u64]> = rows.iter().map(|r| r.as_slice()).collect();
+            let mut out = RnsPoly::zero(n, 2);
+            BaseConverter::new(&from, &to).convert(&input, &mut out, &[0, 1]);
+            let ok = (0..k as u128).any(|u| {
+                to_p.iter().enumerate().all(|(r, &t)| {
+                    let v = x + u * big_q;
+                    // Reduce piecewise to stay in u128 for k <= 3 primes of 40 bits.
+                    out.limb(r)[0] as u128 == v % t as u128
+                })
+            });
+            prop_assert!(ok);
+        }
+    }
+}

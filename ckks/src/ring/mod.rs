@@ -1,0 +1,12 @@
+//! RNS polynomial ring: NTT tables, aligned polynomials, slot-wise operations and base
+//! conversion.
+
+mod basis;
+mod context;
+mod ntt;
+mod poly;
+
+pub use basis::BaseConverter;
+pub use context::RingContext;
+pub use ntt::NttTable;
+pub use poly::{AlignedVec, RnsPoly};

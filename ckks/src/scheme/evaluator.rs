@@ -1,0 +1,419 @@
+//! Homomorphic operations. Everything here uses public objects only.
+
+use crate::error::{Error, Result};
+use crate::ring::{BaseConverter, RnsPoly};
+use crate::scheme::{galois_element, Ciphertext, GaloisKeys, KeySwitchingKey, Params, Plaintext, RelinKey};
+
+/// Relative difference under which two scales count as equal. Scales are tracked exactly
+/// (every rescale divides by the true prime), so equal-by-construction scales agree to the
+/// last bits; anything larger is a planning error worth reporting.
+pub const SCALE_TOLERANCE: f64 = 1e-9;
+
+fn same_scale(a: f64, b: f64) -> bool {
+    (a - b).abs() <= SCALE_TOLERANCE * a.abs().max(b.abs())
+}
+
+/// Evaluates operations on ciphertexts of one parameter set.
+#[derive(Clone, Debug)]
+pub struct Evaluator {
+    params: Params,
+}
+
+impl Evaluator {
+    pub fn new(params: &Params) -> Self {
+        Self {
+            params: params.clone(),
+        }
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    fn check(&self, ct: &Ciphertext) -> Result<()> {
+        if ct.params != self.params {
+            return Err(Error::ParamsMismatch);
+        }
+        Ok(())
+    }
+
+    fn check_pair(&self, a: &Ciphertext, b: &Ciphertext) -> Result<()> {
+        self.check(a)?;
+        self.check(b)?;
+        if a.level != b.level {
+            return Err(Error::LevelMismatch(a.level, b.level));
+        }
+        Ok(())
+    }
+
+    fn check_add(&self, a: &Ciphertext, b: &Ciphertext) -> Result<()> {
+        self.check_pair(a, b)?;
+        if !same_scale(a.scale, b.scale) {
+            return Err(Error::ScaleMismatch(a.scale, b.scale));
+        }
+        Ok(())
+    }
+
+    /// `a += b`.
+    pub fn add_assign(&self, a: &mut Ciphertext, b: &Ciphertext) -> Result<()> {
+        self.check_add(a, b)?;
+        let basis = self.params.q_basis(a.level);
+        let ring = self.params.ring();
+        while a.polys.len() < b.polys.len() {
+            a.polys.push(RnsPoly::zero(self.params.n(), a.level + 1));
+        }
+        for (x, y) in a.polys.iter_mut().zip(&b.polys) {
+            ring.add_assign(x, y, &basis);
+        }
+        a.seed = None;
+        Ok(())
+    }
+
+    pub fn add(&self, a: &Ciphertext, b: &Ciphertext) -> Result<Ciphertext> {
+        let mut out = a.clone();
+        self.add_assign(&mut out, b)?;
+        Ok(out)
+    }
+
+    /// `a -= b`.
+    pub fn sub_assign(&self, a: &mut Ciphertext, b: &Ciphertext) -> Result<()> {
+        self.check_add(a, b)?;
+        let basis = self.params.q_basis(a.level);
+        let ring = self.params.ring();
+        while a.polys.len() < b.polys.len() {
+            a.polys.push(RnsPoly::zero(self.params.n(), a.level + 1));
+        }
+        for (x, y) in a.polys.iter_mut().zip(&b.polys) {
+            ring.sub_assign(x, y, &basis);
+        }
+        a.seed = None;
+        Ok(())
+    }
+
+    pub fn sub(&self, a: &Ciphertext, b: &Ciphertext) -> Result<Ciphertext> {
+        let mut out = a.clone();
+        self.sub_assign(&mut out, b)?;
+        Ok(out)
+    }
+
+    pub fn neg_assign(&self, a: &mut Ciphertext) -> Result<()> {
+        self.check(a)?;
+        let basis = self.params.q_basis(a.level);
+        for x in a.polys.iter_mut() {
+            self.params.ring().neg_assign(x, &basis);
+        }
+        a.seed = None;
+        Ok(())
+    }
+
+    /// The integer `round(value * scale)` as residues on `q_0..q_level`.
+    fn scalar_residues(&self, value: f64, scale: f64, level: usize) -> Result<Vec<u64>> {
+        let s = (value * scale).round();
+        let limit = (self.params.log_q_at(level) - 2.0).min(120.0).exp2();
+        if !(s.is_finite() && s.abs() < limit) {
+            return Err(Error::ValueOutOfRange { value, scale });
+        }
+        let s = s as i128;
+        Ok((0..=level)
+            .map(|i| self.params.ring().modulus(i).reduce_i128(s))
+            .collect())
+    }
+
+    /// Adds the real constant `value` to every slot.
+    pub fn add_const_assign(&self, a: &mut Ciphertext, value: f64) -> Result<()> {
+        self.check(a)?;
+        let r = self.scalar_residues(value, a.scale, a.level)?;
+        let basis = self.params.q_basis(a.level);
+        self.params.ring().add_scalar_assign(&mut a.polys[0], &r, &basis);
+        Ok(())
+    }
+
+    /// Multiplies every slot by the integer `k`; the scale is unchanged and no level is used.
+    pub fn mul_int_assign(&self, a: &mut Ciphertext, k: i64) -> Result<()> {
+        self.check(a)?;
+        let basis = self.params.q_basis(a.level);
+        let r: Vec<u64> = basis
+            .iter()
+            .map(|&i| self.params.ring().modulus(i).reduce_i64(k))
+            .collect();
+        for x in a.polys.iter_mut() {
+            self.params.ring().mul_scalar_assign(x, &r, &basis);
+        }
+        a.seed = None;
+        Ok(())
+    }
+
+    /// Multiplies every slot by the real `value`, encoded as the integer
+    /// `round(value * const_scale)`; the ciphertext scale is multiplied by `const_scale`
+    /// (usually followed by a rescale). No NTT is involved.
+    pub fn mul_const_assign(&self, a: &mut Ciphertext, value: f64, const_scale: f64) -> Result<()> {
+        self.check(a)?;
+        let r = self.scalar_residues(value, const_scale, a.level)?;
+        let basis = self.params.q_basis(a.level);
+        for x in a.polys.iter_mut() {
+            self.params.ring().mul_scalar_assign(x, &r, &basis);
+        }
+        a.scale *= const_scale;
+        a.seed = None;
+        Ok(())
+    }
+
+    /// Slot-wise product with an encoded vector at the same or a higher level.
+    pub fn mul_plain_assign(&self, a: &mut Ciphertext, pt: &Plaintext) -> Result<()> {
+        self.check(a)?;
+        if pt.level < a.level {
+            return Err(Error::LevelMismatch(a.level, pt.level));
+        }
+        let basis = self.params.q_basis(a.level);
+        let m = pt.poly.copy_rows(0..a.level + 1);
+        for x in a.polys.iter_mut() {
+            *x = self.params.ring().mul(x, &m, &basis);
+        }
+        a.scale *= pt.scale;
+        a.seed = None;
+        Ok(())
+    }
+
+    /// Tensor product of two degree-1 ciphertexts: a degree-2 result at scale `a.scale *
+    /// b.scale`. Relinearize and rescale afterwards.
+    pub fn mul(&self, a: &Ciphertext, b: &Ciphertext) -> Result<Ciphertext> {
+        self.check_pair(a, b)?;
+        if a.degree() != 1 || b.degree() != 1 {
+            return Err(Error::WrongDegree(a.degree().max(b.degree()), 1));
+        }
+        let ring = self.params.ring();
+        let basis = self.params.q_basis(a.level);
+        let n = self.params.n();
+        let limbs = a.level + 1;
+        let mut d0 = RnsPoly::zero(n, limbs);
+        let mut d1 = RnsPoly::zero(n, limbs);
+        let mut d2 = RnsPoly::zero(n, limbs);
+        ring.mul_accumulate(&mut d0, &a.polys[0], &b.polys[0], &basis);
+        ring.mul_accumulate(&mut d1, &a.polys[0], &b.polys[1], &basis);
+        ring.mul_accumulate(&mut d1, &a.polys[1], &b.polys[0], &basis);
+        ring.mul_accumulate(&mut d2, &a.polys[1], &b.polys[1], &basis);
+        Ok(Ciphertext {
+            params: self.params.clone(),
+            polys: vec![d0, d1, d2],
+            level: a.level,
+            scale: a.scale * b.scale,
+            seed: None,
+        })
+    }
+
+    /// `a^2`, saving one product over `mul(a, a)`.
+    pub fn square(&self, a: &Ciphertext) -> Result<Ciphertext> {
+        self.check(a)?;
+        if a.degree() != 1 {
+            return Err(Error::WrongDegree(a.degree(), 1));
+        }
+        let ring = self.params.ring();
+        let basis = self.params.q_basis(a.level);
+        let d0 = ring.mul(&a.polys[0], &a.polys[0], &basis);
+        let mut d1 = ring.mul(&a.polys[0], &a.polys[1], &basis);
+        let copy = d1.clone();
+        ring.add_assign(&mut d1, &copy, &basis);
+        let d2 = ring.mul(&a.polys[1], &a.polys[1], &basis);
+        Ok(Ciphertext {
+            params: self.params.clone(),
+            polys: vec![d0, d1, d2],
+            level: a.level,
+            scale: a.scale * a.scale,
+            seed: None,
+        })
+    }
+
+    /// Degree 2 -> degree 1 with the relinearization key.
+    pub fn relinearize_assign(&self, a: &mut Ciphertext, rlk: &RelinKey) -> Result<()> {
+        self.check(a)?;
+        if rlk.params() != &self.params {
+            return Err(Error::ParamsMismatch);
+        }
+        if a.degree() != 2 {
+            return Err(Error::WrongDegree(a.degree(), 2));
+        }
+        let d2 = a.polys.pop().expect("degree 2");
+        let (u0, u1) = self.key_switch(&d2, a.level, &rlk.0);
+        let basis = self.params.q_basis(a.level);
+        self.params.ring().add_assign(&mut a.polys[0], &u0, &basis);
+        self.params.ring().add_assign(&mut a.polys[1], &u1, &basis);
+        Ok(())
+    }
+
+    pub fn relinearize(&self, a: &Ciphertext, rlk: &RelinKey) -> Result<Ciphertext> {
+        let mut out = a.clone();
+        self.relinearize_assign(&mut out, rlk)?;
+        Ok(out)
+    }
+
+    /// Divides by the top prime `q_level` (rounding), dropping one level; the scale is
+    /// divided by that exact prime.
+    pub fn rescale_assign(&self, a: &mut Ciphertext) -> Result<()> {
+        self.check(a)?;
+        if a.level == 0 {
+            return Err(Error::LevelTooLow { needed: 1, have: 0 });
+        }
+        let l = a.level;
+        let ring = self.params.ring();
+        let q_top = *ring.modulus(l);
+        let half = q_top.value() / 2;
+        let inv = self.params.rescale_inv(l);
+        let n = self.params.n();
+        let mut tmp = vec![0u64; n];
+        for poly in a.polys.iter_mut() {
+            let mut last = poly.limb(l).to_vec();
+            ring.table(l).inverse(&mut last);
+            // Adding q/2 before and subtracting it after turns truncation into rounding.
+            for x in last.iter_mut() {
+                *x = q_top.add(*x, half);
+            }
+            for (i, &(w, ws)) in inv.iter().enumerate() {
+                let qi = ring.modulus(i);
+                let half_i = qi.reduce(half);
+                for (t, &x) in tmp.iter_mut().zip(&last) {
+                    *t = qi.sub(qi.reduce(x), half_i);
+                }
+                ring.table(i).forward(&mut tmp);
+                for (y, &t) in poly.limb_mut(i).iter_mut().zip(&tmp) {
+                    *y = qi.mul_shoup(qi.sub(*y, t), w, ws);
+                }
+            }
+            poly.truncate(l);
+        }
+        a.level = l - 1;
+        a.scale /= q_top.value() as f64;
+        a.seed = None;
+        Ok(())
+    }
+
+    pub fn rescale(&self, a: &Ciphertext) -> Result<Ciphertext> {
+        let mut out = a.clone();
+        self.rescale_assign(&mut out)?;
+        Ok(out)
+    }
+
+    /// Drops primes down to `level` without changing the message or the scale.
+    pub fn drop_to_level(&self, a: &mut Ciphertext, level: usize) -> Result<()> {
+        self.check(a)?;
+        if level > a.level {
+            return Err(Error::LevelTooLow {
+                needed: level,
+                have: a.level,
+            });
+        }
+        for p in a.polys.iter_mut() {
+            p.truncate(level + 1);
+        }
+        a.level = level;
+        a.seed = None;
+        Ok(())
+    }
+
+    /// Rotates the slots left by `steps` (right if negative).
+    pub fn rotate(&self, a: &Ciphertext, steps: i64, keys: &GaloisKeys) -> Result<Ciphertext> {
+        self.check(a)?;
+        if a.degree() != 1 {
+            return Err(Error::WrongDegree(a.degree(), 1));
+        }
+        let g = galois_element(&self.params, steps);
+        if g == 1 {
+            return Ok(a.clone());
+        }
+        let key = keys.get(g)?;
+        if key.params() != &self.params {
+            return Err(Error::ParamsMismatch);
+        }
+        let ring = self.params.ring();
+        let basis = self.params.q_basis(a.level);
+        let mut moved = Vec::with_capacity(2);
+        for poly in &a.polys {
+            let mut c = poly.clone();
+            ring.inverse(&mut c, &basis);
+            let mut r = ring.automorphism(&c, g as usize, &basis);
+            ring.forward(&mut r, &basis);
+            moved.push(r);
+        }
+        let (u0, u1) = self.key_switch(&moved[1], a.level, key);
+        let mut c0 = moved.swap_remove(0);
+        ring.add_assign(&mut c0, &u0, &basis);
+        Ok(Ciphertext {
+            params: self.params.clone(),
+            polys: vec![c0, u1],
+            level: a.level,
+            scale: a.scale,
+            seed: None,
+        })
+    }
+
+    /// Hybrid key switching of `d` (evaluation domain on `q_0..q_level`): returns `(u0, u1)`
+    /// with `u0 + u1 s ~ d s'` where the key goes from `s'` to `s`.
+    ///
+    /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
+    /// multiply-accumulate with the key; finally divide by `P` (mod-down).
+    pub fn key_switch(&self, d: &RnsPoly, level: usize, key: &KeySwitchingKey) -> (RnsPoly, RnsPoly) {
+        let p = &self.params;
+        let ring = p.ring();
+        let n = p.n();
+        let alpha = p.alpha();
+        let qp = p.qp_basis(level);
+        let width = qp.len();
+        let q_basis = p.q_basis(level);
+
+        let mut d_coeff = d.clone();
+        ring.inverse(&mut d_coeff, &q_basis);
+
+        let mut acc0 = RnsPoly::zero(n, width);
+        let mut acc1 = RnsPoly::zero(n, width);
+        let mut ext = RnsPoly::zero(n, width);
+        for j in 0..p.digits(level) {
+            let start = j * alpha;
+            let end = ((j + 1) * alpha).min(level + 1);
+            let from: Vec<_> = (start..end).map(|i| *ring.modulus(i)).collect();
+            let targets: Vec<usize> = (0..width).filter(|&k| k < start || k >= end).collect();
+            let to: Vec<_> = targets.iter().map(|&k| *ring.modulus(qp[k])).collect();
+            let input: Vec<&[u64]> = (start..end).map(|i| d_coeff.limb(i)).collect();
+            BaseConverter::new(&from, &to).convert(&input, &mut ext, &targets);
+            for &k in &targets {
+                ring.table(qp[k]).forward(ext.limb_mut(k));
+            }
+            for i in start..end {
+                ext.limb_mut(i).copy_from_slice(d.limb(i));
+            }
+            for (k, &r) in qp.iter().enumerate() {
+                // Key rows are laid out in prime-index order, so row `r` is prime `r`.
+                let t = ring.table(r);
+                t.mul_accumulate(acc0.limb_mut(k), ext.limb(k), key.b[j].limb(r));
+                t.mul_accumulate(acc1.limb_mut(k), ext.limb(k), key.a[j].limb(r));
+            }
+        }
+        (self.mod_down(acc0, level), self.mod_down(acc1, level))
+    }
+
+    /// `(x - ModUp_P->Q(x mod P)) / P` on `q_0..q_level`.
+    fn mod_down(&self, mut x: RnsPoly, level: usize) -> RnsPoly {
+        let p = &self.params;
+        let ring = p.ring();
+        let top = p.q().len();
+        let k = p.alpha();
+        let n = p.n();
+        for j in 0..k {
+            ring.table(top + j).inverse(x.limb_mut(level + 1 + j));
+        }
+        let input: Vec<&[u64]> = (0..k).map(|j| x.limb(level + 1 + j)).collect();
+        let mut conv = RnsPoly::zero(n, level + 1);
+        let rows: Vec<usize> = (0..=level).collect();
+        p.mod_down(level).convert(&input, &mut conv, &rows);
+        for i in 0..=level {
+            ring.table(i).forward(conv.limb_mut(i));
+        }
+        let mut out = x.copy_rows(0..level + 1);
+        for i in 0..=level {
+            let m = ring.modulus(i);
+            let (w, ws) = p.p_inv_mod_q()[i];
+            for (y, &c) in out.limb_mut(i).iter_mut().zip(conv.limb(i)) {
+                *y = m.mul_shoup(m.sub(*y, c), w, ws);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,228 @@
+//! End-to-end checks of the scheme against f64 arithmetic.
+
+use super::*;
+use proptest::prelude::*;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+struct Fixture {
+    params: Params,
+    sk: SecretKey,
+    pk: PublicKey,
+    rlk: RelinKey,
+    enc: Encoder,
+    ev: Evaluator,
+    encryptor: Encryptor<ChaCha20Rng>,
+}
+
+fn fixture(spec: ParamSpec, seed: u64) -> Fixture {
+    let params = Params::insecure_for_tests(spec).unwrap();
+    let mut kg = KeyGenerator::with_rng(&params, ChaCha20Rng::seed_from_u64(seed));
+    let sk = kg.secret_key();
+    let pk = kg.public_key(&sk);
+    let rlk = kg.relin_key(&sk);
+    Fixture {
+        enc: Encoder::new(&params),
+        ev: Evaluator::new(&params),
+        encryptor: Encryptor::with_rng(&params, ChaCha20Rng::seed_from_u64(seed + 1)),
+        params,
+        sk,
+        pk,
+        rlk,
+    }
+}
+
+fn small() -> Fixture {
+    fixture(ParamSpec::chain(11, 5, 40, 2), 7)
+}
+
+impl Fixture {
+    fn encrypt(&mut self, v: &[f64]) -> Ciphertext {
+        let pt = self
+            .enc
+            .encode(v, self.params.default_scale(), self.params.max_level())
+            .unwrap();
+        self.encryptor.encrypt_sk(&self.sk, &pt).unwrap()
+    }
+    fn decrypt(&self, ct: &Ciphertext) -> Vec<f64> {
+        self.enc.decode(&decrypt(&self.sk, ct).unwrap())
+    }
+}
+
+fn max_err(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn vec_in(range: f64, len: usize) -> impl Strategy<Value = Vec<f64>> {
+    proptest::collection::vec(-range..range, len)
+}
+
+#[test]
+fn encrypt_decrypt_sk_and_pk_at_every_preset_degree() {
+    for log_n in [12u32, 13, 14] {
+        let mut f = fixture(ParamSpec::chain(log_n, 3, 40, 3), log_n as u64);
+        let v: Vec<f64> = (0..f.params.slots()).map(|i| (i as f64 * 0.37).sin() * 10.0).collect();
+        let ct = f.encrypt(&v);
+        assert!(max_err(&f.decrypt(&ct), &v) < 1e-6, "sk, N=2^{log_n}");
+        let pt = f.enc.encode(&v, f.params.default_scale(), 1).unwrap();
+        let ct = f.encryptor.encrypt_pk(&f.pk, &pt).unwrap();
+        assert!(max_err(&f.decrypt(&ct), &v) < 1e-5, "pk, N=2^{log_n}");
+    }
+}
+
+#[test]
+fn production_presets_round_trip() {
+    for spec in [presets::n8192(), presets::n16384()] {
+        let params = Params::new(spec).unwrap();
+        let mut kg = KeyGenerator::new(&params);
+        let sk = kg.secret_key();
+        let enc = Encoder::new(&params);
+        let v: Vec<f64> = (0..params.slots()).map(|i| (i % 17) as f64 - 8.0).collect();
+        let pt = enc.encode(&v, params.default_scale(), params.max_level()).unwrap();
+        let ct = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
+        let back = enc.decode(&decrypt(&sk, &ct).unwrap());
+        assert!(max_err(&back, &v) < 1e-6);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    #[test]
+    fn add_sub_neg_match_f64(a in vec_in(100.0, 64), b in vec_in(100.0, 64)) {
+        let mut f = small();
+        let (ca, cb) = (f.encrypt(&a), f.encrypt(&b));
+        let sum = f.ev.add(&ca, &cb).unwrap();
+        let diff = f.ev.sub(&ca, &cb).unwrap();
+        let mut neg = ca.clone();
+        f.ev.neg_assign(&mut neg).unwrap();
+        let want_sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let want_diff: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+        let want_neg: Vec<f64> = a.iter().map(|x| -x).collect();
+        prop_assert!(max_err(&f.decrypt(&sum), &want_sum) < 1e-6);
+        prop_assert!(max_err(&f.decrypt(&diff), &want_diff) < 1e-6);
+        prop_assert!(max_err(&f.decrypt(&neg), &want_neg) < 1e-6);
+    }
+
+    #[test]
+    fn scalar_ops_match_f64(a in vec_in(10.0, 64), c in -5.0f64..5.0, k in -1000i64..1000) {
+        let mut f = small();
+        let ca = f.encrypt(&a);
+        let mut m = ca.clone();
+        let q_top = f.params.q()[m.level()] as f64;
+        f.ev.mul_const_assign(&mut m, c, q_top).unwrap();
+        f.ev.rescale_assign(&mut m).unwrap();
+        prop_assert!((m.scale() / ca.scale() - 1.0).abs() < 1e-12);
+        let want: Vec<f64> = a.iter().map(|x| x * c).collect();
+        prop_assert!(max_err(&f.decrypt(&m), &want) < 1e-6);
+
+        let mut ki = ca.clone();
+        f.ev.mul_int_assign(&mut ki, k).unwrap();
+        let want: Vec<f64> = a.iter().map(|x| x * k as f64).collect();
+        prop_assert!(max_err(&f.decrypt(&ki), &want) < 1e-4);
+
+        let mut s = ca.clone();
+        f.ev.add_const_assign(&mut s, c).unwrap();
+        let want: Vec<f64> = a.iter().map(|x| x + c).collect();
+        let got = f.decrypt(&s);
+        prop_assert!(max_err(&got[..64], &want) < 1e-6);
+        // Unused slots received the constant too.
+        prop_assert!((got[100] - c).abs() < 1e-6);
+    }
+
+    #[test]
+    fn mul_relin_rescale_matches_f64(a in vec_in(8.0, 128), b in vec_in(8.0, 128)) {
+        let mut f = small();
+        let (ca, cb) = (f.encrypt(&a), f.encrypt(&b));
+        let d2 = f.ev.mul(&ca, &cb).unwrap();
+        prop_assert_eq!(d2.degree(), 2);
+        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+        // Degree-2 decryption works before relinearization.
+        prop_assert!(max_err(&f.decrypt(&d2)[..128], &want) < 1e-5);
+        let mut r = f.ev.relinearize(&d2, &f.rlk).unwrap();
+        prop_assert_eq!(r.degree(), 1);
+        f.ev.rescale_assign(&mut r).unwrap();
+        prop_assert_eq!(r.level(), f.params.max_level() - 1);
+        prop_assert!(max_err(&f.decrypt(&r)[..128], &want) < 1e-5);
+        let sq = f.ev.relinearize(&f.ev.square(&ca).unwrap(), &f.rlk).unwrap();
+        let want_sq: Vec<f64> = a.iter().map(|x| x * x).collect();
+        prop_assert!(max_err(&f.decrypt(&sq)[..128], &want_sq) < 1e-5);
+    }
+
+    #[test]
+    fn mul_plain_matches_f64(a in vec_in(4.0, 32), b in vec_in(4.0, 32)) {
+        let mut f = small();
+        let ca = f.encrypt(&a);
+        let pb = f.enc.encode(&b, f.params.q()[f.params.max_level()] as f64, f.params.max_level()).unwrap();
+        let mut m = ca.clone();
+        f.ev.mul_plain_assign(&mut m, &pb).unwrap();
+        f.ev.rescale_assign(&mut m).unwrap();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+        prop_assert!(max_err(&f.decrypt(&m)[..32], &want) < 1e-6);
+    }
+}
+
+/// Squares repeatedly until level 0, checking precision at every level.
+#[test]
+fn chain_uses_every_level() {
+    let mut f = fixture(ParamSpec::chain(12, 8, 40, 3), 11);
+    let v: Vec<f64> = (0..f.params.slots()).map(|i| 0.5 + 0.5 * ((i as f64) * 0.01).cos()).collect();
+    let mut ct = f.encrypt(&v);
+    let mut want = v.clone();
+    while ct.level() > 0 {
+        let mut sq = f.ev.square(&ct).unwrap();
+        f.ev.relinearize_assign(&mut sq, &f.rlk).unwrap();
+        f.ev.rescale_assign(&mut sq).unwrap();
+        // Bring the scale back near 2^40 exactly as a planner would: it is tracked exactly.
+        ct = sq;
+        for w in want.iter_mut() {
+            *w *= *w;
+        }
+        let err = max_err(&f.decrypt(&ct), &want);
+        assert!(err < 1e-4, "level {}: {err}", ct.level());
+    }
+    assert!(f.ev.rescale(&ct).is_err());
+}
+
+#[test]
+fn rotation_moves_slots() {
+    let mut f = small();
+    let keys = {
+        let mut kg = KeyGenerator::with_rng(&f.params, ChaCha20Rng::seed_from_u64(5));
+        kg.galois_keys(&f.sk, &[1, 3, -1])
+    };
+    let slots = f.params.slots();
+    let v: Vec<f64> = (0..slots).map(|i| i as f64).collect();
+    let ct = f.encrypt(&v);
+    for steps in [1i64, 3, -1] {
+        let r = f.ev.rotate(&ct, steps, &keys).unwrap();
+        let got = f.decrypt(&r);
+        for i in 0..slots {
+            let src = (i as i64 + steps).rem_euclid(slots as i64) as usize;
+            assert!((got[i] - v[src]).abs() < 1e-5, "steps {steps} slot {i}");
+        }
+    }
+    assert!(matches!(f.ev.rotate(&ct, 2, &keys), Err(crate::Error::MissingGaloisKey(_))));
+}
+
+#[test]
+fn mismatches_are_reported() {
+    let mut f = small();
+    let a = f.encrypt(&[1.0]);
+    let mut b = f.encrypt(&[2.0]);
+    f.ev.mul_const_assign(&mut b, 1.0, 3.0).unwrap();
+    assert!(matches!(f.ev.add(&a, &b), Err(crate::Error::ScaleMismatch(..))));
+    let mut c = f.encrypt(&[3.0]);
+    f.ev.drop_to_level(&mut c, 1).unwrap();
+    assert!(matches!(f.ev.add(&a, &c), Err(crate::Error::LevelMismatch(..))));
+    assert!(matches!(f.ev.mul(&a, &c), Err(crate::Error::LevelMismatch(..))));
+    let other = fixture(ParamSpec::chain(11, 5, 39, 2), 8);
+    assert!(matches!(other.ev.add(&a, &a), Err(crate::Error::ParamsMismatch)));
+    assert!(matches!(decrypt(&other.sk, &a), Err(crate::Error::ParamsMismatch)));
+    let d2 = f.ev.mul(&a, &a).unwrap();
+    assert!(f.ev.mul(&d2, &a).is_err());
+    assert!(f.ev.relinearize(&a, &f.rlk).is_err());
+    let mut kept = f.encrypt(&[5.0]);
+    f.ev.drop_to_level(&mut kept, 2).unwrap();
+    assert!((f.decrypt(&kept)[0] - 5.0).abs() < 1e-6);
+}
