@@ -6,7 +6,8 @@
 
 Each side may have several runs (bench_vs_seal.sh alternates them); each op's
 figure is the median over that side's runs. Ratios are SEAL / ours (> 1: ours is
-faster / smaller). Standard library only.
+faster / smaller). Wall-clock figures ("ops_ms") are compared; where a side also
+reports process-CPU figures ("ops_cpu_ms") they are shown and compared as well. Standard library only.
 """
 import argparse
 import json
@@ -88,17 +89,38 @@ def main():
         w(f"WARNING: {x}")
     w("")
 
-    # ops: ours' order first, then SEAL-only extras
+    # ops: ours' order first, then SEAL-only extras. Wall-clock medians; the
+    # process-CPU medians ("ops_cpu_ms") are shown too where a side reports them.
+    ours_cpu, seal_cpu = merge(ours_runs, "ops_cpu_ms"), merge(seal_runs, "ops_cpu_ms")
     names = list(ours_ops) + [k for k in seal_ops if k not in ours_ops]
-    rows = [("op", "ours ms", "SEAL ms", "SEAL/ours", "ours range", "SEAL range")]
-    ratios = {}
+    header = ["op", "ours ms", "SEAL ms", "SEAL/ours"]
+    if ours_cpu:
+        header.append("ours cpu")
+    if seal_cpu:
+        header.append("SEAL cpu")
+    if ours_cpu and seal_cpu:
+        header.append("cpu SEAL/ours")
+    header += ["ours range", "SEAL range"]
+    rows = [tuple(header)]
+    ratios, cpu_ratios = {}, {}
     for k in names:
         a, b = ours_ops.get(k), seal_ops.get(k)
         r = (b / a) if (a and b) else None
         if r is not None:
             ratios[k] = round(r, 3)
-        rows.append((k, fmt(a), fmt(b), fmt(r, "x") if r is not None else "-",
-                     spread(ours_runs, "ops_ms", k), spread(seal_runs, "ops_ms", k)))
+        row = [k, fmt(a), fmt(b), fmt(r, "x") if r is not None else "-"]
+        if ours_cpu:
+            row.append(fmt(ours_cpu.get(k)))
+        if seal_cpu:
+            row.append(fmt(seal_cpu.get(k)))
+        if ours_cpu and seal_cpu:
+            ca, cb = ours_cpu.get(k), seal_cpu.get(k)
+            cr = (cb / ca) if (ca and cb) else None
+            if cr is not None:
+                cpu_ratios[k] = round(cr, 3)
+            row.append(fmt(cr, "x") if cr is not None else "-")
+        row += [spread(ours_runs, "ops_ms", k), spread(seal_runs, "ops_ms", k)]
+        rows.append(tuple(row))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         w("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(row)))
@@ -154,11 +176,13 @@ def main():
         combined = {
             "n": o0.get("n"),
             "ours": {**{k: v for k, v in o0.items() if k not in ("ops_ms", "sizes_bytes")},
-                     "ops_ms": ours_ops, "sizes_bytes": ours_sizes, "runs": ours_runs},
-            "seal": {**{k: v for k, v in s0.items() if k not in ("ops_ms", "sizes_bytes", "tenseal_ops_ms")},
-                     "ops_ms": seal_ops, "tenseal_ops_ms": merge(seal_runs, "tenseal_ops_ms"),
+                     "ops_ms": ours_ops, "ops_cpu_ms": ours_cpu, "sizes_bytes": ours_sizes, "runs": ours_runs},
+            "seal": {**{k: v for k, v in s0.items() if not k.endswith("_ms") and k != "sizes_bytes"},
+                     "ops_ms": seal_ops, "ops_cpu_ms": seal_cpu,
+                     "tenseal_ops_ms": merge(seal_runs, "tenseal_ops_ms"),
+                     "tenseal_ops_cpu_ms": merge(seal_runs, "tenseal_ops_cpu_ms"),
                      "sizes_bytes": seal_sizes, "runs": seal_runs},
-            "ratios_seal_over_ours": {"ops_ms": ratios, "sizes_bytes": size_ratios},
+            "ratios_seal_over_ours": {"ops_ms": ratios, "ops_cpu_ms": cpu_ratios, "sizes_bytes": size_ratios},
             "warnings": warn,
         }
         with open(args.out, "w") as f:

@@ -16,7 +16,9 @@ they use the same keys as `beaa bench ckks --json`. "tenseal_ops_ms" are the sam
 tasks through TenSEAL's CKKSVector API (what a TenSEAL user sees: extra copies,
 automatic relinearization/rescale, Python list conversion). "notes" says what
 every figure includes. Every figure is the median over --reps runs (after one
-warm-up run); keygen figures use --keygen-reps.
+warm-up run); keygen figures use --keygen-reps. "*_ms" are wall-clock times,
+"*_cpu_ms" the CPU time of this process for the same runs (robust to other
+load on the machine; equal to wall time on an idle machine, all single-threaded).
 
 SEAL reserves the LAST prime of coeff_bits as the key-switching ("special")
 prime: fresh ciphertexts have len(coeff_bits)-1 limbs, keys have all of them.
@@ -57,16 +59,23 @@ def parse_args():
 
 
 def median_ms(fn, reps, setup=None):
-    """Median wall time in ms of fn(state) over reps runs; setup() (untimed) makes state."""
-    samples = []
+    """(median wall ms, median process-CPU ms) of fn(state) over reps runs.
+
+    setup() (untimed) makes a fresh state for each run. The CPU figure is what this
+    process itself spent, so it is less disturbed by other load on the machine.
+    """
+    wall, cpu = [], []
     for i in range(reps + 1):  # first run is a warm-up
         state = setup() if setup else None
+        c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
         fn(state)
-        dt = (time.perf_counter_ns() - t0) / 1e6
+        t1 = time.perf_counter_ns()
+        c1 = time.process_time_ns()
         if i > 0:
-            samples.append(dt)
-    return round(statistics.median(samples), 4)
+            wall.append((t1 - t0) / 1e6)
+            cpu.append((c1 - c0) / 1e6)
+    return round(statistics.median(wall), 4), round(statistics.median(cpu), 4)
 
 
 def file_size(save, suffix):
@@ -109,7 +118,8 @@ def main():
     values_b = [rng.uniform(-1, 1) for _ in range(slots)]
     scalar = 0.7315
 
-    ops = {}
+    ops, ops_cpu = {}, {}
+    ts_ops, ts_ops_cpu = {}, {}
     notes = {}
     sizes = {}
 
@@ -130,7 +140,7 @@ def main():
         kg.create_relin_keys(rk)
         return kg, pk, rk
 
-    ops["keygen"] = median_ms(keygen, keygen_reps)
+    ops["keygen"], ops_cpu["keygen"] = median_ms(keygen, keygen_reps)
     notes["keygen"] = ("SEAL KeyGenerator(ctx) (samples the secret key) + create_public_key + "
                        "create_relin_keys (full, not seeded); SEALContext creation (prime/NTT tables) excluded")
     kg, pk, rk = keygen(None)
@@ -150,9 +160,9 @@ def main():
         encryptor.encrypt(encode(vals), ct)
         return ct
 
-    ops["encode"] = median_ms(lambda _: encode(values_a), reps)
+    ops["encode"], ops_cpu["encode"] = median_ms(lambda _: encode(values_a), reps)
     notes["encode"] = f"CKKSEncoder.encode of {slots} Python floats (N/2 slots) at scale 2^{scale_bits}, incl. list conversion"
-    ops["encrypt"] = median_ms(lambda _: encrypt_vals(values_a), reps)
+    ops["encrypt"], ops_cpu["encrypt"] = median_ms(lambda _: encrypt_vals(values_a), reps)
     notes["encrypt"] = "encode (as above) + public-key Encryptor.encrypt at the top level"
     pt_a = encode(values_a)
 
@@ -164,9 +174,9 @@ def main():
         ct = sealapi.Ciphertext(ctx)
         encryptor.encrypt_symmetric(pt_a, ct)
 
-    ops["encrypt_pk_only"] = median_ms(enc_pk_only, reps)
+    ops["encrypt_pk_only"], ops_cpu["encrypt_pk_only"] = median_ms(enc_pk_only, reps)
     notes["encrypt_pk_only"] = "public-key Encryptor.encrypt of an already encoded plaintext"
-    ops["encrypt_sk_only"] = median_ms(enc_sk_only, reps)
+    ops["encrypt_sk_only"], ops_cpu["encrypt_sk_only"] = median_ms(enc_sk_only, reps)
     notes["encrypt_sk_only"] = "secret-key Encryptor.encrypt_symmetric of an already encoded plaintext"
 
     ct_a = encrypt_vals(values_a)
@@ -177,9 +187,9 @@ def main():
         decryptor.decrypt(ct, pt)
         return pt
 
-    ops["decrypt"] = median_ms(lambda _: encoder.decode_double(decrypt_only(ct_a)), reps)
+    ops["decrypt"], ops_cpu["decrypt"] = median_ms(lambda _: encoder.decode_double(decrypt_only(ct_a)), reps)
     notes["decrypt"] = f"Decryptor.decrypt of a fresh top-level ciphertext + CKKSEncoder.decode_double to {slots} Python floats"
-    ops["decrypt_only"] = median_ms(lambda _: decrypt_only(ct_a), reps)
+    ops["decrypt_only"], ops_cpu["decrypt_only"] = median_ms(lambda _: decrypt_only(ct_a), reps)
     notes["decrypt_only"] = "Decryptor.decrypt of a fresh top-level ciphertext (no decode)"
 
     # sanity check: decryption is correct
@@ -192,7 +202,7 @@ def main():
         out = sealapi.Ciphertext(ctx)
         evaluator.add(ct_a, ct_b, out)
 
-    ops["add"] = median_ms(add, reps)
+    ops["add"], ops_cpu["add"] = median_ms(add, reps)
     notes["add"] = "Evaluator.add of two fresh top-level ciphertexts into a new ciphertext"
 
     def encode_scalar():
@@ -200,7 +210,7 @@ def main():
         encoder.encode(scalar, scale, pt)
         return pt
 
-    ops["encode_scalar"] = median_ms(lambda _: encode_scalar(), reps)
+    ops["encode_scalar"], ops_cpu["encode_scalar"] = median_ms(lambda _: encode_scalar(), reps)
     notes["encode_scalar"] = "CKKSEncoder.encode of one float (constant in all slots), no FFT"
     pt_s = encode_scalar()
 
@@ -209,7 +219,7 @@ def main():
         evaluator.multiply_plain(ct_a, pt_s, out)
         return out
 
-    ops["mul_scalar"] = median_ms(mul_scalar, reps)
+    ops["mul_scalar"], ops_cpu["mul_scalar"] = median_ms(mul_scalar, reps)
     notes["mul_scalar"] = ("Evaluator.multiply_plain of a fresh top-level ciphertext by a pre-encoded constant "
                            "plaintext; NO rescale, no encode (see encode_scalar, mul_scalar_rescale)")
 
@@ -217,7 +227,7 @@ def main():
         out = mul_scalar(None)
         evaluator.rescale_to_next_inplace(out)
 
-    ops["mul_scalar_rescale"] = median_ms(mul_scalar_rescale, reps)
+    ops["mul_scalar_rescale"], ops_cpu["mul_scalar_rescale"] = median_ms(mul_scalar_rescale, reps)
     notes["mul_scalar_rescale"] = "mul_scalar + Evaluator.rescale_to_next_inplace"
 
     def mul(_):
@@ -225,13 +235,13 @@ def main():
         evaluator.multiply(ct_a, ct_b, out)
         return out
 
-    ops["mul"] = median_ms(mul, reps)
+    ops["mul"], ops_cpu["mul"] = median_ms(mul, reps)
     notes["mul"] = "Evaluator.multiply of two fresh top-level ciphertexts (tensor product, size-3 result; no relin, no rescale)"
 
     def relin(ct3):
         evaluator.relinearize_inplace(ct3, rk)
 
-    ops["relin"] = median_ms(relin, reps, setup=lambda: mul(None))
+    ops["relin"], ops_cpu["relin"] = median_ms(relin, reps, setup=lambda: mul(None))
     notes["relin"] = "Evaluator.relinearize_inplace of a size-3 top-level ciphertext (key switching with the special prime)"
 
     def rescale(ct):
@@ -242,7 +252,7 @@ def main():
         evaluator.relinearize_inplace(out, rk)
         return out
 
-    ops["rescale"] = median_ms(rescale, reps, setup=fresh_product)
+    ops["rescale"], ops_cpu["rescale"] = median_ms(rescale, reps, setup=fresh_product)
     notes["rescale"] = "Evaluator.rescale_to_next_inplace of a size-2 top-level ciphertext (drops one limb)"
 
     def mul_relin_rescale(_):
@@ -250,7 +260,7 @@ def main():
         evaluator.relinearize_inplace(out, rk)
         evaluator.rescale_to_next_inplace(out)
 
-    ops["mul_relin_rescale"] = median_ms(mul_relin_rescale, reps)
+    ops["mul_relin_rescale"], ops_cpu["mul_relin_rescale"] = median_ms(mul_relin_rescale, reps)
     notes["mul_relin_rescale"] = "multiply + relinearize_inplace + rescale_to_next_inplace, fresh top-level inputs"
 
     # sanity check: product is correct
@@ -281,36 +291,35 @@ def main():
     notes["relin_keys_uncompressed"] = (f"{decomp} components x 2 polys x N x {len(coeff_bits)} limbs (incl. special prime) x 8 bytes")
 
     # ------------------------------------------------------------------ TenSEAL API
-    ts_ops = {}
     if not args.no_tenseal_ops:
         def ts_context(_=None):
             c = ts.context(ts.SCHEME_TYPE.CKKS, n, coeff_mod_bit_sizes=coeff_bits, n_threads=1)
             c.global_scale = scale
             return c
 
-        ts_ops["keygen"] = median_ms(ts_context, keygen_reps)
+        ts_ops["keygen"], ts_ops_cpu["keygen"] = median_ms(ts_context, keygen_reps)
         notes["tenseal.keygen"] = ("ts.context(CKKS, n_threads=1): SEALContext creation (primes, NTT tables) + "
                                    "secret, public and relin keys (TenSEAL makes relin keys by default)")
         c = ts_context()
         assert c.has_relin_keys()
-        ts_ops["encrypt"] = median_ms(lambda _: ts.ckks_vector(c, values_a), reps)
+        ts_ops["encrypt"], ts_ops_cpu["encrypt"] = median_ms(lambda _: ts.ckks_vector(c, values_a), reps)
         notes["tenseal.encrypt"] = f"ts.ckks_vector of {slots} floats: list conversion + encode + public-key encrypt"
         va = ts.ckks_vector(c, values_a)
         vb = ts.ckks_vector(c, values_b)
-        ts_ops["decrypt"] = median_ms(lambda _: va.decrypt(), reps)
+        ts_ops["decrypt"], ts_ops_cpu["decrypt"] = median_ms(lambda _: va.decrypt(), reps)
         notes["tenseal.decrypt"] = "CKKSVector.decrypt(): decrypt + decode + conversion to a Python list"
-        ts_ops["add"] = median_ms(lambda _: va + vb, reps)
+        ts_ops["add"], ts_ops_cpu["add"] = median_ms(lambda _: va + vb, reps)
         notes["tenseal.add"] = "CKKSVector + CKKSVector (new vector: copy + Evaluator.add)"
-        ts_ops["mul_scalar_rescale"] = median_ms(lambda _: va * scalar, reps)
+        ts_ops["mul_scalar_rescale"], ts_ops_cpu["mul_scalar_rescale"] = median_ms(lambda _: va * scalar, reps)
         notes["tenseal.mul_scalar_rescale"] = "CKKSVector * float with auto_rescale: copy + encode constant + multiply_plain + rescale"
-        ts_ops["mul_relin_rescale"] = median_ms(lambda _: va * vb, reps)
+        ts_ops["mul_relin_rescale"], ts_ops_cpu["mul_relin_rescale"] = median_ms(lambda _: va * vb, reps)
         notes["tenseal.mul_relin_rescale"] = "CKKSVector * CKKSVector with auto_relin+auto_rescale: copy + multiply + relinearize + rescale"
         c.auto_rescale = False
         c.auto_relin = False
         c.auto_mod_switch = False
-        ts_ops["mul_scalar"] = median_ms(lambda _: va * scalar, reps)
+        ts_ops["mul_scalar"], ts_ops_cpu["mul_scalar"] = median_ms(lambda _: va * scalar, reps)
         notes["tenseal.mul_scalar"] = "CKKSVector * float with auto_rescale off: copy + encode constant + multiply_plain"
-        ts_ops["mul"] = median_ms(lambda _: va * vb, reps)
+        ts_ops["mul"], ts_ops_cpu["mul"] = median_ms(lambda _: va * vb, reps)
         notes["tenseal.mul"] = "CKKSVector * CKKSVector with auto_relin/auto_rescale off: copy + multiply (size-3 result)"
         c.auto_rescale = True
         c.auto_relin = True
@@ -349,7 +358,9 @@ def main():
         "reps": reps,
         "keygen_reps": keygen_reps,
         "ops_ms": ops,
+        "ops_cpu_ms": ops_cpu,
         "tenseal_ops_ms": ts_ops,
+        "tenseal_ops_cpu_ms": ts_ops_cpu,
         "sizes_bytes": sizes,
         "notes": notes,
     }
