@@ -1,0 +1,196 @@
+//! `beaa-train`: fit a ReLU teacher, distill polynomial students, evaluate, export, tabulate.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use models::data::{Augment, SplitKind};
+use models::net::{ActKind, Arch};
+use models::train::{self, TrainConfig};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "beaa-train",
+    about = "Train and export the BEAA SqueezeNet family (candle, CPU)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a network from scratch (the ReLU teacher, or a student without KD).
+    Fit(TrainArgs),
+    /// Train a polynomial student from a teacher run with knowledge distillation.
+    Distill(TrainArgs),
+    /// Time training steps of the network (for BENCHMARKS.md).
+    Bench {
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, value_enum, default_value_t = ActKind::Relu)]
+        act: ActKind,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// Run directory (created; resumed if it holds a checkpoint).
+    #[arg(long)]
+    run: PathBuf,
+    /// Data directory: class-per-folder tree or CIFAR-10 binary batches.
+    #[arg(long)]
+    data: PathBuf,
+    /// Preset for input size, split and augmentation: cifar10 or octdl.
+    #[arg(long, default_value = "cifar10")]
+    preset: String,
+    #[arg(long, value_enum, default_value_t = ActKind::Relu)]
+    act: ActKind,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    #[arg(long, default_value_t = 5.0)]
+    clip_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Width multiplier on the default channel widths.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// Input side length (square), overriding the preset.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Teacher run directory (distill) / weights to start from.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Start from these weights (default for distill: the teacher).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.9)]
+    alpha: f64,
+    #[arg(long, default_value_t = 4.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 5.0)]
+    checkpoint_minutes: f64,
+}
+
+fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
+    let oct = a.preset.starts_with("oct");
+    let mut input = train::default_input(&a.preset);
+    if let Some(s) = a.size {
+        input.height = s;
+        input.width = s;
+    }
+    let base = Arch::cifar(10);
+    let arch = Arch {
+        in_channels: input.channels,
+        height: input.height,
+        width: input.width,
+        ..base
+    }
+    .scaled(a.width);
+    let student = distill || a.init_from.is_some();
+    TrainConfig {
+        data: a.data.clone(),
+        dataset_name: if oct {
+            "octdl-erm-no".into()
+        } else {
+            "cifar10".into()
+        },
+        input,
+        split: if oct {
+            SplitKind::Group
+        } else {
+            SplitKind::LastPerClass
+        },
+        val_per_class: 500,
+        val_fraction: 0.25,
+        arch,
+        act: a.act,
+        epochs: a.epochs.unwrap_or(if student {
+            10
+        } else if oct {
+            60
+        } else {
+            30
+        }),
+        batch: a.batch,
+        lr: a.lr.unwrap_or(if student { 0.01 } else { 0.1 }),
+        lr_min: 0.0,
+        warmup_epochs: a.warmup_epochs.unwrap_or(if student { 0.5 } else { 2.0 }),
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        clip_norm: a.clip_norm,
+        seed: a.seed,
+        augment: if oct {
+            Augment {
+                pad_crop: 0,
+                hflip: true,
+                rotate_deg: 10.0,
+                scale: 0.1,
+                translate: 4.0,
+            }
+        } else {
+            Augment {
+                pad_crop: 4,
+                hflip: true,
+                rotate_deg: 0.0,
+                scale: 0.0,
+                translate: 0.0,
+            }
+        },
+        class_weighted: oct,
+        teacher: if distill { a.teacher.clone() } else { None },
+        kd_alpha: a.alpha,
+        kd_temperature: a.temperature,
+        init_from: a
+            .init_from
+            .clone()
+            .or_else(|| if distill { a.teacher.clone() } else { None }),
+        poly_fit_images: 2000,
+        checkpoint_minutes: a.checkpoint_minutes,
+    }
+}
+
+fn main() -> Result<()> {
+    train::tune_allocator();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Fit(a) => {
+            let cfg = config(&a, false);
+            let s = train::run(&a.run, cfg)?;
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Distill(a) => {
+            anyhow::ensure!(a.teacher.is_some(), "distill needs --teacher RUN_DIR");
+            let cfg = config(&a, true);
+            let s = train::run(&a.run, cfg)?;
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Bench {
+            batch,
+            steps,
+            act,
+            json,
+        } => {
+            let r = models::bench::bench_train_step(batch, steps, act)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{r:?}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The optimized SqueezeNet in candle, NHWC layout, with selectable activation.
+//!
+//! Conv1 3x3 -> avgpool 2 -> Fire1 -> Fire2 -> avgpool 2 -> Conv2 3x3 -> Conv3 3x3 ->
+//! Conv4 1x1 (to classes) -> global average pool. Every conv except Conv4 is a "unit":
+//! conv, activation, batch norm (in that order). Fire = squeeze 1x1 unit, then expand 1x1 and
+//! expand 3x3 units on the squeeze output, concatenated along channels (expand1 first).
+
+use crate::im2col::conv2d_nhwc;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Activation granularity. Polynomials are a*x^2 + b*x + c.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ActKind {
+    Relu,
+    /// One (a, b, c) per activation layer.
+    Layer,
+    /// One (a, b, c) per channel.
+    Channel,
+    /// One (a, b, c) per feature-map element [C, H, W].
+    Element,
+}
+
+impl ActKind {
+    pub fn is_poly(self) -> bool {
+        self != ActKind::Relu
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            ActKind::Relu => "relu",
+            ActKind::Layer => "poly_layer",
+            ActKind::Channel => "poly_channel",
+            ActKind::Element => "poly_element",
+        }
+    }
+}
+
+/// Channel widths. Defaults are chosen for 32x32 CIFAR-10 (see models/README.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arch {
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: usize,
+    pub conv1: usize,
+    /// (squeeze, expand1x1, expand3x3)
+    pub fire1: (usize, usize, usize),
+    pub fire2: (usize, usize, usize),
+    pub conv2: usize,
+    pub conv3: usize,
+}
+
+impl Arch {
+    pub fn cifar(classes: usize) -> Self {
+        Arch {
+            in_channels: 3,
+            height: 32,
+            width: 32,
+            classes,
+            conv1: 64,
+            fire1: (32, 64, 64),
+            fire2: (32, 64, 64),
+            conv2: 192,
+            conv3: 192,
+        }
+    }
+
+    /// Scales every width by `mult` (at least 4 channels each).
+    pub fn scaled(&self, mult: f64) -> Self {
+        let s = |c: usize| ((c as f64 * mult).round() as usize).max(4);
+        Arch {
+            conv1: s(self.conv1),
+            fire1: (s(self.fire1.0), s(self.fire1.1), s(self.fire1.2)),
+            fire2: (s(self.fire2.0), s(self.fire2.1), s(self.fire2.2)),
+            conv2: s(self.conv2),
+            conv3: s(self.conv3),
+            ..self.clone()
+        }
+    }
+
+    /// The conv units in forward order: (name, in, out, k, out_h, out_w).
+    pub fn units(&self) -> Vec<UnitSpec> {
+        let (h, w) = (self.height, self.width);
+        let (h2, w2) = (h / 2, w / 2);
+        let (h4, w4) = (h2 / 2, w2 / 2);
+        let f1_out = self.fire1.1 + self.fire1.2;
+        let f2_out = self.fire2.1 + self.fire2.2;
+        let u = |name: &str, cin, cout, k, h, w, act| UnitSpec {
+            name: name.to_string(),
+            cin,
+            cout,
+            k,
+            h,
+            w,
+            act,
+        };
+        vec![
+            u("conv1", self.in_channels, self.conv1, 3, h, w, true),
+            u("fire1.squeeze", self.conv1, self.fire1.0, 1, h2, w2, true),
+            u("fire1.expand1", self.fire1.0, self.fire1.1, 1, h2, w2, true),
+            u("fire1.expand3", self.fire1.0, self.fire1.2, 3, h2, w2, true),
+            u("fire2.squeeze", f1_out, self.fire2.0, 1, h2, w2, true),
+            u("fire2.expand1", self.fire2.0, self.fire2.1, 1, h2, w2, true),
+            u("fire2.expand3", self.fire2.0, self.fire2.2, 3, h2, w2, true),
+            u("conv2", f2_out, self.conv2, 3, h4, w4, true),
+            u("conv3", self.conv2, self.conv3, 3, h4, w4, true),
+            u("conv4", self.conv3, self.classes, 1, h4, w4, false),
+        ]
+    }
+}
+
+/// One conv layer; `act` units also have an activation and a batch norm.
+#[derive(Debug, Clone)]
+pub struct UnitSpec {
+    pub name: String,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub h: usize,
+    pub w: usize,
+    pub act: bool,
+}
+
+impl UnitSpec {
+    /// Shape of the polynomial coefficient tensors for a granularity (NHWC broadcastable).
+    pub fn poly_shape(&self, kind: ActKind) -> Vec<usize> {
+        match kind {
+            ActKind::Relu => vec![],
+            ActKind::Layer => vec![1],
+            ActKind::Channel => vec![self.cout],
+            ActKind::Element => vec![self.h, self.w, self.cout],
+        }
+    }
+}
+
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// Trainable parameters (vars) and batch-norm running statistics (buffers), by name.
+pub struct Net {
+    pub arch: Arch,
+    pub act: ActKind,
+    pub vars: BTreeMap<String, Var>,
+    pub buffers: BTreeMap<String, Tensor>,
+}
+
+/// Seeded standard normal samples (candle's CPU RNG cannot be seeded).
+pub fn normal_vec(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1 = (rng.next_u32() as f64 + 1.0) / (u32::MAX as f64 + 2.0);
+        let u2 = rng.next_u32() as f64 / (u32::MAX as f64 + 1.0);
+        let r = (-2.0 * u1.ln()).sqrt();
+        out.push((r * (std::f64::consts::TAU * u2).cos() * std) as f32);
+        out.push((r * (std::f64::consts::TAU * u2).sin() * std) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+impl Net {
+    /// Fresh network: He-normal conv weights, zero biases, identity batch norms, and
+    /// polynomials initialised to a generic ReLU-like quadratic (refit from a teacher later).
+    pub fn new(arch: Arch, act: ActKind, seed: u64, dev: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        let mut buffers = BTreeMap::new();
+        for u in arch.units() {
+            let fan_in = u.cin * u.k * u.k;
+            let std = (2.0 / fan_in as f64).sqrt();
+            let w = normal_vec(&mut rng, u.cout * fan_in, std);
+            vars.insert(
+                format!("{}.weight", u.name),
+                Var::from_vec(w, (u.cout, fan_in), dev)?,
+            );
+            vars.insert(
+                format!("{}.bias", u.name),
+                Var::zeros(u.cout, DType::F32, dev)?,
+            );
+            if u.act {
+                vars.insert(
+                    format!("{}.bn.gamma", u.name),
+                    Var::ones(u.cout, DType::F32, dev)?,
+                );
+                vars.insert(
+                    format!("{}.bn.beta", u.name),
+                    Var::zeros(u.cout, DType::F32, dev)?,
+                );
+                buffers.insert(
+                    format!("{}.bn.mean", u.name),
+                    Tensor::zeros(u.cout, DType::F32, dev)?,
+                );
+                buffers.insert(
+                    format!("{}.bn.var", u.name),
+                    Tensor::ones(u.cout, DType::F32, dev)?,
+                );
+                if act.is_poly() {
+                    let shape = u.poly_shape(act);
+                    // ReLU least-squares quadratic on a symmetric range [-2, 2].
+                    for (p, v) in [("a", 0.1875f32), ("b", 0.5), ("c", 0.375)] {
+                        vars.insert(
+                            format!("{}.poly_{p}", u.name),
+                            Var::from_tensor(&Tensor::full(v, shape.clone(), dev)?)?,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(Net {
+            arch,
+            act,
+            vars,
+            buffers,
+        })
+    }
+
+    fn var(&self, name: &str) -> Result<&Tensor> {
+        self.vars
+            .get(name)
+            .map(|v| v.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing parameter {name}")))
+    }
+
+    /// Forward pass on NHWC input. In training mode batch norm uses batch statistics and
+    /// updates the running ones. `observe` sees each activation's input (NHWC), by unit name.
+    pub fn forward(
+        &mut self,
+        x: &Tensor,
+        train: bool,
+        mut observe: Option<&mut dyn FnMut(&str, &Tensor) -> Result<()>>,
+    ) -> Result<Tensor> {
+        let units = self.arch.units();
+        let mut run = |net: &mut Net, name: &str, x: &Tensor| -> Result<Tensor> {
+            let u = units.iter().find(|u| u.name == name).expect("unit");
+            let w = net.var(&format!("{name}.weight"))?;
+            let b = net.var(&format!("{name}.bias"))?;
+            let y = conv2d_nhwc(x, w, b, u.k, u.k / 2)?;
+            if !u.act {
+                return Ok(y);
+            }
+            if let Some(f) = observe.as_mut() {
+                f(name, &y)?;
+            }
+            let y = net.activation(name, &y)?;
+            net.batch_norm(name, &y, train)
+        };
+        let x = run(self, "conv1", x)?;
+        let x = avg_pool2(&x)?;
+        let x = self.fire(&mut run, "fire1", &x)?;
+        let x = self.fire(&mut run, "fire2", &x)?;
+        let x = avg_pool2(&x)?;
+        let x = run(self, "conv2", &x)?;
+        let x = run(self, "conv3", &x)?;
+        let x = run(self, "conv4", &x)?;
+        // global average pool over H, W
+        x.mean(1)?.mean(1)
+    }
+
+    fn fire(
+        &mut self,
+        run: &mut dyn FnMut(&mut Net, &str, &Tensor) -> Result<Tensor>,
+        name: &str,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let s = run(self, &format!("{name}.squeeze"), x)?;
+        let e1 = run(self, &format!("{name}.expand1"), &s)?;
+        let e3 = run(self, &format!("{name}.expand3"), &s)?;
+        Tensor::cat(&[&e1, &e3], D::Minus1)
+    }
+
+    fn activation(&self, name: &str, x: &Tensor) -> Result<Tensor> {
+        if !self.act.is_poly() {
+            return x.relu();
+        }
+        let a = self.var(&format!("{name}.poly_a"))?;
+        let b = self.var(&format!("{name}.poly_b"))?;
+        let c = self.var(&format!("{name}.poly_c"))?;
+        x.broadcast_mul(a)?
+            .broadcast_add(b)?
+            .mul(x)?
+            .broadcast_add(c)
+    }
+
+    fn batch_norm(&mut self, name: &str, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(D::Minus1)?;
+        let gamma = self.var(&format!("{name}.bn.gamma"))?.clone();
+        let beta = self.var(&format!("{name}.bn.beta"))?.clone();
+        let (mk, vk) = (format!("{name}.bn.mean"), format!("{name}.bn.var"));
+        let shape = x.shape().clone();
+        let flat = x.reshape(((), c))?;
+        let (mean, var) = if train {
+            let mean = flat.mean_keepdim(0)?;
+            let centered = flat.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(0)?;
+            let count = flat.dim(0)? as f64;
+            let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?.flatten_all()?;
+            let m = BN_MOMENTUM;
+            let rm = ((&self.buffers[&mk] * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+            let rv = ((&self.buffers[&vk] * (1.0 - m))? + (unbiased * m)?)?;
+            self.buffers.insert(mk, rm);
+            self.buffers.insert(vk, rv);
+            (mean, var)
+        } else {
+            (
+                self.buffers[&mk].reshape((1, c))?,
+                self.buffers[&vk].reshape((1, c))?,
+            )
+        };
+        let inv = (var + BN_EPS)?.sqrt()?.recip()?;
+        let y = flat
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&inv)?
+            .broadcast_mul(&gamma)?
+            .broadcast_add(&beta)?;
+        y.reshape(shape)
+    }
+
+    /// All named tensors (vars and buffers), for checkpoints and export.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut m: BTreeMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        m.extend(self.buffers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m
+    }
+
+    /// Overwrites every tensor present in `src` (matching names and shapes); returns the names
+    /// it set. Missing names keep their current values (e.g. polynomials loaded from a ReLU net).
+    pub fn load_from(
+        &mut self,
+        src: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<Vec<String>> {
+        let mut set = Vec::new();
+        for (k, v) in self.vars.iter() {
+            if let Some(t) = src.get(k) {
+                if t.dims() != v.dims() {
+                    candle_core::bail!("shape mismatch for {k}: {:?} vs {:?}", t.dims(), v.dims());
+                }
+                v.set(t)?;
+                set.push(k.clone());
+            }
+        }
+        for (k, v) in self.buffers.iter_mut() {
+            if let Some(t) = src.get(k) {
+                if t.dims() != v.dims() {
+                    candle_core::bail!("shape mismatch for {k}");
+                }
+                *v = t.clone();
+                set.push(k.clone());
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// 2x2 average pooling, stride 2, on NHWC.
+pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    let y = x.reshape((n * h / 2, 2, w / 2, 2, c))?;
+    (y.sum(3)?.sum(1)? * 0.25)?.reshape((n, h / 2, w / 2, c))
+}

@@ -1,0 +1,683 @@
+//! Training loop: SGD with Nesterov momentum and L2 decay, warmup + cosine learning rate,
+//! optional knowledge distillation from a teacher run, checkpoints with exact resume.
+
+use crate::data::{augment_normalize, split, Augment, Dataset, SplitKind};
+use crate::net::{ActKind, Arch, Net};
+use anyhow::{bail, Context, Result};
+use beaa_model::{InputSpec, ResizePolicy};
+use candle_core::{DType, Device, Tensor, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a run; stored as `config.json` in the run directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    /// Human-readable data set name for provenance ("cifar10", "octdl-erm-no", ...).
+    pub dataset_name: String,
+    pub input: InputSpec,
+    pub split: SplitKind,
+    pub val_per_class: usize,
+    pub val_fraction: f64,
+    pub arch: Arch,
+    pub act: ActKind,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub lr_min: f64,
+    pub warmup_epochs: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off); guards the quadratic students.
+    pub clip_norm: f64,
+    pub seed: u64,
+    pub augment: Augment,
+    /// Weight the cross-entropy by inverse class frequency (imbalanced data).
+    pub class_weighted: bool,
+    /// Run directory of the teacher for knowledge distillation.
+    pub teacher: Option<PathBuf>,
+    pub kd_alpha: f64,
+    pub kd_temperature: f64,
+    /// Initialise weights from this run directory's checkpoint (polynomials refit to ReLU).
+    pub init_from: Option<PathBuf>,
+    /// Images used to fit the initial polynomials to ReLU.
+    pub poly_fit_images: usize,
+    pub checkpoint_minutes: f64,
+}
+
+/// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs fully completed.
+    pub epoch: usize,
+    /// Steps done inside the current epoch (mid-epoch checkpoints).
+    pub step: usize,
+    pub last_val: Option<EvalResult>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub n: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub balanced_accuracy: f64,
+    pub per_class_recall: Vec<f64>,
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// Sets up the allocator so candle's many short-lived tensors do not each mmap/munmap.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        // SAFETY: mallopt only changes glibc allocator thresholds; called before threads start.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 * 1024 * 1024);
+    }
+}
+
+pub fn default_input(dataset: &str) -> InputSpec {
+    match dataset {
+        "octdl" | "oct" => InputSpec {
+            channels: 1,
+            height: 64,
+            width: 64,
+            mean: vec![0.0],
+            std: vec![1.0],
+            resize: ResizePolicy::Stretch,
+        },
+        _ => InputSpec {
+            channels: 3,
+            height: 32,
+            width: 32,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+            resize: ResizePolicy::ShorterSideCenterCrop,
+        },
+    }
+}
+
+/// Loads and splits the data, filling the normalization from the training split when unset.
+pub fn load_data(cfg: &mut TrainConfig) -> Result<(Dataset, Dataset)> {
+    let t = Instant::now();
+    let all = Dataset::load(&cfg.data, &cfg.input)?;
+    let (tr, va) = split(
+        &all,
+        cfg.split,
+        cfg.val_per_class,
+        cfg.val_fraction,
+        cfg.seed,
+    );
+    let train = all.subset(&tr);
+    let val = all.subset(&va);
+    if cfg.input.std.iter().all(|&s| s == 1.0) && cfg.input.mean.iter().all(|&m| m == 0.0) {
+        let (m, s) = train.channel_stats();
+        cfg.input.mean = m;
+        cfg.input.std = s;
+    }
+    cfg.arch.classes = all.classes.len();
+    eprintln!(
+        "data: {} train / {} val images, classes {:?}, train counts {:?}, val counts {:?} ({:.1}s)",
+        train.len(),
+        val.len(),
+        all.classes,
+        train.class_counts(),
+        val.class_counts(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok((train, val))
+}
+
+/// Builds an NHWC batch tensor with augmentation.
+pub fn make_batch(
+    ds: &Dataset,
+    idx: &[usize],
+    aug: &Augment,
+    spec: &InputSpec,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+) -> Result<(Tensor, Vec<u32>)> {
+    let per = ds.h * ds.w * ds.c;
+    let mut buf = vec![0f32; idx.len() * per];
+    for (k, &i) in idx.iter().enumerate() {
+        augment_normalize(
+            ds.image(i),
+            (ds.h, ds.w, ds.c),
+            aug,
+            &spec.mean,
+            &spec.std,
+            rng,
+            &mut buf[k * per..(k + 1) * per],
+        );
+    }
+    let x = Tensor::from_vec(buf, (idx.len(), ds.h, ds.w, ds.c), dev)?;
+    Ok((x, idx.iter().map(|&i| ds.labels[i]).collect()))
+}
+
+fn lr_at(cfg: &TrainConfig, progress_epochs: f64) -> f64 {
+    if progress_epochs < cfg.warmup_epochs {
+        let f = progress_epochs / cfg.warmup_epochs.max(1e-9);
+        return cfg.lr * (0.1 + 0.9 * f);
+    }
+    let span = (cfg.epochs as f64 - cfg.warmup_epochs).max(1e-9);
+    let f = ((progress_epochs - cfg.warmup_epochs) / span).clamp(0.0, 1.0);
+    cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + (std::f64::consts::PI * f).cos())
+}
+
+/// Cross-entropy with optional per-class weights (mean over the weighted batch).
+pub fn cross_entropy(logits: &Tensor, labels: &[u32], class_w: Option<&[f32]>) -> Result<Tensor> {
+    let (n, k) = logits.dims2()?;
+    let mut onehot = vec![0f32; n * k];
+    let mut total = 0f32;
+    for (i, &l) in labels.iter().enumerate() {
+        let w = class_w.map_or(1.0, |c| c[l as usize]);
+        onehot[i * k + l as usize] = w;
+        total += w;
+    }
+    let oh = Tensor::from_vec(onehot, (n, k), logits.device())?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(((logp * oh)?.sum_all()?.neg()? / total as f64)?)
+}
+
+/// alpha*T^2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(s, labels).
+pub fn kd_loss(
+    student: &Tensor,
+    teacher: &Tensor,
+    labels: &[u32],
+    alpha: f64,
+    temp: f64,
+    class_w: Option<&[f32]>,
+) -> Result<Tensor> {
+    let n = student.dim(0)? as f64;
+    let lpt = candle_nn::ops::log_softmax(&(teacher.detach() / temp)?, D::Minus1)?;
+    let lps = candle_nn::ops::log_softmax(&(student / temp)?, D::Minus1)?;
+    let kl = (lpt.exp()? * (lpt - lps)?)?.sum_all()? / n;
+    let ce = cross_entropy(student, labels, class_w)?;
+    Ok(((kl? * (alpha * temp * temp))? + (ce * (1.0 - alpha))?)?)
+}
+
+/// Accuracy, balanced accuracy and per-class recall of a net (eval mode) on a data set.
+pub fn evaluate(net: &mut Net, ds: &Dataset, spec: &InputSpec, dev: &Device) -> Result<EvalResult> {
+    let k = ds.classes.len();
+    let mut conf = vec![vec![0usize; k]; k];
+    let mut loss_sum = 0.0;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for chunk in idx.chunks(250) {
+        let (x, y) = make_batch(ds, chunk, &Augment::none(), spec, &mut rng, dev)?;
+        let logits = net.forward(&x, false, None)?;
+        loss_sum +=
+            cross_entropy(&logits, &y, None)?.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        for (p, t) in pred.iter().zip(&y) {
+            conf[*t as usize][*p as usize] += 1;
+        }
+    }
+    Ok(summarize(conf, loss_sum))
+}
+
+pub fn summarize(conf: Vec<Vec<usize>>, loss_sum: f64) -> EvalResult {
+    let n: usize = conf.iter().flatten().sum();
+    let correct: usize = (0..conf.len()).map(|i| conf[i][i]).sum();
+    let recall: Vec<f64> = conf
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let t: usize = r.iter().sum();
+            if t == 0 {
+                f64::NAN
+            } else {
+                r[i] as f64 / t as f64
+            }
+        })
+        .collect();
+    let present: Vec<f64> = recall.iter().copied().filter(|r| !r.is_nan()).collect();
+    EvalResult {
+        n,
+        loss: loss_sum / n.max(1) as f64,
+        accuracy: correct as f64 / n.max(1) as f64,
+        balanced_accuracy: present.iter().sum::<f64>() / present.len().max(1) as f64,
+        per_class_recall: recall,
+        confusion: conf,
+    }
+}
+
+/// Loads a run directory's config and latest weights into a net.
+pub fn load_run(dir: &Path, dev: &Device) -> Result<(TrainConfig, Net)> {
+    let cfg: TrainConfig = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json"))
+            .with_context(|| format!("reading {}/config.json", dir.display()))?,
+    )?;
+    let mut net = Net::new(cfg.arch.clone(), cfg.act, cfg.seed, dev)?;
+    let ck = candle_core::safetensors::load(dir.join("checkpoint.safetensors"), dev)
+        .with_context(|| format!("reading {}/checkpoint.safetensors", dir.display()))?;
+    let weights: HashMap<String, Tensor> = ck
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("momentum."))
+        .collect();
+    net.load_from(&weights)?;
+    Ok((cfg, net))
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    net: &Net,
+    mom: &HashMap<String, Tensor>,
+    state: &TrainState,
+) -> Result<()> {
+    let mut all: HashMap<String, Tensor> = net.tensors().into_iter().collect();
+    for (k, v) in mom {
+        all.insert(format!("momentum.{k}"), v.clone());
+    }
+    let tmp = dir.join("checkpoint.safetensors.tmp");
+    candle_core::safetensors::save(&all, &tmp)?;
+    std::fs::rename(&tmp, dir.join("checkpoint.safetensors"))?;
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    Ok(())
+}
+
+/// Fits each activation's quadratic to ReLU by least squares on the inputs the network
+/// (with its current, teacher-derived weights, run with ReLU) sees on training images.
+pub fn fit_polys_to_relu(
+    net: &mut Net,
+    ds: &Dataset,
+    spec: &InputSpec,
+    images: usize,
+    dev: &Device,
+) -> Result<()> {
+    let act = net.act;
+    if !act.is_poly() {
+        return Ok(());
+    }
+    net.act = ActKind::Relu;
+    // per-element sums of x^0..x^4 and relu(x) * x^0..x^2, shape [H, W, C]
+    let mut sums: HashMap<String, Vec<Tensor>> = HashMap::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let idx: Vec<usize> = (0..ds.len().min(images)).collect();
+    for chunk in idx.chunks(200) {
+        let (x, _) = make_batch(ds, chunk, &Augment::none(), spec, &mut rng, dev)?;
+        let mut obs = |name: &str, y: &Tensor| -> candle_core::Result<()> {
+            let y = y.to_dtype(DType::F64)?;
+            let r = y.relu()?;
+            let y2 = y.sqr()?;
+            let parts = [
+                y.ones_like()?,
+                y.clone(),
+                y2.clone(),
+                (&y2 * &y)?,
+                y2.sqr()?,
+                r.clone(),
+                (&r * &y)?,
+                (&r * &y2)?,
+            ];
+            let s: Vec<Tensor> = parts
+                .iter()
+                .map(|p| p.sum(0))
+                .collect::<candle_core::Result<_>>()?;
+            match sums.get_mut(name) {
+                Some(acc) => {
+                    for (a, b) in acc.iter_mut().zip(s) {
+                        *a = (&*a + b)?;
+                    }
+                }
+                None => {
+                    sums.insert(name.to_string(), s);
+                }
+            }
+            Ok(())
+        };
+        net.forward(&x, false, Some(&mut obs))?;
+    }
+    net.act = act;
+    for u in net.arch.units().into_iter().filter(|u| u.act) {
+        let s = &sums[&u.name];
+        let (h, w, c) = (u.h, u.w, u.cout);
+        let vals: Vec<Vec<f64>> = s
+            .iter()
+            .map(|t| t.flatten_all()?.to_vec1::<f64>())
+            .collect::<candle_core::Result<_>>()?;
+        // group index of each element (NHWC order: (y, x, ch))
+        let groups = match act {
+            ActKind::Layer => 1,
+            ActKind::Channel => c,
+            _ => h * w * c,
+        };
+        let mut g = vec![[0f64; 8]; groups];
+        for e in 0..h * w * c {
+            let gi = match act {
+                ActKind::Layer => 0,
+                ActKind::Channel => e % c,
+                _ => e,
+            };
+            for k in 0..8 {
+                g[gi][k] += vals[k][e];
+            }
+        }
+        let mut coef = [vec![0f32; groups], vec![0f32; groups], vec![0f32; groups]];
+        for (gi, s) in g.iter().enumerate() {
+            let (a, b, cc) = solve_quadratic_fit(s);
+            coef[0][gi] = a as f32;
+            coef[1][gi] = b as f32;
+            coef[2][gi] = cc as f32;
+        }
+        let shape = u.poly_shape(act);
+        for (p, v) in ["a", "b", "c"].iter().zip(coef) {
+            net.vars[&format!("{}.poly_{p}", u.name)].set(&Tensor::from_vec(
+                v,
+                shape.clone(),
+                dev,
+            )?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Least squares a*x^2+b*x+c ~ relu(x) from moment sums [n, Sx, Sx2, Sx3, Sx4, Sr, Srx, Srx2],
+/// with a small ridge so constant inputs (e.g. padded borders) stay well-posed.
+pub fn solve_quadratic_fit(s: &[f64; 8]) -> (f64, f64, f64) {
+    let m = [[s[4], s[3], s[2]], [s[3], s[2], s[1]], [s[2], s[1], s[0]]];
+    let rhs = [s[7], s[6], s[5]];
+    let ridge = 1e-6 * (s[4] + s[2] + s[0]).max(1e-12);
+    let mut a = m;
+    for (i, row) in a.iter_mut().enumerate() {
+        row[i] += ridge;
+    }
+    // Cramer's rule on a 3x3 system
+    let det = |m: &[[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let d = det(&a);
+    if d.abs() < 1e-300 {
+        return (0.0, 0.5, 0.0);
+    }
+    let mut out = [0.0; 3];
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut mk = a;
+        for r in 0..3 {
+            mk[r][k] = rhs[r];
+        }
+        *o = det(&mk) / d;
+    }
+    (out[0], out[1], out[2])
+}
+
+/// Trains (or resumes) the run in `dir`.
+pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
+    let dev = Device::Cpu;
+    std::fs::create_dir_all(dir)?;
+    let resuming = dir.join("state.json").exists() && dir.join("config.json").exists();
+    if resuming {
+        cfg = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+        eprintln!(
+            "resuming {} from its own config.json (command-line settings ignored)",
+            dir.display()
+        );
+    }
+    let (train, val) = load_data(&mut cfg)?;
+    let spec = cfg.input.clone();
+    let mut net = Net::new(cfg.arch.clone(), cfg.act, cfg.seed, &dev)?;
+    let mut mom: HashMap<String, Tensor> = HashMap::new();
+    let mut state = TrainState::default();
+    if resuming {
+        state = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+        let ck = candle_core::safetensors::load(dir.join("checkpoint.safetensors"), &dev)?;
+        for (k, v) in &ck {
+            if let Some(name) = k.strip_prefix("momentum.") {
+                mom.insert(name.to_string(), v.clone());
+            }
+        }
+        net.load_from(&ck)?;
+    } else {
+        if let Some(src) = &cfg.init_from {
+            let (_, teacher) = load_run(src, &dev)?;
+            let set = net.load_from(&teacher.tensors().into_iter().collect())?;
+            eprintln!("initialised {} tensors from {}", set.len(), src.display());
+            fit_polys_to_relu(&mut net, &train, &spec, cfg.poly_fit_images, &dev)?;
+        }
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    }
+    let mut teacher = match &cfg.teacher {
+        Some(t) => Some(load_run(t, &dev)?.1),
+        None => None,
+    };
+    let class_w: Option<Vec<f32>> = cfg.class_weighted.then(|| {
+        let counts = train.class_counts();
+        let k = counts.len() as f32;
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .map(|&c| n as f32 / (k * c.max(1) as f32))
+            .collect()
+    });
+    if !resuming {
+        let v = evaluate(&mut net, &val, &spec, &dev)?;
+        eprintln!(
+            "initial validation: acc {:.4} balanced {:.4}",
+            v.accuracy, v.balanced_accuracy
+        );
+        log_line(dir, &serde_json::json!({"event": "init", "val": v}))?;
+    }
+    let steps_per_epoch = train.len().div_ceil(cfg.batch);
+    let start = Instant::now();
+    let base_seconds = state.seconds;
+    let mut last_ckpt = Instant::now();
+    while state.epoch < cfg.epochs {
+        let epoch = state.epoch;
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        crate::data::shuffle(
+            &mut order,
+            &mut ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(1000).wrapping_add(epoch as u64)),
+        );
+        let pb = ProgressBar::new(steps_per_epoch as u64);
+        pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
+        pb.set_position(state.step as u64);
+        let (mut loss_acc, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        while state.step < steps_per_epoch {
+            let s = state.step;
+            let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ s as u64);
+            let (x, y) = make_batch(&train, idx, &cfg.augment, &spec, &mut rng, &dev)?;
+            let logits = net.forward(&x, true, None)?;
+            let loss = match teacher.as_mut() {
+                Some(t) => {
+                    let tl = t.forward(&x, false, None)?.detach();
+                    kd_loss(
+                        &logits,
+                        &tl,
+                        &y,
+                        cfg.kd_alpha,
+                        cfg.kd_temperature,
+                        class_w.as_deref(),
+                    )?
+                }
+                None => cross_entropy(&logits, &y, class_w.as_deref())?,
+            };
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                bail!(
+                    "loss became {lv} at epoch {epoch} step {s}; lower --lr or raise --clip-norm"
+                );
+            }
+            let grads = loss.backward()?;
+            let lr = lr_at(&cfg, epoch as f64 + s as f64 / steps_per_epoch as f64);
+            sgd_nesterov_step(&net, &grads, &mut mom, lr, &cfg)?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
+            seen += y.len();
+            loss_acc += lv * y.len() as f64;
+            state.step += 1;
+            pb.inc(1);
+            pb.set_message(format!(
+                "loss {:.4} acc {:.4} lr {:.4}",
+                loss_acc / seen as f64,
+                correct as f64 / seen as f64,
+                lr
+            ));
+            if state.step % 50 == 0 {
+                log_line(
+                    dir,
+                    &serde_json::json!({"event": "step", "epoch": epoch, "step": state.step, "lr": lr,
+                    "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64}),
+                )?;
+            }
+            if cfg.checkpoint_minutes > 0.0
+                && last_ckpt.elapsed().as_secs_f64() > cfg.checkpoint_minutes * 60.0
+            {
+                state.seconds = base_seconds + start.elapsed().as_secs_f64();
+                save_checkpoint(dir, &net, &mom, &state)?;
+                last_ckpt = Instant::now();
+            }
+        }
+        pb.finish_and_clear();
+        let v = evaluate(&mut net, &val, &spec, &dev)?;
+        state.epoch += 1;
+        state.step = 0;
+        state.seconds = base_seconds + start.elapsed().as_secs_f64();
+        let train_loss = if seen > 0 {
+            loss_acc / seen as f64
+        } else {
+            f64::NAN
+        };
+        let train_acc = if seen > 0 {
+            correct as f64 / seen as f64
+        } else {
+            f64::NAN
+        };
+        eprintln!(
+            "epoch {}/{}: train loss {:.4} acc {:.4} | val acc {:.4} balanced {:.4} loss {:.4} | {:.0}s",
+            state.epoch, cfg.epochs, train_loss, train_acc, v.accuracy, v.balanced_accuracy, v.loss, state.seconds
+        );
+        log_line(
+            dir,
+            &serde_json::json!({"event": "epoch", "epoch": state.epoch, "train_loss": train_loss,
+            "train_acc": train_acc, "val": v, "seconds": state.seconds}),
+        )?;
+        state.last_val = Some(v);
+        save_checkpoint(dir, &net, &mom, &state)?;
+        last_ckpt = Instant::now();
+    }
+    Ok(state)
+}
+
+fn sgd_nesterov_step(
+    net: &Net,
+    grads: &candle_core::backprop::GradStore,
+    mom: &mut HashMap<String, Tensor>,
+    lr: f64,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let mut scale = 1.0;
+    if cfg.clip_norm > 0.0 {
+        let mut sq = 0.0f64;
+        for v in net.vars.values() {
+            if let Some(g) = grads.get(v) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        if norm > cfg.clip_norm {
+            scale = cfg.clip_norm / norm;
+        }
+    }
+    for (name, v) in &net.vars {
+        let Some(g) = grads.get(v) else { continue };
+        // PyTorch-style: g += wd*p; buf = mu*buf + g; p -= lr*(g + mu*buf)
+        let g = ((g * scale)? + (v.as_tensor() * cfg.weight_decay)?)?;
+        let buf = match mom.get(name) {
+            Some(b) => ((b * cfg.momentum)? + &g)?,
+            None => g.clone(),
+        }
+        .detach();
+        let upd = (&g + (&buf * cfg.momentum)?)?;
+        v.set(&(v.as_tensor() - (upd * lr)?)?.detach())?;
+        mom.insert(name.clone(), buf);
+    }
+    Ok(())
+}
+
+fn log_line(dir: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log.jsonl"))?;
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        o.insert("time".into(), serde_json::json!(t));
+    }
+    writeln!(f, "{v}")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quadratic_fit_recovers_relu_on_symmetric_range() {
+        // samples uniform on [-1, 1]
+        let mut s = [0f64; 8];
+        let n = 2001;
+        for i in 0..n {
+            let x = -1.0 + 2.0 * i as f64 / (n - 1) as f64;
+            let r = x.max(0.0);
+            for (k, v) in [1.0, x, x * x, x * x * x, x.powi(4), r, r * x, r * x * x]
+                .iter()
+                .enumerate()
+            {
+                s[k] += v;
+            }
+        }
+        let (a, b, c) = solve_quadratic_fit(&s);
+        // continuous LS fit of relu on [-1,1]: a = 15/32, b = 1/2, c = 3/32
+        assert!((a - 15.0 / 32.0).abs() < 1e-2, "{a}");
+        assert!((b - 0.5).abs() < 1e-3, "{b}");
+        assert!((c - 3.0 / 32.0).abs() < 1e-2, "{c}");
+    }
+
+    #[test]
+    fn kd_loss_is_ce_when_alpha_zero_and_zero_kl_for_identical_logits() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]], &dev)?;
+        let y = [1u32, 2];
+        let ce = cross_entropy(&s, &y, None)?.to_scalar::<f32>()?;
+        let kd0 = kd_loss(&s, &s, &y, 0.0, 4.0, None)?.to_scalar::<f32>()?;
+        assert!((ce - kd0).abs() < 1e-6);
+        let kd1 = kd_loss(&s, &s, &y, 1.0, 4.0, None)?.to_scalar::<f32>()?;
+        assert!(kd1.abs() < 1e-6);
+        let other = Tensor::new(&[[3.0f32, 0.0, 0.5], [2.0, -1.0, 0.0]], &dev)?;
+        assert!(kd_loss(&s, &other, &y, 1.0, 4.0, None)?.to_scalar::<f32>()? > 1e-3);
+        // hand-computed CE of the first row
+        let lse = (1f32.exp() + 2f32.exp() + 0.5f32.exp()).ln();
+        let ce1 = cross_entropy(&s.narrow(0, 0, 1)?, &y[..1], None)?.to_scalar::<f32>()?;
+        assert!((ce1 - (lse - 2.0)).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn balanced_accuracy_from_confusion() {
+        let r = summarize(vec![vec![9, 1], vec![1, 1]], 0.0);
+        assert!((r.accuracy - 10.0 / 12.0).abs() < 1e-12);
+        assert!((r.balanced_accuracy - 0.7).abs() < 1e-12);
+    }
+}
