@@ -11,7 +11,8 @@
 #                    since SEAL keeps the last prime as the key-switching prime)
 #   --coeff-bits B   SEAL's prime sizes (default per N, see scripts/seal_bench.py)
 #   --rounds K       alternations ours/SEAL; each op's figure is the median over rounds (default 3)
-#   --reps R         passed to seal_bench.py as --reps (default: its own)
+#   --digits D       our key-switching digit count (passed to beaa; default: its own)
+#   --reps R         repetitions per op, passed to both (default: each tool's own)
 #   --out FILE       combined JSON (default runs/bench-vs-seal-N<N>-<time>.json)
 #   --build          cargo build --release -p evaluator first
 #
@@ -25,17 +26,18 @@ ROOT=$PWD
 log() { printf '[bench_vs_seal] %s\n' "$*" >&2; }
 die() { printf '[bench_vs_seal] ERROR: %s\n' "$*" >&2; exit 1; }
 
-N=32768 LIMBS="" COEFF_BITS="" ROUNDS=3 REPS="" OUT="" BUILD=0
+N=32768 LIMBS="" DIGITS="" COEFF_BITS="" ROUNDS=3 REPS="" OUT="" BUILD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --n) N=$2; shift 2 ;;
     --limbs) LIMBS=$2; shift 2 ;;
     --coeff-bits) COEFF_BITS=$2; shift 2 ;;
+    --digits) DIGITS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --reps) REPS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --build) BUILD=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -67,6 +69,10 @@ PY
   ) || die "no default limb count for n=$N: pass --limbs"
 fi
 
+ours_args=(bench ckks --n "$N" --limbs "$LIMBS" --json)
+[ -n "$DIGITS" ] && ours_args+=(--digits "$DIGITS")
+[ -n "$REPS" ] && ours_args+=(--reps "$REPS")
+
 if [ -z "$OUT" ]; then
   mkdir -p "$ROOT/runs"
   OUT="$ROOT/runs/bench-vs-seal-N$N-$(date -u +%Y%m%dT%H%M%SZ).json"
@@ -77,8 +83,8 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 ours_files=() seal_files=()
 for r in $(seq 1 "$ROUNDS"); do
-  log "round $r/$ROUNDS: ours: $BEAA bench ckks --n $N --limbs $LIMBS --json"
-  if ! "$BEAA" bench ckks --n "$N" --limbs "$LIMBS" --json >"$TMP/ours-$r.json" 2>"$TMP/ours-$r.err"; then
+  log "round $r/$ROUNDS: ours: $BEAA ${ours_args[*]}"
+  if ! "$BEAA" "${ours_args[@]}" >"$TMP/ours-$r.json" 2>"$TMP/ours-$r.err"; then
     cat "$TMP/ours-$r.err" >&2
     die "'beaa bench ckks' failed (round $r)"
   fi

@@ -145,6 +145,13 @@ def main():
                        "create_relin_keys (full, not seeded); SEALContext creation (prime/NTT tables) excluded")
     kg, pk, rk = keygen(None)
     sk = kg.secret_key()
+
+    def keygen_relin(_):
+        out = sealapi.RelinKeys()
+        kg.create_relin_keys(out)
+
+    ops["keygen_relin"], ops_cpu["keygen_relin"] = median_ms(keygen_relin, keygen_reps)
+    notes["keygen_relin"] = "KeyGenerator.create_relin_keys (full, not seeded) for an existing secret key"
     encoder = sealapi.CKKSEncoder(ctx)
     encryptor = sealapi.Encryptor(ctx, pk, sk)
     decryptor = sealapi.Decryptor(ctx, sk)
@@ -160,10 +167,18 @@ def main():
         encryptor.encrypt(encode(vals), ct)
         return ct
 
+    def encrypt_vals_sk(vals):
+        ct = sealapi.Ciphertext(ctx)
+        encryptor.encrypt_symmetric(encode(vals), ct)
+        return ct
+
     ops["encode"], ops_cpu["encode"] = median_ms(lambda _: encode(values_a), reps)
     notes["encode"] = f"CKKSEncoder.encode of {slots} Python floats (N/2 slots) at scale 2^{scale_bits}, incl. list conversion"
-    ops["encrypt"], ops_cpu["encrypt"] = median_ms(lambda _: encrypt_vals(values_a), reps)
-    notes["encrypt"] = "encode (as above) + public-key Encryptor.encrypt at the top level"
+    ops["encrypt"], ops_cpu["encrypt"] = median_ms(lambda _: encrypt_vals_sk(values_a), reps)
+    notes["encrypt"] = ("encode (as above) + secret-key Encryptor.encrypt_symmetric at the top level (full "
+                        "ciphertext in memory; SEAL replaces c1 by its seed only when serializing)")
+    ops["encrypt_pk"], ops_cpu["encrypt_pk"] = median_ms(lambda _: encrypt_vals(values_a), reps)
+    notes["encrypt_pk"] = "encode (as above) + public-key Encryptor.encrypt at the top level"
     pt_a = encode(values_a)
 
     def enc_pk_only(_):
@@ -197,6 +212,27 @@ def main():
     err = max(abs(x - y) for x, y in zip(got[:slots], values_a))
     if err > 1e-3:
         sys.exit(f"seal_bench.py: SEAL round-trip error {err} too large")
+
+    # One NTT of one limb, derived: SEAL transforms all 2 x limbs rows of a ciphertext.
+    ct_t = encrypt_vals(values_a)
+    samples = {"fwd": [], "inv": [], "fwd_cpu": [], "inv_cpu": []}
+    for i in range(reps * 4 + 1):
+        c0, t0 = time.process_time_ns(), time.perf_counter_ns()
+        evaluator.transform_from_ntt_inplace(ct_t)
+        c1, t1 = time.process_time_ns(), time.perf_counter_ns()
+        evaluator.transform_to_ntt_inplace(ct_t)
+        c2, t2 = time.process_time_ns(), time.perf_counter_ns()
+        if i > 0:
+            samples["inv"].append(t1 - t0)
+            samples["fwd"].append(t2 - t1)
+            samples["inv_cpu"].append(c1 - c0)
+            samples["fwd_cpu"].append(c2 - c1)
+    rows = 2 * (len(coeff_bits) - 1)
+    per_row = {k: round(statistics.median(v) / 1e6 / rows, 5) for k, v in samples.items()}
+    ops["ntt_one_limb"], ops_cpu["ntt_one_limb"] = per_row["fwd"], per_row["fwd_cpu"]
+    ops["intt_one_limb"], ops_cpu["intt_one_limb"] = per_row["inv"], per_row["inv_cpu"]
+    notes["ntt_one_limb"] = f"Evaluator.transform_to_ntt_inplace of a whole ciphertext / {rows} rows (one N-point NTT mod one prime)"
+    notes["intt_one_limb"] = f"Evaluator.transform_from_ntt_inplace of a whole ciphertext / {rows} rows"
 
     def add(_):
         out = sealapi.Ciphertext(ctx)
@@ -273,22 +309,27 @@ def main():
         sys.exit(f"seal_bench.py: SEAL product error {err} too large")
 
     # ------------------------------------------------------------------ sizes
+    # Keys named as in `beaa bench ckks` where the object is the same kind of thing.
+    # SEAL's save() compresses with zstd (SEAL's default when built with it).
     ct_limbs = len(coeff_bits) - 1
-    sizes["ciphertext_fresh_seal_save"] = file_size(ct_a.save, ".ct")
-    notes["ciphertext_fresh_seal_save"] = ("Ciphertext.save of a fresh public-key ciphertext, SEAL's default "
-                                           "serialization (header + compressed, zstd if built in)")
-    sizes["ciphertext_fresh_uncompressed"] = 2 * n * ct_limbs * 8
-    notes["ciphertext_fresh_uncompressed"] = f"2 polys x N x {ct_limbs} limbs x 8 bytes (SEAL's in-memory size)"
-    sym = encryptor.encrypt_symmetric(pt_a)  # Serializable: seeded (second poly replaced by a seed)
-    sizes["ciphertext_fresh_seeded_sk_save"] = file_size(sym.save, ".ct")
-    notes["ciphertext_fresh_seeded_sk_save"] = "secret-key encryption saved as SEAL Serializable (seeded: one poly + PRNG seed)"
-    sizes["relin_keys_seal_save"] = file_size(rk.save, ".rk")
-    notes["relin_keys_seal_save"] = "RelinKeys.save of full (non-seeded) relin keys, SEAL default compression"
-    sizes["relin_keys_seeded_save"] = file_size(kg.create_relin_keys().save, ".rk")
-    notes["relin_keys_seeded_save"] = "KeyGenerator.create_relin_keys() Serializable (seeded: half of each key is a seed)"
-    decomp = ct_limbs  # SEAL: one key-switching key component per data prime
-    sizes["relin_keys_uncompressed"] = decomp * 2 * n * len(coeff_bits) * 8
-    notes["relin_keys_uncompressed"] = (f"{decomp} components x 2 polys x N x {len(coeff_bits)} limbs (incl. special prime) x 8 bytes")
+    sym = encryptor.encrypt_symmetric(pt_a)  # Serializable: c1 replaced by a PRNG seed
+    sizes["ciphertext_fresh_seeded"] = file_size(sym.save, ".ct")
+    notes["ciphertext_fresh_seeded"] = "secret-key encryption saved as a SEAL Serializable (c0 + seed), zstd"
+    sizes["ciphertext"] = file_size(ct_a.save, ".ct")
+    notes["ciphertext"] = "Ciphertext.save of a full 2-poly top-level ciphertext (fresh, public-key), zstd"
+    sizes["ciphertext_in_memory"] = 2 * n * ct_limbs * 8
+    notes["ciphertext_in_memory"] = f"2 polys x N x {ct_limbs} limbs x 8 bytes"
+    sizes["relin_key"] = file_size(kg.create_relin_keys().save, ".rk")
+    notes["relin_key"] = ("KeyGenerator.create_relin_keys() Serializable (seeded: the uniform half of each "
+                          f"of the {ct_limbs} key-switching components is a seed), zstd")
+    sizes["relin_key_full"] = file_size(rk.save, ".rk")
+    notes["relin_key_full"] = "RelinKeys.save of the full (non-seeded) relin keys, zstd"
+    sizes["relin_key_in_memory"] = ct_limbs * 2 * n * len(coeff_bits) * 8
+    notes["relin_key_in_memory"] = (f"{ct_limbs} components x 2 polys x N x {len(coeff_bits)} limbs "
+                                    "(incl. the special prime) x 8 bytes")
+    sizes["public_key"] = file_size(pk.save, ".pk")
+    notes["public_key"] = ("PublicKey.save of the full public key, zstd (SEAL C++ can save it seeded, at about "
+                           "half this size, via KeyGenerator.create_public_key(); the Python binding lacks that type)")
 
     # ------------------------------------------------------------------ TenSEAL API
     if not args.no_tenseal_ops:
@@ -331,7 +372,7 @@ def main():
         with_rk = len(c.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=True))
         sizes["tenseal_context_params_only"] = base
         sizes["tenseal_relin_keys"] = with_rk - base
-        notes["tenseal_relin_keys"] = "size(context with relin keys only) - size(context with no keys)"
+        notes["tenseal_relin_keys"] = "size(context with relin keys only) - size(context with no keys); not seeded"
         sizes["tenseal_public_key"] = len(c.serialize(save_public_key=True, save_secret_key=False,
                                                      save_galois_keys=False, save_relin_keys=False)) - base
         notes["tenseal_public_key"] = "size(context with public key only) - size(context with no keys); not seeded"
@@ -340,9 +381,9 @@ def main():
         notes["tenseal_context_public"] = "Context.serialize with public + relin keys, no secret key"
         sizes["tenseal_context_with_secret"] = len(c.serialize(save_public_key=True, save_secret_key=True,
                                                               save_galois_keys=False, save_relin_keys=True))
-        notes["tenseal_context_with_secret"] = ("Context.serialize with secret + public + relin keys; with the secret key "
-                                               "present TenSEAL stores public and relin keys in SEAL's seeded form, so this "
-                                               "is SMALLER than tenseal_context_public")
+        notes["tenseal_context_with_secret"] = ("Context.serialize(save_secret_key=True, save_public_key=True, "
+                                               "save_relin_keys=True): TenSEAL then writes secret + public key only and "
+                                               "re-creates relin keys on load, so this is SMALLER than tenseal_context_public")
 
     result = {
         "library": f"SEAL via TenSEAL {ts.__version__}",
