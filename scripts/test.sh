@@ -21,6 +21,8 @@
 #
 # clippy runs with --release so that build scripts and proc-macros are shared
 # with the release test build.
+# Functions below are called indirectly (run_stage NAME DESC FUNC, trap).
+# shellcheck disable=SC2317
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,7 +44,7 @@ STAGES_RUN=()
 banner() { printf '\n==> [test.sh] stage %s: %s\n' "$1" "$2" >&2; }
 on_exit() {
   local rc=$?
-  if [ $rc -ne 0 ] && [ -n "$STAGE" ]; then
+  if [ "$rc" -ne 0 ] && [ -n "$STAGE" ]; then
     printf '\n==> [test.sh] FAILED in stage "%s" (exit %d) after %ds\n' "$STAGE" "$rc" $((SECONDS - START)) >&2
   fi
 }
@@ -93,21 +95,29 @@ page_tests() {
       failed=1
     fi
   done
-  return $failed
+  return "$failed"
 }
 
-run_stage setup "install/check tools (scripts/setup.sh)" bash "$ROOT/scripts/setup.sh"
-run_stage fmt "cargo fmt --all -- --check" cargo fmt --all -- --check
-run_stage clippy "cargo clippy --workspace --all-targets --release -- -D warnings" \
-  cargo clippy --workspace --all-targets --release -- -D warnings
-run_stage test "cargo test --workspace --release" cargo test --workspace --release
 wasm_browser_tests() {
   # --chromedriver: use Debian's driver; never let wasm-pack download one.
-  wasm-pack test --mode no-install --headless --chrome --chromedriver "$(command -v chromedriver)" \
+  # WASM_BINDGEN_USE_BROWSER=1: test binaries without wasm_bindgen_test_configure!
+  # run in Chromium too (the runner's default for them would be Node.js).
+  WASM_BINDGEN_USE_BROWSER=1 wasm-pack test --mode no-install --headless --chrome --chromedriver "$(command -v chromedriver)" \
     --release "$ROOT/wasm-client"
 }
 
-run_stage wasm "wasm-pack test --headless --chrome wasm-client --release (headless Chromium)" wasm_browser_tests
-run_stage web "page tests (tests/web/*.mjs)" page_tests
+main() {
+  run_stage setup "install/check tools (scripts/setup.sh)" bash "$ROOT/scripts/setup.sh"
+  run_stage fmt "cargo fmt --all -- --check" cargo fmt --all -- --check
+  run_stage clippy "cargo clippy --workspace --all-targets --release -- -D warnings" \
+    cargo clippy --workspace --all-targets --release -- -D warnings
+  run_stage test "cargo test --workspace --release" cargo test --workspace --release
+  run_stage wasm "wasm-pack test --headless --chrome wasm-client --release (headless Chromium)" wasm_browser_tests
+  run_stage web "page tests (tests/web/*.mjs)" page_tests
+  printf '\n==> [test.sh] all stages ok: %s (%ds)\n' "${STAGES_RUN[*]:-none}" $((SECONDS - START)) >&2
+}
 
-printf '\n==> [test.sh] all stages ok: %s (%ds)\n' "${STAGES_RUN[*]:-none}" $((SECONDS - START)) >&2
+# Everything runs from inside main, which bash has parsed in full before it
+# starts: editing this file (or a git checkout) during a run cannot derail it.
+main "$@"
+exit $?
