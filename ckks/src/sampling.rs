@@ -116,7 +116,10 @@ mod tests {
         let var = g.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / g.len() as f64;
         assert!(mean.abs() < 0.05, "{mean}");
         // Rounding adds 1/12 to the variance.
-        assert!((var.sqrt() - (ERROR_STD_DEV.powi(2) + 1.0 / 12.0).sqrt()).abs() < 0.05, "{var}");
+        assert!(
+            (var.sqrt() - (ERROR_STD_DEV.powi(2) + 1.0 / 12.0).sqrt()).abs() < 0.05,
+            "{var}"
+        );
         assert!(g.iter().all(|x| (x.abs() as f64) <= ERROR_BOUND));
     }
 

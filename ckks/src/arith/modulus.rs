@@ -163,7 +163,9 @@ impl Modulus {
     #[inline(always)]
     pub fn mul_shoup(&self, x: u64, w: u64, w_shoup: u64) -> u64 {
         let q_hat = ((x as u128 * w_shoup as u128) >> 64) as u64;
-        let r = x.wrapping_mul(w).wrapping_sub(q_hat.wrapping_mul(self.value));
+        let r = x
+            .wrapping_mul(w)
+            .wrapping_sub(q_hat.wrapping_mul(self.value));
         if r >= self.value {
             r - self.value
         } else {

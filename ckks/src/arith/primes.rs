@@ -8,13 +8,13 @@ pub fn is_prime(n: u64) -> bool {
         return false;
     }
     for p in [2u64, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37] {
-        if n % p == 0 {
+        if n.is_multiple_of(p) {
             return n == p;
         }
     }
     let mut d = n - 1;
     let mut s = 0;
-    while d % 2 == 0 {
+    while d.is_multiple_of(2) {
         d /= 2;
         s += 1;
     }
@@ -55,7 +55,11 @@ pub fn ntt_primes_below(bits: u32, n: usize, count: usize, taken: &[u64]) -> Opt
     if !(2..=64).contains(&bits) || two_n == 0 {
         return None;
     }
-    let limit = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let limit = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     // Largest candidate = k*2n + 1 <= limit.
     let mut k = (limit - 1) / two_n;
     let mut out = Vec::with_capacity(count);
@@ -78,7 +82,7 @@ pub fn ntt_primes_below(bits: u32, n: usize, count: usize, taken: &[u64]) -> Opt
 
 /// Checks that `q` is a usable NTT prime for ring degree `n`.
 pub fn is_ntt_prime(q: u64, n: usize) -> bool {
-    Modulus::new(q).is_some() && is_prime(q) && (q - 1) % (2 * n as u64) == 0
+    Modulus::new(q).is_some() && is_prime(q) && (q - 1).is_multiple_of(2 * n as u64)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Fast (approximate) base conversion between RNS bases, the core of key switching.
 
 use super::RnsPoly;
-use crate::arith::Modulus;
+use crate::arith::{kernels, Modulus, ShoupConst};
 
 /// Converts residues modulo `from = {q_i}` to residues modulo each prime of `to`:
 /// `y_t = sum_i [x_i * (Q/q_i)^-1]_{q_i} * (Q/q_i mod t)`, which equals `x + u*Q` for a small
@@ -9,10 +9,10 @@ use crate::arith::Modulus;
 pub struct BaseConverter {
     from: Vec<Modulus>,
     to: Vec<Modulus>,
-    /// `(Q/q_i)^-1 mod q_i` with its Shoup companion.
-    qhat_inv: Vec<(u64, u64)>,
+    /// `(Q/q_i)^-1 mod q_i`.
+    qhat_inv: Vec<ShoupConst>,
     /// `Q/q_i mod t`, laid out `[t][i]`.
-    qhat_mod_to: Vec<Vec<u64>>,
+    qhat_mod_to: Vec<Vec<ShoupConst>>,
 }
 
 impl BaseConverter {
@@ -27,8 +27,7 @@ impl BaseConverter {
                         prod = qi.mul(prod, qi.reduce(qj.value()));
                     }
                 }
-                let inv = qi.inv(prod).expect("distinct primes are coprime");
-                (inv, qi.shoup(inv))
+                ShoupConst::new(qi.inv(prod).expect("distinct primes are coprime"), qi)
             })
             .collect();
         let qhat_mod_to = to
@@ -42,7 +41,7 @@ impl BaseConverter {
                                 prod = t.mul(prod, t.reduce(qj.value()));
                             }
                         }
-                        prod
+                        ShoupConst::new(prod, t)
                     })
                     .collect()
             })
@@ -61,33 +60,17 @@ impl BaseConverter {
         debug_assert_eq!(input.len(), self.from.len());
         debug_assert_eq!(out_rows.len(), self.to.len());
         let n = output.n();
-        // Scaled inputs z_i = [x_i * qhat_inv_i]_{q_i}, computed once for all targets.
+        // Scaled inputs z_i = [x_i * qhat_inv_i]_{q_i}, computed once for all targets. They are
+        // below 2^50, so the kernels reduce them modulo any target directly.
         let mut z = vec![0u64; n * self.from.len()];
         for (i, (qi, row)) in self.from.iter().zip(input).enumerate() {
-            let (w, ws) = self.qhat_inv[i];
-            for (zz, &x) in z[i * n..(i + 1) * n].iter_mut().zip(row.iter()) {
-                *zz = qi.mul_shoup(x, w, ws);
-            }
+            kernels::mul_const(&mut z[i * n..(i + 1) * n], row, &self.qhat_inv[i], qi);
         }
         for ((t, coeffs), &r) in self.to.iter().zip(&self.qhat_mod_to).zip(out_rows) {
             let dst = output.limb_mut(r);
-            match coeffs.len() {
-                1 => {
-                    let c = coeffs[0];
-                    let cs = t.shoup(c);
-                    for (d, &z0) in dst.iter_mut().zip(&z[..n]) {
-                        *d = t.mul_shoup(z0, c, cs);
-                    }
-                }
-                _ => {
-                    for (k, d) in dst.iter_mut().enumerate() {
-                        let mut acc: u128 = 0;
-                        for (i, &c) in coeffs.iter().enumerate() {
-                            acc += z[i * n + k] as u128 * c as u128;
-                        }
-                        *d = t.reduce_u128(acc);
-                    }
-                }
+            kernels::mul_const(dst, &z[..n], &coeffs[0], t);
+            for (i, c) in coeffs.iter().enumerate().skip(1) {
+                kernels::mul_const_acc(dst, &z[i * n..(i + 1) * n], c, t);
             }
         }
     }

@@ -1,7 +1,7 @@
 //! A ring `Z_Q[X]/(X^n+1)` in RNS form: the primes, their NTT tables and slot-wise operations.
 
 use super::{NttTable, RnsPoly};
-use crate::arith::Modulus;
+use crate::arith::{kernels, Modulus, ShoupConst};
 
 /// All primes of a parameter set with their NTT tables.
 ///
@@ -109,10 +109,7 @@ impl RingContext {
     pub fn mul_scalar_assign(&self, a: &mut RnsPoly, scalars: &[u64], basis: &[usize]) {
         for ((ra, &s), &i) in a.rows_mut().zip(scalars).zip(basis) {
             let m = &self.moduli[i];
-            let s_shoup = m.shoup(s);
-            for x in ra.iter_mut() {
-                *x = m.mul_shoup(*x, s, s_shoup);
-            }
+            kernels::mul_const_assign(ra, &ShoupConst::new(s, m), m);
         }
     }
 

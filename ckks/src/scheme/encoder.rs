@@ -4,6 +4,7 @@
 //! primitive 2N-th root of unity. With this ordering a slot-wise product is a polynomial
 //! product, and the automorphism `X -> X^(5^k)` rotates the slots left by `k`.
 
+use crate::arith::{kernels, Modulus, ShoupConst};
 use crate::error::{Error, Result};
 use crate::ring::RnsPoly;
 use crate::scheme::{Params, Plaintext};
@@ -91,7 +92,7 @@ impl EncoderTables {
     }
 
     /// Coefficient-side vector to slot values (the evaluation at `zeta^(5^j)`).
-    fn to_slots(&self, v: &mut [C64]) {
+    fn coeffs_to_slots(&self, v: &mut [C64]) {
         let size = v.len();
         Self::bit_reverse(v);
         let mut len = 2;
@@ -112,8 +113,8 @@ impl EncoderTables {
         }
     }
 
-    /// Inverse of `to_slots`.
-    fn from_slots(&self, v: &mut [C64]) {
+    /// Inverse of `coeffs_to_slots`.
+    fn slots_to_coeffs(&self, v: &mut [C64]) {
         let size = v.len();
         let mut len = size;
         while len >= 2 {
@@ -171,7 +172,7 @@ impl Encoder {
             }
             x.re = y;
         }
-        t.from_slots(&mut v);
+        t.slots_to_coeffs(&mut v);
         let mut coeffs = vec![0.0; 2 * t.slots];
         for (i, c) in v.iter().enumerate() {
             coeffs[i] = c.re;
@@ -199,7 +200,7 @@ impl Encoder {
         let mut ints = Vec::with_capacity(coeffs.len());
         for &c in &coeffs {
             let s = (c * scale).round();
-            if !(s.abs() < limit) {
+            if s.is_nan() || s.abs() >= limit {
                 let worst = values.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
                 return Err(Error::ValueOutOfRange {
                     value: worst,
@@ -235,60 +236,66 @@ impl Encoder {
                 im: coeffs[i + t.slots] / pt.scale,
             })
             .collect();
-        t.to_slots(&mut v);
+        t.coeffs_to_slots(&mut v);
         v.into_iter().map(|c| c.re).collect()
     }
 }
 
 /// Centered CRT reconstruction of every coefficient, as `f64`.
 ///
-/// Garner's mixed-radix digits of `x` and of `Q - x` are compared from the top, and the
-/// smaller of the two is evaluated; so a small negative value never suffers cancellation
-/// against `Q`.
+/// Garner's mixed-radix digits `x = a_0 + a_1 q_0 + a_2 q_0 q_1 + ...` are computed row by
+/// row with the vectorized constant-multiply kernels (digit `k` is final once every lower
+/// digit has been folded into row `k`). A value above `Q/2` is evaluated as `-(Q - x)`,
+/// whose digits are `q_k - 1 - a_k` plus one, so small negative values never suffer
+/// cancellation against `Q`.
 fn crt_to_f64(params: &Params, poly: &RnsPoly, level: usize) -> Vec<f64> {
     let ring = params.ring();
     let n = poly.n();
-    let moduli: Vec<_> = (0..=level).map(|i| *ring.modulus(i)).collect();
     if level == 0 {
-        let m = moduli[0];
+        let m = ring.modulus(0);
         return poly.limb(0).iter().map(|&x| m.center(x) as f64).collect();
     }
-    // inv_prefix[k] = (q_0 ... q_{k-1})^-1 mod q_k.
-    let inv_prefix: Vec<u64> = (0..=level)
-        .map(|k| {
-            let mk = &moduli[k];
-            let prod = moduli[..k]
+    let moduli: Vec<Modulus> = (0..=level).map(|i| *ring.modulus(i)).collect();
+    // digits[k] starts as the residues mod q_k; acc[k] collects the lower digits' value mod q_k.
+    let mut digits = poly.clone();
+    let mut acc = RnsPoly::zero(n, level + 1);
+    for k in 0..=level {
+        let mk = &moduli[k];
+        // prefix = q_0 ... q_{k-1} mod q_k
+        let prefix = moduli[..k]
+            .iter()
+            .fold(1u64, |p, qj| mk.mul(p, mk.reduce(qj.value())));
+        let inv = ShoupConst::new(mk.inv(prefix).expect("distinct primes"), mk);
+        kernels::sub_mul_const(digits.limb_mut(k), acc.limb(k), &inv, mk);
+        // Fold digit k (weight q_0 ... q_{k-1}) into every higher row.
+        for (j, mj) in moduli.iter().enumerate().skip(k + 1) {
+            let weight = moduli[..k]
                 .iter()
-                .fold(1u64, |acc, qj| mk.mul(acc, mk.reduce(qj.value())));
-            mk.inv(prod).unwrap_or(1)
-        })
-        .collect();
-    let mut digits = vec![0u64; level + 1];
-    let mut neg_digits = vec![0u64; level + 1];
-    let garner = |residue: &dyn Fn(usize) -> u64, out: &mut [u64]| {
-        for k in 0..=level {
-            let mk = &moduli[k];
-            // Value of the digits so far, modulo q_k (Horner from the top).
-            let mut s = 0u64;
-            for j in (0..k).rev() {
-                s = mk.add(mk.mul(s, mk.reduce(moduli[j].value())), mk.reduce(out[j]));
-            }
-            out[k] = mk.mul(mk.sub(residue(k), s), inv_prefix[k]);
+                .fold(1u64, |p, qi| mj.mul(p, mj.reduce(qi.value())));
+            let w = ShoupConst::new(weight, mj);
+            let (lo, hi) = (digits.limb(k).to_vec(), acc.limb_mut(j));
+            kernels::mul_const_acc(hi, &lo, &w, mj);
         }
-    };
-    let mut out = Vec::with_capacity(n);
-    for c in 0..n {
-        garner(&|k| poly.limb(k)[c], &mut digits);
-        garner(&|k| moduli[k].neg(poly.limb(k)[c]), &mut neg_digits);
-        let positive = digits.iter().rev().cmp(neg_digits.iter().rev()) != std::cmp::Ordering::Greater;
-        let d = if positive { &digits } else { &neg_digits };
-        let mut v = 0.0f64;
-        for k in (0..=level).rev() {
-            v = v * moduli[k].value() as f64 + d[k] as f64;
-        }
-        out.push(if positive { v } else { -v });
     }
-    out
+    let half_q: f64 = moduli.iter().map(|m| m.value() as f64).product::<f64>() / 2.0;
+    (0..n)
+        .map(|c| {
+            let mut v = 0.0f64;
+            for k in (0..=level).rev() {
+                v = v * moduli[k].value() as f64 + digits.limb(k)[c] as f64;
+            }
+            if v <= half_q {
+                v
+            } else {
+                let mut w = 0.0f64;
+                for k in (0..=level).rev() {
+                    w = w * moduli[k].value() as f64
+                        + (moduli[k].value() - 1 - digits.limb(k)[c]) as f64;
+                }
+                -(w + 1.0)
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -304,7 +311,9 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             })
             .collect()
@@ -318,7 +327,11 @@ mod tests {
         for level in 0..=p.max_level() {
             let pt = enc.encode(&v, 2f64.powi(40), level).unwrap();
             let back = enc.decode(&pt);
-            let err = v.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let err = v
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             assert!(err < 1e-9, "level {level}: {err}");
         }
     }

@@ -1,8 +1,11 @@
 //! Homomorphic operations. Everything here uses public objects only.
 
+use crate::arith::{kernels, ShoupConst};
 use crate::error::{Error, Result};
 use crate::ring::{BaseConverter, RnsPoly};
-use crate::scheme::{galois_element, Ciphertext, GaloisKeys, KeySwitchingKey, Params, Plaintext, RelinKey};
+use crate::scheme::{
+    galois_element, Ciphertext, GaloisKeys, KeySwitchingKey, Params, Plaintext, RelinKey,
+};
 
 /// Relative difference under which two scales count as equal. Scales are tracked exactly
 /// (every rescale divides by the true prime), so equal-by-construction scales agree to the
@@ -124,7 +127,9 @@ impl Evaluator {
         self.check(a)?;
         let r = self.scalar_residues(value, a.scale, a.level)?;
         let basis = self.params.q_basis(a.level);
-        self.params.ring().add_scalar_assign(&mut a.polys[0], &r, &basis);
+        self.params
+            .ring()
+            .add_scalar_assign(&mut a.polys[0], &r, &basis);
         Ok(())
     }
 
@@ -259,24 +264,30 @@ impl Evaluator {
         let half = q_top.value() / 2;
         let inv = self.params.rescale_inv(l);
         let n = self.params.n();
+        let mut last = vec![0u64; n];
         let mut tmp = vec![0u64; n];
         for poly in a.polys.iter_mut() {
-            let mut last = poly.limb(l).to_vec();
+            last.copy_from_slice(poly.limb(l));
             ring.table(l).inverse(&mut last);
             // Adding q/2 before and subtracting it after turns truncation into rounding.
             for x in last.iter_mut() {
                 *x = q_top.add(*x, half);
             }
-            for (i, &(w, ws)) in inv.iter().enumerate() {
+            for (i, inv_i) in inv.iter().enumerate() {
                 let qi = ring.modulus(i);
+                // (last mod q_i) - half, then NTT.
+                kernels::mul_const(&mut tmp, &last, &ShoupConst::new(1, qi), qi);
+                let qv = qi.value();
                 let half_i = qi.reduce(half);
-                for (t, &x) in tmp.iter_mut().zip(&last) {
-                    *t = qi.sub(qi.reduce(x), half_i);
+                for t in tmp.iter_mut() {
+                    *t = if *t >= half_i {
+                        *t - half_i
+                    } else {
+                        *t + qv - half_i
+                    };
                 }
                 ring.table(i).forward(&mut tmp);
-                for (y, &t) in poly.limb_mut(i).iter_mut().zip(&tmp) {
-                    *y = qi.mul_shoup(qi.sub(*y, t), w, ws);
-                }
+                kernels::sub_mul_const(poly.limb_mut(i), &tmp, inv_i, qi);
             }
             poly.truncate(l);
         }
@@ -350,7 +361,12 @@ impl Evaluator {
     ///
     /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
     /// multiply-accumulate with the key; finally divide by `P` (mod-down).
-    pub fn key_switch(&self, d: &RnsPoly, level: usize, key: &KeySwitchingKey) -> (RnsPoly, RnsPoly) {
+    pub fn key_switch(
+        &self,
+        d: &RnsPoly,
+        level: usize,
+        key: &KeySwitchingKey,
+    ) -> (RnsPoly, RnsPoly) {
         let p = &self.params;
         let ring = p.ring();
         let n = p.n();
@@ -406,14 +422,15 @@ impl Evaluator {
         for i in 0..=level {
             ring.table(i).forward(conv.limb_mut(i));
         }
-        let mut out = x.copy_rows(0..level + 1);
+        x.truncate(level + 1);
         for i in 0..=level {
-            let m = ring.modulus(i);
-            let (w, ws) = p.p_inv_mod_q()[i];
-            for (y, &c) in out.limb_mut(i).iter_mut().zip(conv.limb(i)) {
-                *y = m.mul_shoup(m.sub(*y, c), w, ws);
-            }
+            kernels::sub_mul_const(
+                x.limb_mut(i),
+                conv.limb(i),
+                &p.p_inv_mod_q()[i],
+                ring.modulus(i),
+            );
         }
-        out
+        x
     }
 }

@@ -108,7 +108,9 @@ pub struct GaloisKeys {
 
 impl GaloisKeys {
     pub fn get(&self, galois: u64) -> Result<&KeySwitchingKey> {
-        self.keys.get(&galois).ok_or(Error::MissingGaloisKey(galois))
+        self.keys
+            .get(&galois)
+            .ok_or(Error::MissingGaloisKey(galois))
     }
     pub fn elements(&self) -> impl Iterator<Item = u64> + '_ {
         self.keys.keys().copied()

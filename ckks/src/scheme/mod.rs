@@ -11,8 +11,12 @@ pub use ciphertext::{Ciphertext, Plaintext};
 pub use encoder::Encoder;
 pub use encryptor::{decrypt, Encryptor};
 pub use evaluator::{Evaluator, SCALE_TOLERANCE};
-pub use keys::{galois_element, GaloisKeys, KeyGenerator, KeySwitchingKey, PublicKey, RelinKey, SecretKey};
-pub use params::{max_log_qp_128, presets, ParamSpec, Params, Security, HE_STANDARD_128_MAX_LOG_QP};
+pub use keys::{
+    galois_element, GaloisKeys, KeyGenerator, KeySwitchingKey, PublicKey, RelinKey, SecretKey,
+};
+pub use params::{
+    max_log_qp_128, presets, ParamSpec, Params, Security, HE_STANDARD_128_MAX_LOG_QP,
+};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! CKKS parameter sets: ring degree, modulus chain, special primes, default scale, and the
 //! 128-bit security check.
 
-use crate::arith::{ntt_primes_below, Modulus, MAX_MODULUS_BITS};
+use crate::arith::{ntt_primes_below, Modulus, ShoupConst, MAX_MODULUS_BITS};
 use crate::error::{Error, Result};
 use crate::ring::{BaseConverter, RingContext};
 use crate::scheme::encoder::EncoderTables;
@@ -116,12 +116,12 @@ struct Inner {
     ring: RingContext,
     fingerprint: [u8; 32],
     encoder: EncoderTables,
-    /// `[l][i]`: `q_l^-1 mod q_i` (with Shoup companion) for rescaling from level `l`.
-    rescale_inv: Vec<Vec<(u64, u64)>>,
+    /// `[l][i]`: `q_l^-1 mod q_i` for rescaling from level `l`.
+    rescale_inv: Vec<Vec<ShoupConst>>,
     /// `[i]`: `P mod q_i` for all ciphertext primes.
     p_mod_q: Vec<u64>,
-    /// `[i]`: `P^-1 mod q_i` with Shoup companion.
-    p_inv_mod_q: Vec<(u64, u64)>,
+    /// `[i]`: `P^-1 mod q_i`.
+    p_inv_mod_q: Vec<ShoupConst>,
     /// `[l]`: conversion from the special primes to `q_0..q_l`.
     mod_down: Vec<BaseConverter>,
 }
@@ -229,10 +229,7 @@ impl Params {
         let rescale_inv = (0..q.len())
             .map(|l| {
                 (0..l)
-                    .map(|i| {
-                        let inv = qm[i].inv(q[l]).expect("distinct primes");
-                        (inv, qm[i].shoup(inv))
-                    })
+                    .map(|i| ShoupConst::new(qm[i].inv(q[l]).expect("distinct primes"), &qm[i]))
                     .collect()
             })
             .collect();
@@ -243,10 +240,7 @@ impl Params {
         let p_inv_mod_q = qm
             .iter()
             .zip(&p_mod_q)
-            .map(|(qi, &pm)| {
-                let inv = qi.inv(pm).expect("distinct primes");
-                (inv, qi.shoup(inv))
-            })
+            .map(|(qi, &pm)| ShoupConst::new(qi.inv(pm).expect("distinct primes"), qi))
             .collect();
         let mod_down = (0..q.len())
             .map(|l| BaseConverter::new(&pm, &qm[..=l]))
@@ -326,13 +320,13 @@ impl Params {
     pub(crate) fn encoder_tables(&self) -> &EncoderTables {
         &self.0.encoder
     }
-    pub(crate) fn rescale_inv(&self, level: usize) -> &[(u64, u64)] {
+    pub(crate) fn rescale_inv(&self, level: usize) -> &[ShoupConst] {
         &self.0.rescale_inv[level]
     }
     pub(crate) fn p_mod_q(&self) -> &[u64] {
         &self.0.p_mod_q
     }
-    pub(crate) fn p_inv_mod_q(&self) -> &[(u64, u64)] {
+    pub(crate) fn p_inv_mod_q(&self) -> &[ShoupConst] {
         &self.0.p_inv_mod_q
     }
     pub(crate) fn mod_down(&self, level: usize) -> &BaseConverter {
@@ -412,11 +406,26 @@ mod tests {
     fn rejects_bad_specs() {
         let ok = ParamSpec::chain(10, 3, 30, 3);
         for bad in [
-            ParamSpec { log_n: 3, ..ok.clone() },
-            ParamSpec { q_bits: vec![], ..ok.clone() },
-            ParamSpec { p_bits: vec![], ..ok.clone() },
-            ParamSpec { q_bits: vec![51], ..ok.clone() },
-            ParamSpec { log_scale: 0, ..ok.clone() },
+            ParamSpec {
+                log_n: 3,
+                ..ok.clone()
+            },
+            ParamSpec {
+                q_bits: vec![],
+                ..ok.clone()
+            },
+            ParamSpec {
+                p_bits: vec![],
+                ..ok.clone()
+            },
+            ParamSpec {
+                q_bits: vec![51],
+                ..ok.clone()
+            },
+            ParamSpec {
+                log_scale: 0,
+                ..ok.clone()
+            },
         ] {
             assert!(Params::insecure_for_tests(bad).is_err());
         }

@@ -50,7 +50,10 @@ impl Fixture {
 }
 
 fn max_err(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn vec_in(range: f64, len: usize) -> impl Strategy<Value = Vec<f64>> {
@@ -61,7 +64,9 @@ fn vec_in(range: f64, len: usize) -> impl Strategy<Value = Vec<f64>> {
 fn encrypt_decrypt_sk_and_pk_at_every_preset_degree() {
     for log_n in [12u32, 13, 14] {
         let mut f = fixture(ParamSpec::chain(log_n, 3, 40, 3), log_n as u64);
-        let v: Vec<f64> = (0..f.params.slots()).map(|i| (i as f64 * 0.37).sin() * 10.0).collect();
+        let v: Vec<f64> = (0..f.params.slots())
+            .map(|i| (i as f64 * 0.37).sin() * 10.0)
+            .collect();
         let ct = f.encrypt(&v);
         assert!(max_err(&f.decrypt(&ct), &v) < 1e-6, "sk, N=2^{log_n}");
         let pt = f.enc.encode(&v, f.params.default_scale(), 1).unwrap();
@@ -78,7 +83,9 @@ fn production_presets_round_trip() {
         let sk = kg.secret_key();
         let enc = Encoder::new(&params);
         let v: Vec<f64> = (0..params.slots()).map(|i| (i % 17) as f64 - 8.0).collect();
-        let pt = enc.encode(&v, params.default_scale(), params.max_level()).unwrap();
+        let pt = enc
+            .encode(&v, params.default_scale(), params.max_level())
+            .unwrap();
         let ct = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
         let back = enc.decode(&decrypt(&sk, &ct).unwrap());
         assert!(max_err(&back, &v) < 1e-6);
@@ -166,7 +173,9 @@ proptest! {
 #[test]
 fn chain_uses_every_level() {
     let mut f = fixture(ParamSpec::chain(12, 8, 40, 3), 11);
-    let v: Vec<f64> = (0..f.params.slots()).map(|i| 0.5 + 0.5 * ((i as f64) * 0.01).cos()).collect();
+    let v: Vec<f64> = (0..f.params.slots())
+        .map(|i| 0.5 + 0.5 * ((i as f64) * 0.01).cos())
+        .collect();
     let mut ct = f.encrypt(&v);
     let mut want = v.clone();
     while ct.level() > 0 {
@@ -197,12 +206,15 @@ fn rotation_moves_slots() {
     for steps in [1i64, 3, -1] {
         let r = f.ev.rotate(&ct, steps, &keys).unwrap();
         let got = f.decrypt(&r);
-        for i in 0..slots {
+        for (i, g) in got.iter().enumerate() {
             let src = (i as i64 + steps).rem_euclid(slots as i64) as usize;
-            assert!((got[i] - v[src]).abs() < 1e-5, "steps {steps} slot {i}");
+            assert!((g - v[src]).abs() < 1e-5, "steps {steps} slot {i}");
         }
     }
-    assert!(matches!(f.ev.rotate(&ct, 2, &keys), Err(crate::Error::MissingGaloisKey(_))));
+    assert!(matches!(
+        f.ev.rotate(&ct, 2, &keys),
+        Err(crate::Error::MissingGaloisKey(_))
+    ));
 }
 
 #[test]
@@ -211,14 +223,29 @@ fn mismatches_are_reported() {
     let a = f.encrypt(&[1.0]);
     let mut b = f.encrypt(&[2.0]);
     f.ev.mul_const_assign(&mut b, 1.0, 3.0).unwrap();
-    assert!(matches!(f.ev.add(&a, &b), Err(crate::Error::ScaleMismatch(..))));
+    assert!(matches!(
+        f.ev.add(&a, &b),
+        Err(crate::Error::ScaleMismatch(..))
+    ));
     let mut c = f.encrypt(&[3.0]);
     f.ev.drop_to_level(&mut c, 1).unwrap();
-    assert!(matches!(f.ev.add(&a, &c), Err(crate::Error::LevelMismatch(..))));
-    assert!(matches!(f.ev.mul(&a, &c), Err(crate::Error::LevelMismatch(..))));
+    assert!(matches!(
+        f.ev.add(&a, &c),
+        Err(crate::Error::LevelMismatch(..))
+    ));
+    assert!(matches!(
+        f.ev.mul(&a, &c),
+        Err(crate::Error::LevelMismatch(..))
+    ));
     let other = fixture(ParamSpec::chain(11, 5, 39, 2), 8);
-    assert!(matches!(other.ev.add(&a, &a), Err(crate::Error::ParamsMismatch)));
-    assert!(matches!(decrypt(&other.sk, &a), Err(crate::Error::ParamsMismatch)));
+    assert!(matches!(
+        other.ev.add(&a, &a),
+        Err(crate::Error::ParamsMismatch)
+    ));
+    assert!(matches!(
+        decrypt(&other.sk, &a),
+        Err(crate::Error::ParamsMismatch)
+    ));
     let d2 = f.ev.mul(&a, &a).unwrap();
     assert!(f.ev.mul(&d2, &a).is_err());
     assert!(f.ev.relinearize(&a, &f.rlk).is_err());

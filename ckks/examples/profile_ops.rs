@@ -1,0 +1,37 @@
+//! Runs one operation in a loop, for `perf record`: `cargo run --release --example
+//! profile_ops -- relin|rescale|decrypt [reps]`.
+
+use beaa_ckks::*;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let op = args.get(1).map(String::as_str).unwrap_or("relin");
+    let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let params = Params::new(presets::n32768()).unwrap();
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let enc = Encoder::new(&params);
+    let ev = Evaluator::new(&params);
+    let v: Vec<f64> = (0..params.slots()).map(|i| (i % 7) as f64).collect();
+    let pt = enc
+        .encode(&v, params.default_scale(), params.max_level())
+        .unwrap();
+    let a = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
+    let d2 = ev.mul(&a, &a).unwrap();
+    let d1 = ev.relinearize(&d2, &rlk).unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        match op {
+            "relin" => drop(ev.relinearize(&d2, &rlk).unwrap()),
+            "rescale" => drop(ev.rescale(&d1).unwrap()),
+            "decrypt" => drop(enc.decode(&decrypt(&sk, &a).unwrap())),
+            "mul" => drop(ev.mul(&a, &a).unwrap()),
+            other => panic!("unknown op {other}"),
+        }
+    }
+    println!(
+        "{op}: {:.3} ms",
+        t.elapsed().as_secs_f64() * 1e3 / reps as f64
+    );
+}

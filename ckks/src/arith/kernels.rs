@@ -1,0 +1,269 @@
+//! Row kernels: multiply a row of residues by a constant (Shoup), with AVX-512 IFMA where
+//! the CPU has it and a portable scalar path elsewhere (including wasm32).
+//!
+//! The IFMA path uses 52-bit Shoup constants `w52 = floor(w * 2^52 / t)`: for any `x < 2^52`
+//! the estimate `floor(x * w52 / 2^52)` is at most one below `floor(x * w / t)`, so one
+//! conditional subtraction finishes the reduction. Inputs therefore need not be reduced
+//! modulo `t` (only below 2^52), which is what base conversion between primes of different
+//! sizes needs.
+
+use super::Modulus;
+
+/// A constant `w < t` prepared for the row kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct ShoupConst {
+    pub w: u64,
+    /// floor(w * 2^64 / t), for the scalar path.
+    w64: u64,
+    /// floor(w * 2^52 / t), for the IFMA path.
+    w52: u64,
+}
+
+impl ShoupConst {
+    pub fn new(w: u64, t: &Modulus) -> Self {
+        debug_assert!(w < t.value());
+        Self {
+            w,
+            w64: t.shoup(w),
+            w52: (((w as u128) << 52) / t.value() as u128) as u64,
+        }
+    }
+}
+
+#[inline(always)]
+fn scalar_mul(x: u64, c: &ShoupConst, t: u64) -> u64 {
+    let q_hat = ((x as u128 * c.w64 as u128) >> 64) as u64;
+    let r = x.wrapping_mul(c.w).wrapping_sub(q_hat.wrapping_mul(t));
+    if r >= t {
+        r - t
+    } else {
+        r
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_ifma() -> bool {
+    std::arch::is_x86_feature_detected!("avx512ifma")
+}
+
+/// `out[k] = x[k] * w mod t` for `x[k] < 2^52`.
+pub fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: &Modulus) {
+    debug_assert_eq!(out.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
+        unsafe { ifma::mul_const(out, x, c, t.value()) };
+        return;
+    }
+    let tv = t.value();
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = scalar_mul(v, c, tv);
+    }
+}
+
+/// `x[k] = x[k] * w mod t` in place, for `x[k] < 2^52`.
+pub fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: &Modulus) {
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
+        unsafe { ifma::mul_const_assign(x, c, t.value()) };
+        return;
+    }
+    let tv = t.value();
+    for v in x.iter_mut() {
+        *v = scalar_mul(*v, c, tv);
+    }
+}
+
+/// `acc[k] = (acc[k] + x[k] * w) mod t` for `acc[k] < t`, `x[k] < 2^52`.
+pub fn mul_const_acc(acc: &mut [u64], x: &[u64], c: &ShoupConst, t: &Modulus) {
+    debug_assert_eq!(acc.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: as above.
+        unsafe { ifma::mul_const_acc(acc, x, c, t.value()) };
+        return;
+    }
+    let tv = t.value();
+    for (a, &v) in acc.iter_mut().zip(x) {
+        let s = *a + scalar_mul(v, c, tv);
+        *a = if s >= tv { s - tv } else { s };
+    }
+}
+
+/// `y[k] = (y[k] - c[k]) * w mod t` for `y[k], c[k] < t`.
+pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
+    debug_assert_eq!(y.len(), sub.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: as above.
+        unsafe { ifma::sub_mul_const(y, sub, c, t.value()) };
+        return;
+    }
+    let tv = t.value();
+    for (a, &s) in y.iter_mut().zip(sub) {
+        *a = scalar_mul(*a + tv - s, c, tv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod ifma {
+    use super::ShoupConst;
+    use std::arch::x86_64::*;
+
+    const MASK52: u64 = (1u64 << 52) - 1;
+
+    /// `x * w mod t` in `[0, t)` for 8 lanes with `x < 2^52`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    fn lanes_mul(x: __m512i, w: __m512i, w52: __m512i, t: __m512i) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let q_hat = _mm512_madd52hi_epu64(zero, x, w52);
+        let xw = _mm512_madd52lo_epu64(zero, x, w);
+        let qt = _mm512_madd52lo_epu64(zero, q_hat, t);
+        let r = _mm512_and_si512(_mm512_sub_epi64(xw, qt), _mm512_set1_epi64(MASK52 as i64));
+        _mm512_min_epu64(r, _mm512_sub_epi64(r, t))
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
+        let n = out.len().min(x.len());
+        let (w, w52, tv) = (
+            _mm512_set1_epi64(c.w as i64),
+            _mm512_set1_epi64(c.w52 as i64),
+            _mm512_set1_epi64(t as i64),
+        );
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n bounds both slices; unaligned loads/stores.
+            unsafe {
+                let v = _mm512_loadu_si512(x.as_ptr().add(k) as *const _);
+                _mm512_storeu_si512(out.as_mut_ptr().add(k) as *mut _, lanes_mul(v, w, w52, tv));
+            }
+            k += 8;
+        }
+        for j in k..n {
+            out[j] = super::scalar_mul(x[j], c, t);
+        }
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: u64) {
+        let n = x.len();
+        let (w, w52, tv) = (
+            _mm512_set1_epi64(c.w as i64),
+            _mm512_set1_epi64(c.w52 as i64),
+            _mm512_set1_epi64(t as i64),
+        );
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n bounds the slice.
+            unsafe {
+                let p = x.as_mut_ptr().add(k);
+                let v = _mm512_loadu_si512(p as *const _);
+                _mm512_storeu_si512(p as *mut _, lanes_mul(v, w, w52, tv));
+            }
+            k += 8;
+        }
+        for v in x[k..].iter_mut() {
+            *v = super::scalar_mul(*v, c, t);
+        }
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn mul_const_acc(acc: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
+        let n = acc.len().min(x.len());
+        let (w, w52, tv) = (
+            _mm512_set1_epi64(c.w as i64),
+            _mm512_set1_epi64(c.w52 as i64),
+            _mm512_set1_epi64(t as i64),
+        );
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n bounds both slices.
+            unsafe {
+                let v = _mm512_loadu_si512(x.as_ptr().add(k) as *const _);
+                let a = _mm512_loadu_si512(acc.as_ptr().add(k) as *const _);
+                let s = _mm512_add_epi64(a, lanes_mul(v, w, w52, tv));
+                let s = _mm512_min_epu64(s, _mm512_sub_epi64(s, tv));
+                _mm512_storeu_si512(acc.as_mut_ptr().add(k) as *mut _, s);
+            }
+            k += 8;
+        }
+        for j in k..n {
+            let s = acc[j] + super::scalar_mul(x[j], c, t);
+            acc[j] = if s >= t { s - t } else { s };
+        }
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: u64) {
+        let n = y.len().min(sub.len());
+        let (w, w52, tv) = (
+            _mm512_set1_epi64(c.w as i64),
+            _mm512_set1_epi64(c.w52 as i64),
+            _mm512_set1_epi64(t as i64),
+        );
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n bounds both slices.
+            unsafe {
+                let a = _mm512_loadu_si512(y.as_ptr().add(k) as *const _);
+                let s = _mm512_loadu_si512(sub.as_ptr().add(k) as *const _);
+                let d = _mm512_sub_epi64(_mm512_add_epi64(a, tv), s);
+                _mm512_storeu_si512(y.as_mut_ptr().add(k) as *mut _, lanes_mul(d, w, w52, tv));
+            }
+            k += 8;
+        }
+        for j in k..n {
+            y[j] = super::scalar_mul(y[j] + t - sub[j], c, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arith::ntt_primes_below;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn kernels_match_u128(bits in 20u32..=50, w in any::<u64>(), xs in proptest::collection::vec(any::<u64>(), 1..40)) {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let tv = t.value();
+            let w = w % tv;
+            let c = ShoupConst::new(w, &t);
+            // Inputs below 2^52, not necessarily below t.
+            let x: Vec<u64> = xs.iter().map(|v| v & ((1u64 << 52) - 1)).collect();
+            let want: Vec<u64> = x.iter().map(|&v| ((v as u128 * w as u128) % tv as u128) as u64).collect();
+            let mut out = vec![0u64; x.len()];
+            mul_const(&mut out, &x, &c, &t);
+            prop_assert_eq!(&out, &want);
+            let mut inplace = x.clone();
+            mul_const_assign(&mut inplace, &c, &t);
+            prop_assert_eq!(&inplace, &want);
+            // The portable path (what wasm32 runs) agrees too.
+            let portable: Vec<u64> = x.iter().map(|&v| scalar_mul(v, &c, tv)).collect();
+            prop_assert_eq!(&portable, &want);
+            let mut acc: Vec<u64> = xs.iter().map(|v| (v >> 7) % tv).collect();
+            let want_acc: Vec<u64> = acc.iter().zip(&want).map(|(a, b)| (a + b) % tv).collect();
+            mul_const_acc(&mut acc, &x, &c, &t);
+            prop_assert_eq!(&acc, &want_acc);
+            let mut y: Vec<u64> = xs.iter().map(|v| v % tv).collect();
+            let s: Vec<u64> = xs.iter().map(|v| (v >> 3) % tv).collect();
+            let want_y: Vec<u64> = y.iter().zip(&s).map(|(a, b)| (((a + tv - b) as u128 * w as u128) % tv as u128) as u64).collect();
+            sub_mul_const(&mut y, &s, &c, &t);
+            prop_assert_eq!(&y, &want_y);
+        }
+    }
+}
