@@ -11,7 +11,9 @@
 #                    since SEAL keeps the last prime as the key-switching prime)
 #   --coeff-bits B   SEAL's prime sizes (default per N, see scripts/seal_bench.py)
 #   --rounds K       alternations ours/SEAL; each op's figure is the median over rounds (default 3)
-#   --digits D       our key-switching digit count (passed to beaa; default: its own)
+#   --digits D       our key-switching digit count (passed to beaa; default: its own).
+#                    --digits <limbs> gives our one special prime, one digit per prime:
+#                    SEAL's own key-switching layout, for a like-for-like relin
 #   --reps R         repetitions per op, passed to both (default: each tool's own)
 #   --out FILE       combined JSON (default runs/bench-vs-seal-N<N>-<time>.json)
 #   --build          cargo build --release -p evaluator first
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --build) BUILD=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done

@@ -77,8 +77,14 @@ def main():
 
     lines = []
     w = lines.append
-    w(f"ours: {o0.get('library', '?')}  n={o0.get('n')} limbs={o0.get('limbs')} log_q={o0.get('log_q')}  ({len(ours_runs)} run(s))")
-    w(f"SEAL: {s0.get('library', '?')}  n={s0.get('n')} limbs={s0.get('limbs')} log_q={s0.get('log_q')} "
+    def num(x):
+        return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+    extra = " ".join(f"{k}={num(o0[k])}" for k in ("log_qp", "special_primes", "digits", "secure_128", "ntt_ifma")
+                     if k in o0)
+    w(f"ours: {o0.get('library', '?')}  n={o0.get('n')} limbs={o0.get('limbs')} log_q={num(o0.get('log_q'))} {extra}"
+      f"  ({len(ours_runs)} run(s))")
+    w(f"SEAL: {s0.get('library', '?')}  n={s0.get('n')} limbs={s0.get('limbs')} log_q={num(s0.get('log_q'))} "
       f"(+{s0.get('coeff_bits', [0])[-1]}-bit special prime; coeff_bits={s0.get('coeff_bits')})  ({len(seal_runs)} run(s))")
     warn = []
     if o0.get("n") != s0.get("n"):
