@@ -78,6 +78,18 @@ def median_ms(fn, reps, setup=None):
     return round(statistics.median(wall), 4), round(statistics.median(cpu), 4)
 
 
+def seal_header(save):
+    """(version 'major.minor', compression mode name) from SEAL's serialization header."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "obj")
+        save(path)
+        with open(path, "rb") as f:
+            h = f.read(8)
+    if len(h) < 6 or h[0:2] != bytes([0x5E, 0xA1]):
+        return "?", "?"
+    return f"{h[3]}.{h[4]}", {0: "none", 1: "zlib", 2: "zstd"}.get(h[5], str(h[5]))
+
+
 def file_size(save, suffix):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "obj" + suffix)
@@ -310,7 +322,7 @@ def main():
 
     # ------------------------------------------------------------------ sizes
     # Keys named as in `beaa bench ckks` where the object is the same kind of thing.
-    # SEAL's save() compresses with zstd (SEAL's default when built with it).
+    # SEAL's save() compresses with its default mode (zstd here: see "serialization_compression").
     ct_limbs = len(coeff_bits) - 1
     sym = encryptor.encrypt_symmetric(pt_a)  # Serializable: c1 replaced by a PRNG seed
     sizes["ciphertext_fresh_seeded"] = file_size(sym.save, ".ct")
@@ -385,8 +397,11 @@ def main():
                                                "save_relin_keys=True): TenSEAL then writes secret + public key only and "
                                                "re-creates relin keys on load, so this is SMALLER than tenseal_context_public")
 
+    seal_version, compression = seal_header(ct_a.save)
     result = {
-        "library": f"SEAL via TenSEAL {ts.__version__}",
+        "library": f"SEAL {seal_version} via TenSEAL {ts.__version__}",
+        "seal_version": seal_version,
+        "serialization_compression": compression,
         "n": n,
         "coeff_bits": coeff_bits,
         "limbs": ct_limbs,
