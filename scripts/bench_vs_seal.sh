@@ -60,7 +60,7 @@ seal_args=(--n "$N")
 [ -n "$REPS" ] && seal_args+=(--reps "$REPS")
 
 if [ -z "$LIMBS" ]; then
-  LIMBS=$("$SEAL_PY" - "$N" "$COEFF_BITS" <<'PY'
+  LIMBS=$(PYTHONDONTWRITEBYTECODE=1 "$SEAL_PY" - "$N" "$COEFF_BITS" <<'PY'
 import sys
 sys.path.insert(0, "scripts")
 from seal_bench import DEFAULT_COEFF_BITS
