@@ -10,7 +10,9 @@
 #   clippy  cargo clippy --workspace --all-targets --release -- -D warnings
 #   test    cargo test --workspace --release
 #   wasm    wasm-pack test --headless --chrome wasm-client --release
-#           (the wasm crate's tests in real headless Chromium)
+#           (the wasm crate's tests in real headless Chromium), with the native
+#           peer beaa-crosscheck running on 127.0.0.1 and its address passed at
+#           build time in BEAA_CROSSCHECK_URL
 #   web     page tests: node runs each tests/web/*.mjs (skipped if none); the
 #           wasm package is built into web/pkg first
 #
@@ -44,6 +46,7 @@ STAGES_RUN=()
 banner() { printf '\n==> [test.sh] stage %s: %s\n' "$1" "$2" >&2; }
 on_exit() {
   local rc=$?
+  stop_crosscheck
   if [ "$rc" -ne 0 ] && [ -n "$STAGE" ]; then
     printf '\n==> [test.sh] FAILED in stage "%s" (exit %d) after %ds\n' "$STAGE" "$rc" $((SECONDS - START)) >&2
   fi
@@ -98,12 +101,55 @@ page_tests() {
   return "$failed"
 }
 
+target_dir() {
+  local d="${CARGO_TARGET_DIR:-$ROOT/target}"
+  case "$d" in /*) ;; *) d="$ROOT/$d" ;; esac
+  printf '%s\n' "$d"
+}
+
+CROSSCHECK_PID=""
+stop_crosscheck() {
+  if [ -n "$CROSSCHECK_PID" ]; then
+    kill "$CROSSCHECK_PID" 2>/dev/null || true
+    wait "$CROSSCHECK_PID" 2>/dev/null || true
+    CROSSCHECK_PID=""
+  fi
+}
+
+start_crosscheck() {
+  # The native peer of the browser's byte-format test (tests/src/bin/crosscheck.rs):
+  # serves on 127.0.0.1, prints BEAA_CROSSCHECK_URL=..., exits by itself after --seconds.
+  grep -q '"beaa-crosscheck"' "$ROOT/tests/Cargo.toml" 2>/dev/null || return 0
+  echo "building and starting beaa-crosscheck (native peer on 127.0.0.1)" >&2
+  cargo build --release -p beaa-tests --bin beaa-crosscheck
+  local out
+  out=$(mktemp)
+  "$(target_dir)/release/beaa-crosscheck" --seconds 1800 >"$out" &
+  CROSSCHECK_PID=$!
+  local url=""
+  for _ in $(seq 1 300); do
+    url=$(sed -n 's/^BEAA_CROSSCHECK_URL=//p' "$out" | head -n 1)
+    [ -n "$url" ] && break
+    kill -0 "$CROSSCHECK_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  rm -f "$out"
+  [ -n "$url" ] || { echo "beaa-crosscheck did not print its address" >&2; return 1; }
+  echo "beaa-crosscheck at $url (pid $CROSSCHECK_PID)" >&2
+  # Read at compile time (option_env!) by wasm-client's browser tests.
+  export BEAA_CROSSCHECK_URL="$url"
+}
+
 wasm_browser_tests() {
+  start_crosscheck
   # --chromedriver: use Debian's driver; never let wasm-pack download one.
   # WASM_BINDGEN_USE_BROWSER=1: test binaries without wasm_bindgen_test_configure!
   # run in Chromium too (the runner's default for them would be Node.js).
-  WASM_BINDGEN_USE_BROWSER=1 wasm-pack test --mode no-install --headless --chrome --chromedriver "$(command -v chromedriver)" \
-    --release "$ROOT/wasm-client"
+  local rc=0
+  WASM_BINDGEN_USE_BROWSER=1 wasm-pack test --mode no-install --headless --chrome \
+    --chromedriver "$(command -v chromedriver)" --release "$ROOT/wasm-client" || rc=$?
+  stop_crosscheck
+  return "$rc"
 }
 
 main() {
