@@ -59,6 +59,15 @@ pub fn seeded_rng(seed: &[u8; 32]) -> ChaCha20Rng {
     ChaCha20Rng::from_seed(*seed)
 }
 
+/// The generator type behind seeded test keys.
+pub type TestRng = ChaCha20Rng;
+
+/// A generator from a fixed seed, for reproducible and cross-platform tests only: keys made
+/// from it are as public as the seed.
+pub fn test_rng(seed: [u8; 32]) -> TestRng {
+    ChaCha20Rng::from_seed(seed)
+}
+
 /// Uniform ternary coefficients in {-1, 0, 1}.
 pub fn ternary<R: RngCore + CryptoRng>(rng: &mut R, n: usize) -> Vec<i64> {
     let mut out = Vec::with_capacity(n);

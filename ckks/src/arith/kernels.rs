@@ -16,6 +16,7 @@ pub struct ShoupConst {
     /// floor(w * 2^64 / t), for the scalar path.
     w64: u64,
     /// floor(w * 2^52 / t), for the IFMA path.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     w52: u64,
 }
 

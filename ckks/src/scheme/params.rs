@@ -93,6 +93,27 @@ pub mod presets {
         ParamSpec::chain(15, 17, 40, 6)
     }
 
+    /// A small chain for tests: N = 1024, 3 limbs. NOT SECURE: only
+    /// `Params::insecure_for_tests` accepts it, and the server refuses it unless started with
+    /// `--insecure-test-params`.
+    pub fn insecure_test_n1024() -> ParamSpec {
+        ParamSpec::chain(10, 3, 40, 3)
+    }
+
+    /// Preset names as used on the command line and in the browser.
+    pub const NAMES: [&str; 4] = ["n8192", "n16384", "n32768", "insecure-test-n1024"];
+
+    /// Looks a preset up by name; `insecure-test-*` names build insecure test parameters.
+    pub fn by_name(name: &str) -> Option<super::Result<super::Params>> {
+        Some(match name {
+            "n8192" => super::Params::new(n8192()),
+            "n16384" => super::Params::new(n16384()),
+            "n32768" => super::Params::new(n32768()),
+            "insecure-test-n1024" => super::Params::insecure_for_tests(insecure_test_n1024()),
+            _ => return None,
+        })
+    }
+
     /// The preset for a ring degree, if there is one.
     pub fn for_n(n: usize) -> Option<ParamSpec> {
         match n {
