@@ -3,7 +3,9 @@
 //! `beaa-model` directory format.
 
 pub mod bench;
+pub mod cli;
 pub mod data;
+pub mod export;
 pub mod fused;
 pub mod im2col;
 pub mod net;

@@ -23,6 +23,45 @@ enum Cmd {
     Fit(TrainArgs),
     /// Train a polynomial student from a teacher run with knowledge distillation.
     Distill(TrainArgs),
+    /// Export a run's latest checkpoint as a model directory (BN folded, ranges measured).
+    Export {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Model name in the manifest (default: the run directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Training images used to measure per-node value ranges.
+        #[arg(long, default_value_t = 512)]
+        range_images: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a model directory with the plaintext f64 forward pass on a data directory.
+    Evaluate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// all = every image in --data; val = the validation split recorded in the manifest.
+        #[arg(long, default_value = "all")]
+        split: String,
+        /// Evaluate at most this many images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Regenerate the accuracy table (markdown + JSON) from run directories.
+    Table {
+        /// Run directories (each with config.json and state.json).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output path prefix: writes PREFIX.md and PREFIX.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time training steps of the network (for BENCHMARKS.md).
     Bench {
         #[arg(long, default_value_t = 128)]
@@ -177,6 +216,38 @@ fn main() -> Result<()> {
             let cfg = config(&a, true);
             let s = train::run(&a.run, cfg)?;
             println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Export {
+            run,
+            out,
+            name,
+            range_images,
+            json,
+        } => {
+            let m = models::cli::export(&run, &out, name, range_images)?;
+            if json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                println!("exported {} to {}", m["name"], out.display());
+            }
+        }
+        Cmd::Evaluate {
+            model,
+            data,
+            split,
+            limit,
+            json,
+        } => {
+            let r = models::cli::evaluate(&model, &data, &split, limit)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+        }
+        Cmd::Table { runs, out } => {
+            let md = models::cli::table(&runs, &out)?;
+            println!("{md}");
         }
         Cmd::Bench {
             batch,

@@ -1,0 +1,178 @@
+//! The export / evaluate / table subcommands of `beaa-train`.
+
+use crate::data::{split, Dataset};
+use crate::export::{activation_parameters, chw_inputs, export_run};
+use crate::net::ActKind;
+use crate::train::{load_data, load_run, summarize, TrainConfig, TrainState};
+use anyhow::{bail, Context, Result};
+use beaa_model::Model;
+use candle_core::Device;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Exports the run's checkpoint to `out`; returns a short summary.
+pub fn export(
+    run: &Path,
+    out: &Path,
+    name: Option<String>,
+    range_images: usize,
+) -> Result<serde_json::Value> {
+    let dev = Device::Cpu;
+    let (mut cfg, net) = load_run(run, &dev)?;
+    let state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(run.join("state.json")).context("state.json")?,
+    )?;
+    let (train, _) = load_data(&mut cfg)?;
+    let name = name.unwrap_or_else(|| {
+        run.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
+            .to_string()
+    });
+    let mut model = export_run(&net, &cfg, &state, &train, &name, range_images)?;
+    if let Some(m) = model.manifest.metrics.as_object_mut() {
+        m.insert("split".into(), json!({"kind": cfg.split, "val_per_class": cfg.val_per_class, "val_fraction": cfg.val_fraction, "seed": cfg.seed}));
+    }
+    model.save(out)?;
+    Ok(
+        json!({"name": name, "epochs": state.epoch, "planned_epochs": cfg.epochs, "validation": state.last_val,
+        "activation_parameters": model.manifest.activation_parameters, "activation_evaluations": model.manifest.activation_evaluations}),
+    )
+}
+
+/// Plaintext f64 evaluation of a model directory on a data directory.
+pub fn evaluate(
+    model_dir: &Path,
+    data: &Path,
+    which: &str,
+    limit: usize,
+) -> Result<serde_json::Value> {
+    let model = Model::load(model_dir)?;
+    let spec = model.manifest.input.clone();
+    let ds = Dataset::load(data, &spec)?;
+    // map the data's class folders onto the model's classes by name
+    let map: Vec<usize> = ds
+        .classes
+        .iter()
+        .map(|c| {
+            model
+                .manifest
+                .classes
+                .iter()
+                .position(|m| m == c)
+                .with_context(|| {
+                    format!(
+                        "class {c} of the data is not a class of the model {:?}",
+                        model.manifest.classes
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let mut idx: Vec<usize> = match which {
+        "all" => (0..ds.len()).collect(),
+        "val" => {
+            let s = &model.manifest.metrics["split"];
+            let kind = serde_json::from_value(s["kind"].clone())
+                .context("manifest has no recorded split")?;
+            let vpc = s["val_per_class"].as_u64().unwrap_or(500) as usize;
+            let frac = s["val_fraction"].as_f64().unwrap_or(0.25);
+            let seed = s["seed"].as_u64().unwrap_or(0);
+            split(&ds, kind, vpc, frac, seed).1
+        }
+        other => bail!("--split must be all or val, got {other}"),
+    };
+    if limit > 0 && idx.len() > limit {
+        // spread over the set so every class is represented
+        let n = idx.len();
+        idx = (0..limit).map(|i| idx[i * n / limit]).collect();
+    }
+    let k = model.manifest.classes.len();
+    let mut conf = vec![vec![0usize; k]; k];
+    let t = std::time::Instant::now();
+    for chunk in idx.chunks(64) {
+        let x = chw_inputs(&ds, chunk, &spec)?;
+        let pred = model.predict(&x, chunk.len())?;
+        for (&i, p) in chunk.iter().zip(pred) {
+            conf[map[ds.labels[i] as usize]][p] += 1;
+        }
+    }
+    let r = summarize(conf, f64::NAN);
+    Ok(
+        json!({"model": model.manifest.name, "data": data.display().to_string(), "split": which, "images": r.n,
+        "accuracy": r.accuracy, "balanced_accuracy": r.balanced_accuracy,
+        "per_class_recall": model.manifest.classes.iter().zip(&r.per_class_recall).map(|(c, v)| json!({"class": c, "recall": if v.is_nan() { None } else { Some(*v) }})).collect::<Vec<_>>(),
+        "confusion": r.confusion, "seconds": t.elapsed().as_secs_f64(), "path": "plaintext f64 (beaa-model)"}),
+    )
+}
+
+fn variant(cfg: &TrainConfig) -> String {
+    let base = match cfg.act {
+        ActKind::Relu => "ReLU",
+        ActKind::Layer => "layer-wise",
+        ActKind::Channel => "channel-wise",
+        ActKind::Element => "element-wise",
+    };
+    if cfg.teacher.is_some() {
+        format!("{base} + KD")
+    } else {
+        base.to_string()
+    }
+}
+
+/// Writes `<out>.md` and `<out>.json`; returns the markdown.
+pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
+    let mut rows = Vec::new();
+    for r in runs {
+        let cfg: TrainConfig = serde_json::from_str(
+            &std::fs::read_to_string(r.join("config.json"))
+                .with_context(|| format!("{}/config.json", r.display()))?,
+        )?;
+        let state: TrainState = match std::fs::read_to_string(r.join("state.json")) {
+            Ok(s) => serde_json::from_str(&s)?,
+            Err(_) => TrainState::default(),
+        };
+        let evals: usize = cfg
+            .arch
+            .units()
+            .iter()
+            .filter(|u| u.act)
+            .map(|u| u.cout * u.h * u.w)
+            .sum();
+        let v = state.last_val.as_ref();
+        rows.push(json!({
+            "run": r.display().to_string(), "dataset": cfg.dataset_name, "variant": variant(&cfg),
+            "epochs": state.epoch, "planned_epochs": cfg.epochs,
+            "accuracy": v.map(|v| v.accuracy), "balanced_accuracy": v.map(|v| v.balanced_accuracy),
+            "per_class_recall": v.map(|v| v.per_class_recall.clone()), "validation_images": v.map(|v| v.n),
+            "activation_parameters": activation_parameters(&cfg.arch, cfg.act), "activation_evaluations": evals,
+        }));
+    }
+    let pct = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("-".to_string(), |x| format!("{:.2}", 100.0 * x))
+    };
+    let mut md = String::from("| data | variant | epochs | accuracy % | balanced acc. % | per-class recall % | activation params | activation evals / image |\n|---|---|---|---|---|---|---|---|\n");
+    for r in &rows {
+        let rec = r["per_class_recall"].as_array().map_or("-".into(), |a| {
+            a.iter().map(&pct).collect::<Vec<_>>().join(" / ")
+        });
+        md.push_str(&format!(
+            "| {} | {} | {}/{} | {} | {} | {} | {} | {} |\n",
+            r["dataset"].as_str().unwrap_or(""),
+            r["variant"].as_str().unwrap_or(""),
+            r["epochs"],
+            r["planned_epochs"],
+            pct(&r["accuracy"]),
+            pct(&r["balanced_accuracy"]),
+            rec,
+            r["activation_parameters"],
+            r["activation_evaluations"]
+        ));
+    }
+    std::fs::write(out.with_extension("md"), &md)?;
+    std::fs::write(
+        out.with_extension("json"),
+        serde_json::to_string_pretty(&rows)?,
+    )?;
+    Ok(md)
+}
