@@ -130,8 +130,9 @@ fn measure(params: &Params, reps: usize) -> Result<Report> {
     ops.insert(
         "encrypt",
         median_ms(reps, || {
-            let pt = enc.encode(&values, params.default_scale(), top).unwrap();
-            encryptor.encrypt_sk(&sk, &pt).unwrap()
+            encryptor
+                .encrypt_values_sk(&sk, &values, params.default_scale(), top)
+                .unwrap()
         }),
     );
     ops.insert(

@@ -115,11 +115,13 @@ impl ClientKeys {
     }
 
     pub fn encrypt_native(&self, values: &[f64]) -> Result<Vec<u8>, String> {
-        let pt = Encoder::new(&self.params)
-            .encode(values, self.params.default_scale(), self.params.max_level())
-            .map_err(|e| e.to_string())?;
         let ct = Encryptor::new(&self.params)
-            .encrypt_sk(&self.sk, &pt)
+            .encrypt_values_sk(
+                &self.sk,
+                values,
+                self.params.default_scale(),
+                self.params.max_level(),
+            )
             .map_err(|e| e.to_string())?;
         Ok(ct.to_bytes())
     }

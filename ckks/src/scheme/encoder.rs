@@ -181,9 +181,14 @@ impl Encoder {
         Ok(coeffs)
     }
 
-    /// Encodes `values` (at most N/2; missing slots are 0) at `scale` on primes `q_0..q_level`,
-    /// in the evaluation (NTT) domain.
-    pub fn encode(&self, values: &[f64], scale: f64, level: usize) -> Result<Plaintext> {
+    /// The integer coefficients `round(scale * coeffs)` of the message polynomial, checked to
+    /// fit well inside `Q_level`.
+    pub(crate) fn scaled_coefficients(
+        &self,
+        values: &[f64],
+        scale: f64,
+        level: usize,
+    ) -> Result<Vec<i128>> {
         let p = &self.params;
         if level > p.max_level() {
             return Err(Error::LevelTooLow {
@@ -209,16 +214,31 @@ impl Encoder {
             }
             ints.push(s as i128);
         }
-        let basis = p.q_basis(level);
+        Ok(ints)
+    }
+
+    /// Reduces integer coefficients onto `q_0..q_level` (coefficient domain).
+    pub(crate) fn integers_to_rns(&self, ints: &[i128], level: usize) -> RnsPoly {
+        let p = &self.params;
         let ring = p.ring();
         let mut poly = RnsPoly::zero(p.n(), level + 1);
-        for (row, &i) in poly.rows_mut().zip(&basis) {
+        for (i, row) in poly.rows_mut().enumerate() {
             let m = ring.modulus(i);
-            for (x, &c) in row.iter_mut().zip(&ints) {
+            for (x, &c) in row.iter_mut().zip(ints) {
                 *x = m.reduce_i128(c);
             }
         }
-        ring.forward(&mut poly, &basis);
+        poly
+    }
+
+    /// Encodes `values` (at most N/2; missing slots are 0) at `scale` on primes `q_0..q_level`,
+    /// in the evaluation (NTT) domain.
+    pub fn encode(&self, values: &[f64], scale: f64, level: usize) -> Result<Plaintext> {
+        let ints = self.scaled_coefficients(values, scale, level)?;
+        let mut poly = self.integers_to_rns(&ints, level);
+        self.params
+            .ring()
+            .forward(&mut poly, &self.params.q_basis(level));
         Ok(Plaintext { poly, level, scale })
     }
 

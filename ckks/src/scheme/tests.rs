@@ -76,6 +76,28 @@ fn encrypt_decrypt_sk_and_pk_at_every_preset_degree() {
 }
 
 #[test]
+fn one_pass_encryption_matches_encode_then_encrypt() {
+    let mut f = small();
+    let v: Vec<f64> = (0..f.params.slots())
+        .map(|i| (i as f64).cos() * 3.0)
+        .collect();
+    let scale = f.params.default_scale();
+    for level in [0, 2, f.params.max_level()] {
+        let ct = f
+            .encryptor
+            .encrypt_values_sk(&f.sk, &v, scale, level)
+            .unwrap();
+        assert!(ct.is_seeded());
+        assert_eq!((ct.level(), ct.scale()), (level, scale));
+        assert!(max_err(&f.decrypt(&ct), &v) < 1e-6, "level {level}");
+    }
+    assert!(f
+        .encryptor
+        .encrypt_values_sk(&f.sk, &[1e300], scale, 0)
+        .is_err());
+}
+
+#[test]
 fn production_presets_round_trip() {
     for spec in [presets::n8192(), presets::n16384()] {
         let params = Params::new(spec).unwrap();
