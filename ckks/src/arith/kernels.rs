@@ -107,6 +107,41 @@ pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
     }
 }
 
+/// Largest number of products `dot2` may sum before reducing.
+pub const DOT_MAX_TERMS: usize = 16;
+
+/// Two inner products at once, reduced once at the end:
+/// `out0[k] = sum_j x_j[k] * b_j[k] mod t`, `out1[k] = sum_j x_j[k] * a_j[k] mod t`.
+///
+/// All inputs below 2^50, at most `DOT_MAX_TERMS` terms. This is the key-switching inner
+/// product: the extended digits `x_j` against the two halves of the key.
+pub fn dot2(
+    out0: &mut [u64],
+    out1: &mut [u64],
+    x: &[&[u64]],
+    b: &[&[u64]],
+    a: &[&[u64]],
+    t: &Modulus,
+) {
+    assert!(x.len() <= DOT_MAX_TERMS && x.len() == b.len() && x.len() == a.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
+        unsafe { ifma::dot2(out0, out1, x, b, a, t) };
+        return;
+    }
+    for k in 0..out0.len() {
+        let (mut s0, mut s1) = (0u128, 0u128);
+        for j in 0..x.len() {
+            let v = x[j][k] as u128;
+            s0 += v * b[j][k] as u128;
+            s1 += v * a[j][k] as u128;
+        }
+        out0[k] = t.reduce_u128(s0);
+        out1[k] = t.reduce_u128(s1);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod ifma {
     use super::ShoupConst;
@@ -147,6 +182,98 @@ mod ifma {
         }
         for j in k..n {
             out[j] = super::scalar_mul(x[j], c, t);
+        }
+    }
+
+    /// `hi * 2^52 + lo mod t` for lazily accumulated 52-bit halves (`hi < 2^52`,
+    /// `lo < 2^56`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    fn lanes_fold(
+        lo: __m512i,
+        hi: __m512i,
+        k: &ShoupConst,
+        one: &ShoupConst,
+        t: __m512i,
+    ) -> __m512i {
+        let mask = _mm512_set1_epi64(MASK52 as i64);
+        let hi = _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52));
+        let lo = _mm512_and_si512(lo, mask);
+        let a = lanes_mul(
+            hi,
+            _mm512_set1_epi64(k.w as i64),
+            _mm512_set1_epi64(k.w52 as i64),
+            t,
+        );
+        let b = lanes_mul(
+            lo,
+            _mm512_set1_epi64(one.w as i64),
+            _mm512_set1_epi64(one.w52 as i64),
+            t,
+        );
+        let s = _mm512_add_epi64(a, b);
+        _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma; all rows at least `out0.len()` long.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn dot2(
+        out0: &mut [u64],
+        out1: &mut [u64],
+        x: &[&[u64]],
+        b: &[&[u64]],
+        a: &[&[u64]],
+        t: &crate::arith::Modulus,
+    ) {
+        let n = out0.len();
+        let tv = t.value();
+        let k52 = ShoupConst::new(((1u128 << 52) % tv as u128) as u64, t);
+        let one = ShoupConst::new(1, t);
+        let tt = _mm512_set1_epi64(tv as i64);
+        let terms = x.len();
+        for row in x.iter().chain(b).chain(a) {
+            assert!(row.len() >= n);
+        }
+        assert!(out1.len() >= n);
+        let mut k = 0;
+        while k + 8 <= n {
+            let zero = _mm512_setzero_si512();
+            let (mut lo0, mut hi0, mut lo1, mut hi1) = (zero, zero, zero, zero);
+            for j in 0..terms {
+                // SAFETY: k + 8 <= n <= every row's length (asserted above).
+                unsafe {
+                    let v = _mm512_loadu_si512(x[j].as_ptr().add(k) as *const _);
+                    let bb = _mm512_loadu_si512(b[j].as_ptr().add(k) as *const _);
+                    let aa = _mm512_loadu_si512(a[j].as_ptr().add(k) as *const _);
+                    lo0 = _mm512_madd52lo_epu64(lo0, v, bb);
+                    hi0 = _mm512_madd52hi_epu64(hi0, v, bb);
+                    lo1 = _mm512_madd52lo_epu64(lo1, v, aa);
+                    hi1 = _mm512_madd52hi_epu64(hi1, v, aa);
+                }
+            }
+            // SAFETY: as above.
+            unsafe {
+                _mm512_storeu_si512(
+                    out0.as_mut_ptr().add(k) as *mut _,
+                    lanes_fold(lo0, hi0, &k52, &one, tt),
+                );
+                _mm512_storeu_si512(
+                    out1.as_mut_ptr().add(k) as *mut _,
+                    lanes_fold(lo1, hi1, &k52, &one, tt),
+                );
+            }
+            k += 8;
+        }
+        for kk in k..n {
+            let (mut s0, mut s1) = (0u128, 0u128);
+            for j in 0..terms {
+                let v = x[j][kk] as u128;
+                s0 += v * b[j][kk] as u128;
+                s1 += v * a[j][kk] as u128;
+            }
+            out0[kk] = t.reduce_u128(s0);
+            out1[kk] = t.reduce_u128(s1);
         }
     }
 
@@ -235,6 +362,30 @@ mod tests {
     use super::*;
     use crate::arith::ntt_primes_below;
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn dot2_matches_u128(bits in 20u32..=50, terms in 1usize..=DOT_MAX_TERMS, len in 1usize..40, seed in any::<u64>()) {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let mut state = seed;
+            let mut next = || { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); state >> 14 };
+            // Inputs below 2^50, the worst case for the lazy sums.
+            let mk = |next: &mut dyn FnMut() -> u64| -> Vec<Vec<u64>> { (0..terms).map(|_| (0..len).map(|_| next() & ((1u64 << 50) - 1)).collect()).collect() };
+            let (x, b, a) = (mk(&mut next), mk(&mut next), mk(&mut next));
+            fn r(v: &[Vec<u64>]) -> Vec<&[u64]> {
+                v.iter().map(|r| r.as_slice()).collect()
+            }
+            let (mut o0, mut o1) = (vec![0u64; len], vec![0u64; len]);
+            dot2(&mut o0, &mut o1, &r(&x), &r(&b), &r(&a), &t);
+            for k in 0..len {
+                let s0: u128 = (0..terms).map(|j| x[j][k] as u128 * b[j][k] as u128 % t.value() as u128).sum();
+                let s1: u128 = (0..terms).map(|j| x[j][k] as u128 * a[j][k] as u128 % t.value() as u128).sum();
+                prop_assert_eq!(o0[k] as u128, s0 % t.value() as u128);
+                prop_assert_eq!(o1[k] as u128, s1 % t.value() as u128);
+            }
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]

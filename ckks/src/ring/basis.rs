@@ -54,24 +54,44 @@ impl BaseConverter {
         }
     }
 
+    /// Number of source primes.
+    pub fn from_len(&self) -> usize {
+        self.from.len()
+    }
+
+    /// First step, per source prime `i`: `z_i = [x_i * (Q/q_i)^-1]_{q_i}`, in place.
+    pub fn scale_input(&self, i: usize, row: &mut [u64]) {
+        kernels::mul_const_assign(row, &self.qhat_inv[i], &self.from[i]);
+    }
+
+    /// Second step, per target prime `t`: `out = sum_i z_i * (Q/q_i mod t)` from the scaled
+    /// rows of `scale_input`. The `z_i` are below 2^50, so the kernels reduce them modulo any
+    /// target directly.
+    pub fn target_row(&self, t: usize, z: &[&[u64]], out: &mut [u64]) {
+        let (tm, coeffs) = (&self.to[t], &self.qhat_mod_to[t]);
+        kernels::mul_const(out, z[0], &coeffs[0], tm);
+        for (c, zi) in coeffs.iter().zip(z).skip(1) {
+            kernels::mul_const_acc(out, zi, c, tm);
+        }
+    }
+
     /// `input` rows are coefficient-domain residues modulo `from`; writes one row per `to`
     /// prime into `output` (rows `out_rows[k]` of `output`).
     pub fn convert(&self, input: &[&[u64]], output: &mut RnsPoly, out_rows: &[usize]) {
         debug_assert_eq!(input.len(), self.from.len());
         debug_assert_eq!(out_rows.len(), self.to.len());
-        let n = output.n();
-        // Scaled inputs z_i = [x_i * qhat_inv_i]_{q_i}, computed once for all targets. They are
-        // below 2^50, so the kernels reduce them modulo any target directly.
-        let mut z = vec![0u64; n * self.from.len()];
-        for (i, (qi, row)) in self.from.iter().zip(input).enumerate() {
-            kernels::mul_const(&mut z[i * n..(i + 1) * n], row, &self.qhat_inv[i], qi);
-        }
-        for ((t, coeffs), &r) in self.to.iter().zip(&self.qhat_mod_to).zip(out_rows) {
-            let dst = output.limb_mut(r);
-            kernels::mul_const(dst, &z[..n], &coeffs[0], t);
-            for (i, c) in coeffs.iter().enumerate().skip(1) {
-                kernels::mul_const_acc(dst, &z[i * n..(i + 1) * n], c, t);
-            }
+        let z: Vec<Vec<u64>> = input
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let mut r = row.to_vec();
+                self.scale_input(i, &mut r);
+                r
+            })
+            .collect();
+        let z: Vec<&[u64]> = z.iter().map(|r| r.as_slice()).collect();
+        for (t, &r) in out_rows.iter().enumerate() {
+            self.target_row(t, &z, output.limb_mut(r));
         }
     }
 }

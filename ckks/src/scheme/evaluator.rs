@@ -360,7 +360,9 @@ impl Evaluator {
     /// with `u0 + u1 s ~ d s'` where the key goes from `s'` to `s`.
     ///
     /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
-    /// multiply-accumulate with the key; finally divide by `P` (mod-down).
+    /// multiply-accumulate with the key; finally divide by `P` (mod-down). The work is
+    /// streamed one prime (row) at a time - the special primes first, then each ciphertext
+    /// prime from extension through mod-down - so the rows being worked on stay in cache.
     pub fn key_switch(
         &self,
         d: &RnsPoly,
@@ -371,66 +373,91 @@ impl Evaluator {
         let ring = p.ring();
         let n = p.n();
         let alpha = p.alpha();
-        let qp = p.qp_basis(level);
-        let width = qp.len();
-        let q_basis = p.q_basis(level);
-
-        let mut d_coeff = d.clone();
-        ring.inverse(&mut d_coeff, &q_basis);
-
-        let mut acc0 = RnsPoly::zero(n, width);
-        let mut acc1 = RnsPoly::zero(n, width);
-        let mut ext = RnsPoly::zero(n, width);
-        for j in 0..p.digits(level) {
-            let start = j * alpha;
-            let end = ((j + 1) * alpha).min(level + 1);
-            let from: Vec<_> = (start..end).map(|i| *ring.modulus(i)).collect();
-            let targets: Vec<usize> = (0..width).filter(|&k| k < start || k >= end).collect();
-            let to: Vec<_> = targets.iter().map(|&k| *ring.modulus(qp[k])).collect();
-            let input: Vec<&[u64]> = (start..end).map(|i| d_coeff.limb(i)).collect();
-            BaseConverter::new(&from, &to).convert(&input, &mut ext, &targets);
-            for &k in &targets {
-                ring.table(qp[k]).forward(ext.limb_mut(k));
-            }
-            for i in start..end {
-                ext.limb_mut(i).copy_from_slice(d.limb(i));
-            }
-            for (k, &r) in qp.iter().enumerate() {
-                // Key rows are laid out in prime-index order, so row `r` is prime `r`.
-                let t = ring.table(r);
-                t.mul_accumulate(acc0.limb_mut(k), ext.limb(k), key.b[j].limb(r));
-                t.mul_accumulate(acc1.limb_mut(k), ext.limb(k), key.a[j].limb(r));
-            }
-        }
-        (self.mod_down(acc0, level), self.mod_down(acc1, level))
-    }
-
-    /// `(x - ModUp_P->Q(x mod P)) / P` on `q_0..q_level`.
-    fn mod_down(&self, mut x: RnsPoly, level: usize) -> RnsPoly {
-        let p = &self.params;
-        let ring = p.ring();
         let top = p.q().len();
-        let k = p.alpha();
-        let n = p.n();
-        for j in 0..k {
-            ring.table(top + j).inverse(x.limb_mut(level + 1 + j));
+        let qp = p.qp_basis(level);
+        let digits = p.digits(level);
+        let digit_range = |j: usize| j * alpha..((j + 1) * alpha).min(level + 1);
+        let qp_moduli: Vec<_> = qp.iter().map(|&r| *ring.modulus(r)).collect();
+
+        // z: d in the coefficient domain, each row scaled for its digit's base extension.
+        let converters: Vec<BaseConverter> = (0..digits)
+            .map(|j| {
+                let from: Vec<_> = digit_range(j).map(|i| *ring.modulus(i)).collect();
+                BaseConverter::new(&from, &qp_moduli)
+            })
+            .collect();
+        let mut z = d.clone();
+        for (j, conv) in converters.iter().enumerate() {
+            for (k, i) in digit_range(j).enumerate() {
+                let row = z.limb_mut(i);
+                ring.table(i).inverse(row);
+                conv.scale_input(k, row);
+            }
         }
-        let input: Vec<&[u64]> = (0..k).map(|j| x.limb(level + 1 + j)).collect();
-        let mut conv = RnsPoly::zero(n, level + 1);
-        let rows: Vec<usize> = (0..=level).collect();
-        p.mod_down(level).convert(&input, &mut conv, &rows);
-        for i in 0..=level {
-            ring.table(i).forward(conv.limb_mut(i));
-        }
-        x.truncate(level + 1);
-        for i in 0..=level {
-            kernels::sub_mul_const(
-                x.limb_mut(i),
-                conv.limb(i),
-                &p.p_inv_mod_q()[i],
-                ring.modulus(i),
+
+        let mut ext = RnsPoly::zero(n, digits);
+        // Inner product of the extended digits with the key, for one prime (position `pos`
+        // in `qp`), into `out0`/`out1`.
+        let mut key_row = |pos: usize, out0: &mut [u64], out1: &mut [u64]| {
+            let r = qp[pos];
+            let table = ring.table(r);
+            for (j, conv) in converters.iter().enumerate() {
+                let range = digit_range(j);
+                let row = ext.limb_mut(j);
+                if range.contains(&pos) {
+                    row.copy_from_slice(d.limb(pos));
+                } else {
+                    let rows: Vec<&[u64]> = range.map(|i| z.limb(i)).collect();
+                    conv.target_row(pos, &rows, row);
+                    table.forward(row);
+                }
+            }
+            // Key rows are laid out in prime-index order, so row `r` is prime `r`.
+            let xs: Vec<&[u64]> = ext.rows().collect();
+            let bs: Vec<&[u64]> = key.b.iter().map(|k| k.limb(r)).collect();
+            let as_: Vec<&[u64]> = key.a.iter().map(|k| k.limb(r)).collect();
+            kernels::dot2(
+                out0,
+                out1,
+                &xs,
+                &bs[..digits],
+                &as_[..digits],
+                ring.modulus(r),
             );
+        };
+
+        // Special primes first, brought back to the coefficient domain and scaled for the
+        // extension P -> q_i of mod-down.
+        let kp = p.p().len();
+        let mut p0 = RnsPoly::zero(n, kp);
+        let mut p1 = RnsPoly::zero(n, kp);
+        let down = p.mod_down(level);
+        for m in 0..kp {
+            key_row(level + 1 + m, p0.limb_mut(m), p1.limb_mut(m));
+            for poly in [&mut p0, &mut p1] {
+                let row = poly.limb_mut(m);
+                ring.table(top + m).inverse(row);
+                down.scale_input(m, row);
+            }
         }
-        x
+        let p0_rows: Vec<&[u64]> = p0.rows().collect();
+        let p1_rows: Vec<&[u64]> = p1.rows().collect();
+
+        // Then each ciphertext prime: inner product, then (x - (x mod P)) / P.
+        let mut out0 = RnsPoly::zero(n, level + 1);
+        let mut out1 = RnsPoly::zero(n, level + 1);
+        let mut tmp = vec![0u64; n];
+        for k in 0..=level {
+            let (o0, o1) = (out0.limb_mut(k), out1.limb_mut(k));
+            key_row(k, o0, o1);
+            let qk = ring.modulus(k);
+            let p_inv = &p.p_inv_mod_q()[k];
+            for (o, rows) in [(o0, &p0_rows), (o1, &p1_rows)] {
+                down.target_row(k, rows, &mut tmp);
+                ring.table(k).forward(&mut tmp);
+                kernels::sub_mul_const(o, &tmp, p_inv, qk);
+            }
+        }
+        (out0, out1)
     }
 }

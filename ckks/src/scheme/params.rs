@@ -87,10 +87,14 @@ pub mod presets {
         ParamSpec::chain(14, 8, 40, 4)
     }
 
-    /// N = 32768: 17 limbs (50 + 16x40 = 690 bits, SEAL's classic 40-bit chain) and three
-    /// 50-bit special primes (6 key-switching digits); log2(QP) = 840.
+    /// N = 32768: 17 limbs (50 + 16x40 = 690 bits, SEAL's classic 40-bit chain) and four
+    /// 47-bit special primes (5 key-switching digits of at most 170 bits, below P's 188);
+    /// log2(QP) = 878 <= 881.
     pub fn n32768() -> ParamSpec {
-        ParamSpec::chain(15, 17, 40, 6)
+        ParamSpec {
+            p_bits: vec![47; 4],
+            ..ParamSpec::chain(15, 17, 40, 5)
+        }
     }
 
     /// A small chain for tests: N = 1024, 3 limbs. NOT SECURE: only
@@ -392,7 +396,7 @@ mod tests {
         }
         let p = Params::new(presets::n32768()).unwrap();
         assert_eq!(p.max_level() + 1, 17);
-        assert_eq!(p.digits(p.max_level()), 6);
+        assert_eq!(p.digits(p.max_level()), 5);
     }
 
     #[test]
