@@ -29,6 +29,11 @@ fn main() {
             "rescale" => drop(ev.rescale(&d1).unwrap()),
             "decrypt" => drop(enc.decode(&decrypt(&sk, &a).unwrap())),
             "mul" => drop(ev.mul(&a, &a).unwrap()),
+            "ntt" => {
+                let mut row = a.polys()[0].limb(1).to_vec();
+                params.ring().table(1).forward(&mut row);
+                std::hint::black_box(&row);
+            }
             other => panic!("unknown op {other}"),
         }
         best = best.min(t1.elapsed().as_secs_f64() * 1e3);

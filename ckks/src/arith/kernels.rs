@@ -107,6 +107,22 @@ pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
     }
 }
 
+/// `out[k] = sum_i x_i[k] * c_i mod t` for constants `c_i < t` and inputs below 2^50, at most
+/// `DOT_MAX_TERMS` terms, reduced once at the end: the second half of a base conversion.
+pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
+    assert!(x.len() <= DOT_MAX_TERMS && x.len() == c.len() && !x.is_empty());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
+        unsafe { ifma::dot_const(out, x, c, t) };
+        return;
+    }
+    mul_const(out, x[0], &c[0], t);
+    for (xi, ci) in x.iter().zip(c).skip(1) {
+        mul_const_acc(out, xi, ci, t);
+    }
+}
+
 /// Largest number of products `dot2` may sum before reducing.
 pub const DOT_MAX_TERMS: usize = 16;
 
@@ -213,6 +229,52 @@ mod ifma {
         );
         let s = _mm512_add_epi64(a, b);
         _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn dot_const(
+        out: &mut [u64],
+        x: &[&[u64]],
+        c: &[ShoupConst],
+        t: &crate::arith::Modulus,
+    ) {
+        let n = out.len();
+        for row in x {
+            assert!(row.len() >= n);
+        }
+        let tv = t.value();
+        let k52 = ShoupConst::new(((1u128 << 52) % tv as u128) as u64, t);
+        let one = ShoupConst::new(1, t);
+        let tt = _mm512_set1_epi64(tv as i64);
+        let ws: Vec<__m512i> = c.iter().map(|ci| _mm512_set1_epi64(ci.w as i64)).collect();
+        let mut k = 0;
+        while k + 8 <= n {
+            let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for (row, &w) in x.iter().zip(&ws) {
+                // SAFETY: k + 8 <= n <= every row's length (asserted above).
+                let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(k) as *const _) };
+                lo = _mm512_madd52lo_epu64(lo, v, w);
+                hi = _mm512_madd52hi_epu64(hi, v, w);
+            }
+            // SAFETY: as above.
+            unsafe {
+                _mm512_storeu_si512(
+                    out.as_mut_ptr().add(k) as *mut _,
+                    lanes_fold(lo, hi, &k52, &one, tt),
+                )
+            };
+            k += 8;
+        }
+        for kk in k..n {
+            let s: u128 = x
+                .iter()
+                .zip(c)
+                .map(|(row, ci)| row[kk] as u128 * ci.w as u128)
+                .sum();
+            out[kk] = t.reduce_u128(s);
+        }
     }
 
     /// # Safety
@@ -401,6 +463,14 @@ mod tests {
             let mut out = vec![0u64; x.len()];
             mul_const(&mut out, &x, &c, &t);
             prop_assert_eq!(&out, &want);
+            let mut dotted = vec![0u64; x.len()];
+            let masked: Vec<u64> = x.iter().map(|v| v & ((1u64 << 50) - 1)).collect();
+            let c2 = ShoupConst::new((w / 3 + 1) % tv, &t);
+            dot_const(&mut dotted, &[&masked, &masked], &[c, c2], &t);
+            for (k, &v) in masked.iter().enumerate() {
+                let want = (v as u128 * w as u128 + v as u128 * c2.w as u128) % tv as u128;
+                prop_assert_eq!(dotted[k] as u128, want);
+            }
             let mut inplace = x.clone();
             mul_const_assign(&mut inplace, &c, &t);
             prop_assert_eq!(&inplace, &want);

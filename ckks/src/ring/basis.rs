@@ -68,11 +68,7 @@ impl BaseConverter {
     /// rows of `scale_input`. The `z_i` are below 2^50, so the kernels reduce them modulo any
     /// target directly.
     pub fn target_row(&self, t: usize, z: &[&[u64]], out: &mut [u64]) {
-        let (tm, coeffs) = (&self.to[t], &self.qhat_mod_to[t]);
-        kernels::mul_const(out, z[0], &coeffs[0], tm);
-        for (c, zi) in coeffs.iter().zip(z).skip(1) {
-            kernels::mul_const_acc(out, zi, c, tm);
-        }
+        kernels::dot_const(out, z, &self.qhat_mod_to[t], &self.to[t]);
     }
 
     /// `input` rows are coefficient-domain residues modulo `from`; writes one row per `to`

@@ -403,17 +403,24 @@ impl Evaluator {
             let table = ring.table(r);
             for (j, conv) in converters.iter().enumerate() {
                 let range = digit_range(j);
-                let row = ext.limb_mut(j);
-                if range.contains(&pos) {
-                    row.copy_from_slice(d.limb(pos));
-                } else {
+                if !range.contains(&pos) {
                     let rows: Vec<&[u64]> = range.map(|i| z.limb(i)).collect();
+                    let row = ext.limb_mut(j);
                     conv.target_row(pos, &rows, row);
                     table.forward(row);
                 }
             }
+            // Inside its own digit a prime needs no extension: use d's row as it is.
+            let xs: Vec<&[u64]> = (0..digits)
+                .map(|j| {
+                    if digit_range(j).contains(&pos) {
+                        d.limb(pos)
+                    } else {
+                        ext.limb(j)
+                    }
+                })
+                .collect();
             // Key rows are laid out in prime-index order, so row `r` is prime `r`.
-            let xs: Vec<&[u64]> = ext.rows().collect();
             let bs: Vec<&[u64]> = key.b.iter().map(|k| k.limb(r)).collect();
             let as_: Vec<&[u64]> = key.a.iter().map(|k| k.limb(r)).collect();
             kernels::dot2(
