@@ -122,6 +122,9 @@ struct TrainArgs {
     temperature: f64,
     #[arg(long, default_value_t = 5.0)]
     checkpoint_minutes: f64,
+    /// Images for end-of-epoch batch-norm re-estimation of polynomial nets (0 = off).
+    #[arg(long, default_value_t = 1000)]
+    bn_calibration_images: usize,
 }
 
 fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
@@ -199,6 +202,11 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
             .or_else(|| if distill { a.teacher.clone() } else { None }),
         poly_fit_images: 2000,
         checkpoint_minutes: a.checkpoint_minutes,
+        bn_calibration_images: if a.act == ActKind::Relu {
+            0
+        } else {
+            a.bn_calibration_images
+        },
     }
 }
 

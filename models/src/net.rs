@@ -146,6 +146,10 @@ pub struct Net {
     pub act: ActKind,
     pub vars: BTreeMap<String, Var>,
     pub buffers: BTreeMap<String, Tensor>,
+    /// While set, eval-mode forward passes replace each batch norm's running statistics by
+    /// the statistics of the current batch, layer by layer ("precise BN"); see
+    /// [`Net::recalibrate_bn`].
+    pub calibrating: bool,
 }
 
 /// Seeded standard normal samples (candle's CPU RNG cannot be seeded).
@@ -215,6 +219,7 @@ impl Net {
             act,
             vars,
             buffers,
+            calibrating: false,
         })
     }
 
@@ -342,6 +347,12 @@ impl Net {
         let (mk, vk) = (format!("{name}.bn.mean"), format!("{name}.bn.var"));
         let shape = x.shape().clone();
         let flat = x.reshape(((), c))?;
+        if self.calibrating && !train {
+            let mean = flat.mean_keepdim(0)?;
+            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            self.buffers.insert(mk.clone(), mean.flatten_all()?);
+            self.buffers.insert(vk.clone(), var.flatten_all()?);
+        }
         let (mean, var) = if train {
             let mean = flat.mean_keepdim(0)?;
             let centered = flat.broadcast_sub(&mean)?;
@@ -367,6 +378,17 @@ impl Net {
             .broadcast_mul(&gamma)?
             .broadcast_add(&beta)?;
         y.reshape(shape)
+    }
+
+    /// Re-estimates every batch norm's statistics in eval mode on one large batch (NHWC),
+    /// each layer seeing the outputs of the already re-estimated layers before it. Training
+    /// normalizes with batch statistics, and stacked quadratics amplify the difference to
+    /// running averages; after this, eval mode matches the data it was calibrated on.
+    pub fn recalibrate_bn(&mut self, x: &Tensor) -> Result<()> {
+        self.calibrating = true;
+        let r = self.forward(x, false, None);
+        self.calibrating = false;
+        r.map(|_| ())
     }
 
     /// All named tensors (vars and buffers), for checkpoints and export.
@@ -430,6 +452,36 @@ mod tests {
             conv2: 6,
             conv3: 5,
         }
+    }
+
+    /// After re-estimation on a batch, eval mode on that batch equals train mode on it.
+    #[test]
+    fn recalibrated_eval_mode_matches_batch_statistics() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut net = Net::new(small_arch(), ActKind::Element, 4, &dev)?;
+        let x = Tensor::from_vec(
+            normal_vec(&mut ChaCha8Rng::seed_from_u64(2), 6 * 8 * 8 * 3, 1.0),
+            (6, 8, 8, 3),
+            &dev,
+        )?;
+        let train_out = net.forward(&x, true, None)?;
+        let before = net.forward(&x, false, None)?;
+        net.recalibrate_bn(&x)?;
+        let after = net.forward(&x, false, None)?;
+        let d_after = (&after - &train_out)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let d_before = (&before - &train_out)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d_after < 1e-3, "after calibration {d_after}");
+        assert!(
+            d_before > 1e-2,
+            "the test needs a visible mismatch first ({d_before})"
+        );
+        Ok(())
     }
 
     /// The fused training kernels must match the plain candle-op path, values and gradients.

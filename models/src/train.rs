@@ -49,6 +49,9 @@ pub struct TrainConfig {
     /// Images used to fit the initial polynomials to ReLU.
     pub poly_fit_images: usize,
     pub checkpoint_minutes: f64,
+    /// Images for the end-of-epoch batch-norm re-estimation (0 = off; used for polynomials).
+    #[serde(default)]
+    pub bn_calibration_images: usize,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -443,6 +446,7 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
             let set = net.load_from(&teacher.tensors().into_iter().collect())?;
             eprintln!("initialised {} tensors from {}", set.len(), src.display());
             fit_polys_to_relu(&mut net, &train, &spec, cfg.poly_fit_images, &dev)?;
+            calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     }
@@ -546,6 +550,7 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
             }
         }
         pb.finish_and_clear();
+        calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         let v = evaluate(&mut net, &val, &spec, &dev)?;
         state.epoch += 1;
         state.step = 0;
@@ -574,6 +579,31 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
         last_ckpt = Instant::now();
     }
     Ok(state)
+}
+
+/// Batch-norm re-estimation on `images` training images spread over the split (no augmentation).
+pub fn calibrate(
+    net: &mut Net,
+    train: &Dataset,
+    spec: &InputSpec,
+    images: usize,
+    dev: &Device,
+) -> Result<()> {
+    if images == 0 {
+        return Ok(());
+    }
+    let n = images.min(train.len());
+    let idx: Vec<usize> = (0..n).map(|i| i * train.len() / n).collect();
+    let (x, _) = make_batch(
+        train,
+        &idx,
+        &Augment::none(),
+        spec,
+        &mut ChaCha8Rng::seed_from_u64(2),
+        dev,
+    )?;
+    net.recalibrate_bn(&x)?;
+    Ok(())
 }
 
 fn sgd_nesterov_step(
