@@ -60,15 +60,29 @@ fn median_ms<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 
 pub fn spec_for(n: usize, limbs: Option<usize>, digits: Option<usize>) -> Result<ParamSpec> {
     let preset = presets::for_n(n).with_context(|| format!("no preset for N = {n}"))?;
-    if limbs.is_none() && digits.is_none() {
-        return Ok(preset);
-    }
     let limbs = limbs.unwrap_or(preset.q_bits.len());
-    let digits = digits.unwrap_or_else(|| limbs.div_ceil(preset.p_bits.len()));
     if limbs == 0 {
         bail!("--limbs must be at least 1");
     }
-    Ok(ParamSpec::chain(n.trailing_zeros(), limbs, 40, digits))
+    let preset_digits = preset.q_bits.len().div_ceil(preset.p_bits.len());
+    if limbs == preset.q_bits.len() && digits.is_none_or(|d| d == preset_digits) {
+        return Ok(preset);
+    }
+    let digits = digits.unwrap_or(preset_digits);
+    let mut spec = ParamSpec::chain(n.trailing_zeros(), limbs, 40, digits);
+    // Special primes as large as the 128-bit budget allows (at most 50 bits each).
+    let bound = beaa_ckks::max_log_qp_128(spec.log_n).unwrap_or(0);
+    let log_q: u32 = spec.q_bits.iter().sum();
+    let alpha = spec.p_bits.len() as u32;
+    let p_bits = (bound.saturating_sub(log_q) / alpha).min(50);
+    if p_bits < 40 {
+        bail!(
+            "{limbs} limbs with {digits} digits leave {p_bits}-bit special primes in the 128-bit \
+             budget of {bound} bits; use fewer limbs or more digits"
+        );
+    }
+    spec.p_bits = vec![p_bits; alpha as usize];
+    Ok(spec)
 }
 
 pub fn run(args: &CkksBenchArgs) -> Result<()> {

@@ -129,8 +129,8 @@ pub const DOT_MAX_TERMS: usize = 16;
 /// Two inner products at once, reduced once at the end:
 /// `out0[k] = sum_j x_j[k] * b_j[k] mod t`, `out1[k] = sum_j x_j[k] * a_j[k] mod t`.
 ///
-/// All inputs below 2^50, at most `DOT_MAX_TERMS` terms. This is the key-switching inner
-/// product: the extended digits `x_j` against the two halves of the key.
+/// All inputs below 2^50. This is the key-switching inner product: the extended digits `x_j`
+/// against the two halves of the key. Sums are reduced once per `DOT_MAX_TERMS` terms.
 pub fn dot2(
     out0: &mut [u64],
     out1: &mut [u64],
@@ -139,7 +139,29 @@ pub fn dot2(
     a: &[&[u64]],
     t: &Modulus,
 ) {
-    assert!(x.len() <= DOT_MAX_TERMS && x.len() == b.len() && x.len() == a.len());
+    assert!(!x.is_empty() && x.len() == b.len() && x.len() == a.len());
+    let first = x.len().min(DOT_MAX_TERMS);
+    dot2_chunk(out0, out1, &x[..first], &b[..first], &a[..first], t);
+    if x.len() > first {
+        let (mut r0, mut r1) = (vec![0u64; out0.len()], vec![0u64; out1.len()]);
+        dot2(&mut r0, &mut r1, &x[first..], &b[first..], &a[first..], t);
+        let tv = t.value();
+        for (o, r) in out0.iter_mut().zip(&r0).chain(out1.iter_mut().zip(&r1)) {
+            let s = *o + r;
+            *o = if s >= tv { s - tv } else { s };
+        }
+    }
+}
+
+fn dot2_chunk(
+    out0: &mut [u64],
+    out1: &mut [u64],
+    x: &[&[u64]],
+    b: &[&[u64]],
+    a: &[&[u64]],
+    t: &Modulus,
+) {
+    debug_assert!(x.len() <= DOT_MAX_TERMS);
     #[cfg(target_arch = "x86_64")]
     if has_ifma() {
         // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
@@ -428,7 +450,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
-        fn dot2_matches_u128(bits in 20u32..=50, terms in 1usize..=DOT_MAX_TERMS, len in 1usize..40, seed in any::<u64>()) {
+        fn dot2_matches_u128(bits in 20u32..=50, terms in 1usize..=2 * DOT_MAX_TERMS + 3, len in 1usize..40, seed in any::<u64>()) {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let mut state = seed;
             let mut next = || { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); state >> 14 };

@@ -207,10 +207,12 @@ impl Params {
         if spec.q_bits.is_empty() || spec.q_bits.len() > 64 {
             return Err(Error::InvalidParams("need 1..=64 ciphertext primes".into()));
         }
-        if spec.p_bits.is_empty() || spec.p_bits.len() > spec.q_bits.len() {
-            return Err(Error::InvalidParams(
-                "need between 1 and L+1 special primes".into(),
-            ));
+        // Base conversion from the special primes sums up to DOT_MAX_TERMS lazy products.
+        let max_special = spec.q_bits.len().min(crate::arith::kernels::DOT_MAX_TERMS);
+        if spec.p_bits.is_empty() || spec.p_bits.len() > max_special {
+            return Err(Error::InvalidParams(format!(
+                "need between 1 and {max_special} special primes"
+            )));
         }
         for &b in spec.q_bits.iter().chain(&spec.p_bits) {
             if !(17..=MAX_MODULUS_BITS).contains(&b) {
