@@ -76,8 +76,10 @@ impl InputSpec {
     }
 }
 
+pub mod eval;
 pub mod graph;
 pub mod testing;
+pub use testing::measure_ranges;
 
 pub use graph::{Activation, Node, Op, SqueezeNetSpec};
 use std::collections::BTreeMap;
