@@ -27,6 +27,11 @@ fn main() {
         match op {
             "relin" => drop(ev.relinearize(&d2, &rlk).unwrap()),
             "rescale" => drop(ev.rescale(&d1).unwrap()),
+            "mrr" => {
+                let mut c = ev.mul(&a, &a).unwrap();
+                ev.relinearize_rescale_assign(&mut c, &rlk).unwrap();
+                drop(c)
+            }
             "decrypt" => drop(enc.decode(&decrypt(&sk, &a).unwrap())),
             "mul" => drop(ev.mul(&a, &a).unwrap()),
             "ntt" => {

@@ -238,10 +238,15 @@ impl Evaluator {
             return Err(Error::WrongDegree(a.degree(), 2));
         }
         let d2 = a.polys.pop().expect("degree 2");
-        let (u0, u1) = self.key_switch(&d2, a.level, &rlk.0);
-        let basis = self.params.q_basis(a.level);
-        self.params.ring().add_assign(&mut a.polys[0], &u0, &basis);
-        self.params.ring().add_assign(&mut a.polys[1], &u1, &basis);
+        let (o0, o1) = self.key_switch_core(
+            &d2,
+            a.level,
+            &rlk.0,
+            Some([&a.polys[0], &a.polys[1]]),
+            false,
+        );
+        a.polys = vec![o0, o1];
+        a.seed = None;
         Ok(())
     }
 
@@ -358,22 +363,58 @@ impl Evaluator {
 
     /// Hybrid key switching of `d` (evaluation domain on `q_0..q_level`): returns `(u0, u1)`
     /// with `u0 + u1 s ~ d s'` where the key goes from `s'` to `s`.
-    ///
-    /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
-    /// multiply-accumulate with the key; finally divide by `P` (mod-down). The work is
-    /// streamed one prime (row) at a time - the special primes first, then each ciphertext
-    /// prime from extension through mod-down - so the rows being worked on stay in cache.
     pub fn key_switch(
         &self,
         d: &RnsPoly,
         level: usize,
         key: &KeySwitchingKey,
     ) -> (RnsPoly, RnsPoly) {
+        self.key_switch_core(d, level, key, None, false)
+    }
+
+    /// Relinearizes and rescales in one pass: the mod-down divides by `P * q_level` at once,
+    /// so the rescale costs no transforms of its own. Same result as `relinearize_assign`
+    /// followed by `rescale_assign`, up to rounding noise.
+    pub fn relinearize_rescale_assign(&self, a: &mut Ciphertext, rlk: &RelinKey) -> Result<()> {
+        self.check(a)?;
+        if rlk.params() != &self.params {
+            return Err(Error::ParamsMismatch);
+        }
+        if a.degree() != 2 {
+            return Err(Error::WrongDegree(a.degree(), 2));
+        }
+        if a.level == 0 {
+            return Err(Error::LevelTooLow { needed: 1, have: 0 });
+        }
+        let l = a.level;
+        let d2 = a.polys.pop().expect("degree 2");
+        let (o0, o1) = self.key_switch_core(&d2, l, &rlk.0, Some([&a.polys[0], &a.polys[1]]), true);
+        a.polys = vec![o0, o1];
+        a.level = l - 1;
+        a.scale /= self.params.q()[l] as f64;
+        a.seed = None;
+        Ok(())
+    }
+
+    /// Key switching, optionally adding `(c0, c1)` to the result before the final division
+    /// (as `P * c`, so it costs no extra pass) and optionally dividing by the top prime too.
+    ///
+    /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
+    /// and the inner product with the key; finally divide by `P` (mod-down). The work is
+    /// streamed one prime (row) at a time - the dividing primes first, then each remaining
+    /// ciphertext prime from extension through mod-down - so the rows stay in cache.
+    fn key_switch_core(
+        &self,
+        d: &RnsPoly,
+        level: usize,
+        key: &KeySwitchingKey,
+        add: Option<[&RnsPoly; 2]>,
+        rescale: bool,
+    ) -> (RnsPoly, RnsPoly) {
         let p = &self.params;
         let ring = p.ring();
         let n = p.n();
         let alpha = p.alpha();
-        let top = p.q().len();
         let qp = p.qp_basis(level);
         let digits = p.digits(level);
         let digit_range = |j: usize| j * alpha..((j + 1) * alpha).min(level + 1);
@@ -396,8 +437,8 @@ impl Evaluator {
         }
 
         let mut ext = RnsPoly::zero(n, digits);
-        // Inner product of the extended digits with the key, for one prime (position `pos`
-        // in `qp`), into `out0`/`out1`.
+        // Inner product of the extended digits with the key for one prime (position `pos`
+        // in `qp`), plus `P * c` when asked, into `out0`/`out1`.
         let mut key_row = |pos: usize, out0: &mut [u64], out1: &mut [u64]| {
             let r = qp[pos];
             let table = ring.table(r);
@@ -423,46 +464,55 @@ impl Evaluator {
             // Key rows are laid out in prime-index order, so row `r` is prime `r`.
             let bs: Vec<&[u64]> = key.b.iter().map(|k| k.limb(r)).collect();
             let as_: Vec<&[u64]> = key.a.iter().map(|k| k.limb(r)).collect();
-            kernels::dot2(
-                out0,
-                out1,
-                &xs,
-                &bs[..digits],
-                &as_[..digits],
-                ring.modulus(r),
-            );
+            let m = ring.modulus(r);
+            kernels::dot2(out0, out1, &xs, &bs[..digits], &as_[..digits], m);
+            // P * c vanishes modulo the special primes.
+            if let (Some([c0, c1]), true) = (add, pos <= level) {
+                let pc = ShoupConst::new(p.p_mod_q()[pos], m);
+                kernels::mul_const_acc(out0, c0.limb(pos), &pc, m);
+                kernels::mul_const_acc(out1, c1.limb(pos), &pc, m);
+            }
         };
 
-        // Special primes first, brought back to the coefficient domain and scaled for the
-        // extension P -> q_i of mod-down.
-        let kp = p.p().len();
-        let mut p0 = RnsPoly::zero(n, kp);
-        let mut p1 = RnsPoly::zero(n, kp);
-        let down = p.mod_down(level);
-        for m in 0..kp {
-            key_row(level + 1 + m, p0.limb_mut(m), p1.limb_mut(m));
+        // The dividing primes: P, and q_level when rescaling. Their rows go back to the
+        // coefficient domain, scaled for the extension to the remaining primes.
+        let out_level = if rescale { level - 1 } else { level };
+        let dividing: Vec<usize> = (level + 1..qp.len())
+            .chain(rescale.then_some(level))
+            .collect();
+        let div_moduli: Vec<_> = dividing.iter().map(|&pos| qp_moduli[pos]).collect();
+        let down = BaseConverter::new(&div_moduli, &qp_moduli[..=out_level]);
+        let mut p0 = RnsPoly::zero(n, dividing.len());
+        let mut p1 = RnsPoly::zero(n, dividing.len());
+        for (m, &pos) in dividing.iter().enumerate() {
+            key_row(pos, p0.limb_mut(m), p1.limb_mut(m));
             for poly in [&mut p0, &mut p1] {
                 let row = poly.limb_mut(m);
-                ring.table(top + m).inverse(row);
+                ring.table(qp[pos]).inverse(row);
                 down.scale_input(m, row);
             }
         }
         let p0_rows: Vec<&[u64]> = p0.rows().collect();
         let p1_rows: Vec<&[u64]> = p1.rows().collect();
 
-        // Then each ciphertext prime: inner product, then (x - (x mod P)) / P.
-        let mut out0 = RnsPoly::zero(n, level + 1);
-        let mut out1 = RnsPoly::zero(n, level + 1);
+        // Then each remaining prime: inner product, then (x - (x mod D)) / D.
+        let mut out0 = RnsPoly::zero(n, out_level + 1);
+        let mut out1 = RnsPoly::zero(n, out_level + 1);
         let mut tmp = vec![0u64; n];
-        for k in 0..=level {
+        for k in 0..=out_level {
             let (o0, o1) = (out0.limb_mut(k), out1.limb_mut(k));
             key_row(k, o0, o1);
             let qk = ring.modulus(k);
-            let p_inv = &p.p_inv_mod_q()[k];
+            let inv = if rescale {
+                let w = qk.mul(p.p_inv_mod_q()[k].w, p.rescale_inv(level)[k].w);
+                ShoupConst::new(w, qk)
+            } else {
+                p.p_inv_mod_q()[k]
+            };
             for (o, rows) in [(o0, &p0_rows), (o1, &p1_rows)] {
                 down.target_row(k, rows, &mut tmp);
                 ring.table(k).forward(&mut tmp);
-                kernels::sub_mul_const(o, &tmp, p_inv, qk);
+                kernels::sub_mul_const(o, &tmp, &inv, qk);
             }
         }
         (out0, out1)

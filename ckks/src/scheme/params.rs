@@ -3,7 +3,7 @@
 
 use crate::arith::{ntt_primes_below, Modulus, ShoupConst, MAX_MODULUS_BITS};
 use crate::error::{Error, Result};
-use crate::ring::{BaseConverter, RingContext};
+use crate::ring::RingContext;
 use crate::scheme::encoder::EncoderTables;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -147,8 +147,6 @@ struct Inner {
     p_mod_q: Vec<u64>,
     /// `[i]`: `P^-1 mod q_i`.
     p_inv_mod_q: Vec<ShoupConst>,
-    /// `[l]`: conversion from the special primes to `q_0..q_l`.
-    mod_down: Vec<BaseConverter>,
 }
 
 impl std::fmt::Debug for Params {
@@ -252,7 +250,6 @@ impl Params {
             .ok_or_else(|| Error::InvalidParams("no NTT for some prime".into()))?;
 
         let qm: Vec<Modulus> = q.iter().map(|&v| Modulus::new(v).unwrap()).collect();
-        let pm: Vec<Modulus> = p.iter().map(|&v| Modulus::new(v).unwrap()).collect();
         let rescale_inv = (0..q.len())
             .map(|l| {
                 (0..l)
@@ -268,9 +265,6 @@ impl Params {
             .iter()
             .zip(&p_mod_q)
             .map(|(qi, &pm)| ShoupConst::new(qi.inv(pm).expect("distinct primes"), qi))
-            .collect();
-        let mod_down = (0..q.len())
-            .map(|l| BaseConverter::new(&pm, &qm[..=l]))
             .collect();
 
         let mut h = Sha256::new();
@@ -298,7 +292,6 @@ impl Params {
             rescale_inv,
             p_mod_q,
             p_inv_mod_q,
-            mod_down,
         })))
     }
 
@@ -355,9 +348,6 @@ impl Params {
     }
     pub(crate) fn p_inv_mod_q(&self) -> &[ShoupConst] {
         &self.0.p_inv_mod_q
-    }
-    pub(crate) fn mod_down(&self, level: usize) -> &BaseConverter {
-        &self.0.mod_down[level]
     }
 
     /// log2 of the product of the ciphertext primes up to `level`.

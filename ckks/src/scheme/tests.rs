@@ -173,6 +173,11 @@ proptest! {
         f.ev.rescale_assign(&mut r).unwrap();
         prop_assert_eq!(r.level(), f.params.max_level() - 1);
         prop_assert!(max_err(&f.decrypt(&r)[..128], &want) < 1e-5);
+        let mut fused = d2.clone();
+        f.ev.relinearize_rescale_assign(&mut fused, &f.rlk).unwrap();
+        prop_assert_eq!(fused.level(), r.level());
+        prop_assert!((fused.scale() / r.scale() - 1.0).abs() < 1e-12);
+        prop_assert!(max_err(&f.decrypt(&fused)[..128], &want) < 1e-5);
         let sq = f.ev.relinearize(&f.ev.square(&ca).unwrap(), &f.rlk).unwrap();
         let want_sq: Vec<f64> = a.iter().map(|x| x * x).collect();
         prop_assert!(max_err(&f.decrypt(&sq)[..128], &want_sq) < 1e-5);
@@ -202,8 +207,13 @@ fn chain_uses_every_level() {
     let mut want = v.clone();
     while ct.level() > 0 {
         let mut sq = f.ev.square(&ct).unwrap();
-        f.ev.relinearize_assign(&mut sq, &f.rlk).unwrap();
-        f.ev.rescale_assign(&mut sq).unwrap();
+        // Alternate the fused and the separate path.
+        if ct.level().is_multiple_of(2) {
+            f.ev.relinearize_rescale_assign(&mut sq, &f.rlk).unwrap();
+        } else {
+            f.ev.relinearize_assign(&mut sq, &f.rlk).unwrap();
+            f.ev.rescale_assign(&mut sq).unwrap();
+        }
         // Bring the scale back near 2^40 exactly as a planner would: it is tracked exactly.
         ct = sq;
         for w in want.iter_mut() {
