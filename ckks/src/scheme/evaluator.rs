@@ -302,6 +302,20 @@ impl Evaluator {
         Ok(())
     }
 
+    /// Rescales by the top `count` primes, one after another.
+    pub fn rescale_by_assign(&self, a: &mut Ciphertext, count: usize) -> Result<()> {
+        if count > a.level {
+            return Err(Error::LevelTooLow {
+                needed: count,
+                have: a.level,
+            });
+        }
+        for _ in 0..count {
+            self.rescale_assign(a)?;
+        }
+        Ok(())
+    }
+
     pub fn rescale(&self, a: &Ciphertext) -> Result<Ciphertext> {
         let mut out = a.clone();
         self.rescale_assign(&mut out)?;

@@ -99,7 +99,7 @@ fn one_pass_encryption_matches_encode_then_encrypt() {
 
 #[test]
 fn production_presets_round_trip() {
-    for spec in [presets::n8192(), presets::n16384()] {
+    for spec in [presets::n8192(), presets::n16384(), presets::n32768()] {
         let params = Params::new(spec).unwrap();
         let mut kg = KeyGenerator::new(&params);
         let sk = kg.secret_key();
@@ -111,7 +111,32 @@ fn production_presets_round_trip() {
         let ct = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
         let back = enc.decode(&decrypt(&sk, &ct).unwrap());
         assert!(max_err(&back, &v) < 1e-6);
+        // One multiplication at the top level, relinearized and rescaled in one pass.
+        let rlk = kg.relin_key(&sk);
+        let ev = Evaluator::new(&params);
+        let mut sq = ev.mul(&ct, &ct).unwrap();
+        ev.relinearize_rescale_assign(&mut sq, &rlk).unwrap();
+        let back = enc.decode(&decrypt(&sk, &sq).unwrap());
+        let want: Vec<f64> = v.iter().map(|x| x * x).collect();
+        assert!(max_err(&back, &want) < 1e-5, "N = {}", params.n());
     }
+}
+
+#[test]
+fn rescale_by_several_primes() {
+    let mut f = small();
+    let v = [1.5, -2.0, 0.25];
+    let mut ct = f.encrypt(&v);
+    let q = f.params.q().to_vec();
+    let top = ct.level();
+    // Multiply by q_top * q_(top-1) / 2^0 as two integer steps, then drop both primes.
+    f.ev.mul_const_assign(&mut ct, 1.0, q[top] as f64).unwrap();
+    f.ev.mul_const_assign(&mut ct, 1.0, q[top - 1] as f64)
+        .unwrap();
+    f.ev.rescale_by_assign(&mut ct, 2).unwrap();
+    assert_eq!(ct.level(), top - 2);
+    assert!(max_err(&f.decrypt(&ct)[..3], &v) < 1e-6);
+    assert!(f.ev.rescale_by_assign(&mut ct, top).is_err());
 }
 
 proptest! {
