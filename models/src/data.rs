@@ -144,7 +144,7 @@ pub fn split(
             groups.sort();
             groups.dedup();
             let mut val_groups = std::collections::BTreeSet::new();
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5b1_17);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0005_b117);
             for c in 0..ds.classes.len() as u32 {
                 let mut gs: Vec<&String> = groups
                     .iter()

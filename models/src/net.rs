@@ -137,6 +137,9 @@ impl UnitSpec {
     }
 }
 
+/// Sees each activation's input (NHWC) by unit name during a forward pass.
+pub type Observer<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
+
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
 
@@ -236,7 +239,7 @@ impl Net {
         &mut self,
         x: &Tensor,
         train: bool,
-        mut observe: Option<&mut dyn FnMut(&str, &Tensor) -> Result<()>>,
+        mut observe: Option<Observer<'_>>,
     ) -> Result<Tensor> {
         let units = self.arch.units();
         let mut run = |net: &mut Net, name: &str, x: &Tensor| -> Result<Tensor> {

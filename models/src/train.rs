@@ -354,14 +354,14 @@ pub fn fit_polys_to_relu(
             _ => h * w * c,
         };
         let mut g = vec![[0f64; 8]; groups];
-        for e in 0..h * w * c {
-            let gi = match act {
-                ActKind::Layer => 0,
-                ActKind::Channel => e % c,
-                _ => e,
-            };
-            for k in 0..8 {
-                g[gi][k] += vals[k][e];
+        let group_of = |e: usize| match act {
+            ActKind::Layer => 0,
+            ActKind::Channel => e % c,
+            _ => e,
+        };
+        for (k, vk) in vals.iter().enumerate() {
+            for (e, v) in vk.iter().enumerate() {
+                g[group_of(e)][k] += v;
             }
         }
         let mut coef = [vec![0f32; groups], vec![0f32; groups], vec![0f32; groups]];
