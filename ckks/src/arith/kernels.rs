@@ -199,30 +199,6 @@ mod ifma {
         _mm512_min_epu64(r, _mm512_sub_epi64(r, t))
     }
 
-    /// # Safety
-    /// Needs avx512f and avx512ifma.
-    #[target_feature(enable = "avx512f,avx512ifma")]
-    pub unsafe fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
-        let n = out.len().min(x.len());
-        let (w, w52, tv) = (
-            _mm512_set1_epi64(c.w as i64),
-            _mm512_set1_epi64(c.w52 as i64),
-            _mm512_set1_epi64(t as i64),
-        );
-        let mut k = 0;
-        while k + 8 <= n {
-            // SAFETY: k + 8 <= n bounds both slices; unaligned loads/stores.
-            unsafe {
-                let v = _mm512_loadu_si512(x.as_ptr().add(k) as *const _);
-                _mm512_storeu_si512(out.as_mut_ptr().add(k) as *mut _, lanes_mul(v, w, w52, tv));
-            }
-            k += 8;
-        }
-        for j in k..n {
-            out[j] = super::scalar_mul(x[j], c, t);
-        }
-    }
-
     /// `hi * 2^52 + lo mod t` for lazily accumulated 52-bit halves (`hi < 2^52`,
     /// `lo < 2^56`).
     #[inline]
@@ -361,16 +337,53 @@ mod ifma {
         }
     }
 
+    /// Runs `f(dst block, src block)` over whole 8-lane blocks, storing into `dst`; returns
+    /// where the scalar tail starts.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zip_blocks(dst: &mut [u64], src: &[u64], f: impl Fn(__m512i, __m512i) -> __m512i) -> usize {
+        let n = dst.len().min(src.len());
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n bounds both slices; unaligned loads and stores.
+            unsafe {
+                let d = _mm512_loadu_si512(dst.as_ptr().add(k) as *const _);
+                let s = _mm512_loadu_si512(src.as_ptr().add(k) as *const _);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(k) as *mut _, f(d, s));
+            }
+            k += 8;
+        }
+        k
+    }
+
+    /// The broadcast constants of `lanes_mul`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn splat(c: &ShoupConst, t: u64) -> (__m512i, __m512i, __m512i) {
+        (
+            _mm512_set1_epi64(c.w as i64),
+            _mm512_set1_epi64(c.w52 as i64),
+            _mm512_set1_epi64(t as i64),
+        )
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
+        let (w, w52, tv) = splat(c, t);
+        let k = zip_blocks(out, x, |_, v| lanes_mul(v, w, w52, tv));
+        for (o, &v) in out[k..].iter_mut().zip(&x[k..]) {
+            *o = super::scalar_mul(v, c, t);
+        }
+    }
+
     /// # Safety
     /// Needs avx512f and avx512ifma.
     #[target_feature(enable = "avx512f,avx512ifma")]
     pub unsafe fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: u64) {
+        let (w, w52, tv) = splat(c, t);
         let n = x.len();
-        let (w, w52, tv) = (
-            _mm512_set1_epi64(c.w as i64),
-            _mm512_set1_epi64(c.w52 as i64),
-            _mm512_set1_epi64(t as i64),
-        );
         let mut k = 0;
         while k + 8 <= n {
             // SAFETY: k + 8 <= n bounds the slice.
@@ -390,27 +403,14 @@ mod ifma {
     /// Needs avx512f and avx512ifma.
     #[target_feature(enable = "avx512f,avx512ifma")]
     pub unsafe fn mul_const_acc(acc: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
-        let n = acc.len().min(x.len());
-        let (w, w52, tv) = (
-            _mm512_set1_epi64(c.w as i64),
-            _mm512_set1_epi64(c.w52 as i64),
-            _mm512_set1_epi64(t as i64),
-        );
-        let mut k = 0;
-        while k + 8 <= n {
-            // SAFETY: k + 8 <= n bounds both slices.
-            unsafe {
-                let v = _mm512_loadu_si512(x.as_ptr().add(k) as *const _);
-                let a = _mm512_loadu_si512(acc.as_ptr().add(k) as *const _);
-                let s = _mm512_add_epi64(a, lanes_mul(v, w, w52, tv));
-                let s = _mm512_min_epu64(s, _mm512_sub_epi64(s, tv));
-                _mm512_storeu_si512(acc.as_mut_ptr().add(k) as *mut _, s);
-            }
-            k += 8;
-        }
-        for j in k..n {
-            let s = acc[j] + super::scalar_mul(x[j], c, t);
-            acc[j] = if s >= t { s - t } else { s };
+        let (w, w52, tv) = splat(c, t);
+        let k = zip_blocks(acc, x, |a, v| {
+            let s = _mm512_add_epi64(a, lanes_mul(v, w, w52, tv));
+            _mm512_min_epu64(s, _mm512_sub_epi64(s, tv))
+        });
+        for (a, &v) in acc[k..].iter_mut().zip(&x[k..]) {
+            let s = *a + super::scalar_mul(v, c, t);
+            *a = if s >= t { s - t } else { s };
         }
     }
 
@@ -418,25 +418,12 @@ mod ifma {
     /// Needs avx512f and avx512ifma.
     #[target_feature(enable = "avx512f,avx512ifma")]
     pub unsafe fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: u64) {
-        let n = y.len().min(sub.len());
-        let (w, w52, tv) = (
-            _mm512_set1_epi64(c.w as i64),
-            _mm512_set1_epi64(c.w52 as i64),
-            _mm512_set1_epi64(t as i64),
-        );
-        let mut k = 0;
-        while k + 8 <= n {
-            // SAFETY: k + 8 <= n bounds both slices.
-            unsafe {
-                let a = _mm512_loadu_si512(y.as_ptr().add(k) as *const _);
-                let s = _mm512_loadu_si512(sub.as_ptr().add(k) as *const _);
-                let d = _mm512_sub_epi64(_mm512_add_epi64(a, tv), s);
-                _mm512_storeu_si512(y.as_mut_ptr().add(k) as *mut _, lanes_mul(d, w, w52, tv));
-            }
-            k += 8;
-        }
-        for j in k..n {
-            y[j] = super::scalar_mul(y[j] + t - sub[j], c, t);
+        let (w, w52, tv) = splat(c, t);
+        let k = zip_blocks(y, sub, |a, s| {
+            lanes_mul(_mm512_sub_epi64(_mm512_add_epi64(a, tv), s), w, w52, tv)
+        });
+        for (a, &s) in y[k..].iter_mut().zip(&sub[k..]) {
+            *a = super::scalar_mul(*a + t - s, c, t);
         }
     }
 }

@@ -57,19 +57,28 @@ impl Evaluator {
         Ok(())
     }
 
-    /// `a += b`.
-    pub fn add_assign(&self, a: &mut Ciphertext, b: &Ciphertext) -> Result<()> {
+    /// `a = op(a, b)` polynomial by polynomial, padding `a` with zeros up to `b`'s degree.
+    fn combine_assign(
+        &self,
+        a: &mut Ciphertext,
+        b: &Ciphertext,
+        op: fn(&crate::ring::RingContext, &mut RnsPoly, &RnsPoly, &[usize]),
+    ) -> Result<()> {
         self.check_add(a, b)?;
         let basis = self.params.q_basis(a.level);
-        let ring = self.params.ring();
         while a.polys.len() < b.polys.len() {
             a.polys.push(RnsPoly::zero(self.params.n(), a.level + 1));
         }
         for (x, y) in a.polys.iter_mut().zip(&b.polys) {
-            ring.add_assign(x, y, &basis);
+            op(self.params.ring(), x, y, &basis);
         }
         a.seed = None;
         Ok(())
+    }
+
+    /// `a += b`.
+    pub fn add_assign(&self, a: &mut Ciphertext, b: &Ciphertext) -> Result<()> {
+        self.combine_assign(a, b, crate::ring::RingContext::add_assign)
     }
 
     pub fn add(&self, a: &Ciphertext, b: &Ciphertext) -> Result<Ciphertext> {
@@ -80,17 +89,7 @@ impl Evaluator {
 
     /// `a -= b`.
     pub fn sub_assign(&self, a: &mut Ciphertext, b: &Ciphertext) -> Result<()> {
-        self.check_add(a, b)?;
-        let basis = self.params.q_basis(a.level);
-        let ring = self.params.ring();
-        while a.polys.len() < b.polys.len() {
-            a.polys.push(RnsPoly::zero(self.params.n(), a.level + 1));
-        }
-        for (x, y) in a.polys.iter_mut().zip(&b.polys) {
-            ring.sub_assign(x, y, &basis);
-        }
-        a.seed = None;
-        Ok(())
+        self.combine_assign(a, b, crate::ring::RingContext::sub_assign)
     }
 
     pub fn sub(&self, a: &Ciphertext, b: &Ciphertext) -> Result<Ciphertext> {
