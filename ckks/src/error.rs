@@ -26,6 +26,8 @@ pub enum Error {
     WrongDegree(usize, usize),
     #[error("no Galois key for element {0}")]
     MissingGaloisKey(u64),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error("malformed bytes: {0}")]
     Malformed(String),
 }

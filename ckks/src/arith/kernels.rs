@@ -107,19 +107,38 @@ pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
     }
 }
 
-/// `out[k] = sum_i x_i[k] * c_i mod t` for constants `c_i < t` and inputs below 2^50, at most
-/// `DOT_MAX_TERMS` terms, reduced once at the end: the second half of a base conversion.
+/// `out[k] = sum_i x_i[k] * c_i mod t` for constants `c_i < t` and inputs below 2^50, reduced
+/// once per `DOT_MAX_TERMS` terms: the second half of a base conversion, and the inner loop of
+/// a linear layer over ciphertext residues.
 pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
-    assert!(x.len() <= DOT_MAX_TERMS && x.len() == c.len() && !x.is_empty());
+    assert!(!x.is_empty() && x.len() == c.len());
+    let first = x.len().min(DOT_MAX_TERMS);
+    dot_const_chunk(out, &x[..first], &c[..first], t);
+    let mut rest = vec![0u64; if x.len() > first { out.len() } else { 0 }];
+    let mut done = first;
+    while done < x.len() {
+        let end = (done + DOT_MAX_TERMS).min(x.len());
+        dot_const_chunk(&mut rest, &x[done..end], &c[done..end], t);
+        let tv = t.value();
+        for (o, r) in out.iter_mut().zip(&rest) {
+            let s = *o + r;
+            *o = if s >= tv { s - tv } else { s };
+        }
+        done = end;
+    }
+}
+
+fn dot_const_chunk(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
+    debug_assert!(x.len() <= DOT_MAX_TERMS);
     #[cfg(target_arch = "x86_64")]
     if has_ifma() {
         // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
         unsafe { ifma::dot_const(out, x, c, t) };
         return;
     }
-    mul_const(out, x[0], &c[0], t);
-    for (xi, ci) in x.iter().zip(c).skip(1) {
-        mul_const_acc(out, xi, ci, t);
+    for (k, o) in out.iter_mut().enumerate() {
+        let s: u128 = x.iter().zip(c).map(|(row, ci)| row[k] as u128 * ci.w as u128).sum();
+        *o = t.reduce_u128(s);
     }
 }
 
@@ -475,9 +494,12 @@ mod tests {
             let mut dotted = vec![0u64; x.len()];
             let masked: Vec<u64> = x.iter().map(|v| v & ((1u64 << 50) - 1)).collect();
             let c2 = ShoupConst::new((w / 3 + 1) % tv, &t);
-            dot_const(&mut dotted, &[&masked, &masked], &[c, c2], &t);
+            // 37 terms: three chunks of lazy sums.
+            let rows: Vec<&[u64]> = (0..37).map(|_| masked.as_slice()).collect();
+            let consts: Vec<ShoupConst> = (0..37).map(|i| if i % 2 == 0 { c } else { c2 }).collect();
+            dot_const(&mut dotted, &rows, &consts, &t);
             for (k, &v) in masked.iter().enumerate() {
-                let want = (v as u128 * w as u128 + v as u128 * c2.w as u128) % tv as u128;
+                let want = (19 * v as u128 * w as u128 + 18 * v as u128 * c2.w as u128) % tv as u128;
                 prop_assert_eq!(dotted[k] as u128, want);
             }
             let mut inplace = x.clone();

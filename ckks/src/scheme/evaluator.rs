@@ -162,6 +162,70 @@ impl Evaluator {
         Ok(())
     }
 
+    /// `sum_k w_k * cts[k]` with every real weight encoded as the integer
+    /// `round(w_k * const_scale)`: one pass over the residues per prime (a row of a modular
+    /// GEMM), reduced lazily. The inputs share level and scale; the result has scale
+    /// `scale * const_scale` (usually followed by a rescale).
+    pub fn weighted_sum(
+        &self,
+        cts: &[&Ciphertext],
+        weights: &[f64],
+        const_scale: f64,
+    ) -> Result<Ciphertext> {
+        let first = *cts
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("weighted_sum of no ciphertexts".into()))?;
+        if cts.len() != weights.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} ciphertexts but {} weights",
+                cts.len(),
+                weights.len()
+            )));
+        }
+        for ct in cts {
+            self.check_add(first, ct)?;
+            if ct.degree() != 1 {
+                return Err(Error::WrongDegree(ct.degree(), 1));
+            }
+        }
+        let level = first.level;
+        let ring = self.params.ring();
+        let ints: Vec<i128> = weights
+            .iter()
+            .map(|&w| {
+                let s = (w * const_scale).round();
+                if s.is_finite() && s.abs() < (self.params.log_q_at(level) - 2.0).min(120.0).exp2() {
+                    Ok(s as i128)
+                } else {
+                    Err(Error::ValueOutOfRange {
+                        value: w,
+                        scale: const_scale,
+                    })
+                }
+            })
+            .collect::<Result<_>>()?;
+        let n = self.params.n();
+        let mut polys = vec![RnsPoly::zero(n, level + 1), RnsPoly::zero(n, level + 1)];
+        for i in 0..=level {
+            let m = ring.modulus(i);
+            let consts: Vec<ShoupConst> = ints
+                .iter()
+                .map(|&v| ShoupConst::new(m.reduce_i128(v), m))
+                .collect();
+            for (p, out) in polys.iter_mut().enumerate() {
+                let rows: Vec<&[u64]> = cts.iter().map(|ct| ct.polys[p].limb(i)).collect();
+                kernels::dot_const(out.limb_mut(i), &rows, &consts, m);
+            }
+        }
+        Ok(Ciphertext {
+            params: self.params.clone(),
+            polys,
+            level,
+            scale: first.scale * const_scale,
+            seed: None,
+        })
+    }
+
     /// Slot-wise product with an encoded vector at the same or a higher level.
     pub fn mul_plain_assign(&self, a: &mut Ciphertext, pt: &Plaintext) -> Result<()> {
         self.check(a)?;

@@ -122,6 +122,27 @@ fn production_presets_round_trip() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4))]
+    #[test]
+    fn weighted_sum_matches_f64(ws in proptest::collection::vec(-3.0f64..3.0, 1..40)) {
+        let mut f = small();
+        let inputs: Vec<Vec<f64>> = (0..ws.len())
+            .map(|k| (0..16).map(|i| ((i * 7 + k * 3) as f64 * 0.1).sin()).collect())
+            .collect();
+        let cts: Vec<Ciphertext> = inputs.iter().map(|v| f.encrypt(v)).collect();
+        let refs: Vec<&Ciphertext> = cts.iter().collect();
+        let q_top = f.params.q()[f.params.max_level()] as f64;
+        let mut out = f.ev.weighted_sum(&refs, &ws, q_top).unwrap();
+        f.ev.rescale_assign(&mut out).unwrap();
+        let got = f.decrypt(&out);
+        for i in 0..16 {
+            let want: f64 = inputs.iter().zip(&ws).map(|(v, w)| v[i] * w).sum();
+            prop_assert!((got[i] - want).abs() < 1e-5, "slot {}: {} vs {}", i, got[i], want);
+        }
+    }
+}
+
 #[test]
 fn rescale_by_several_primes() {
     let mut f = small();
