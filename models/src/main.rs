@@ -123,8 +123,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 5.0)]
     checkpoint_minutes: f64,
     /// Images for end-of-epoch batch-norm re-estimation of polynomial nets (0 = off).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     bn_calibration_images: usize,
+    /// Weight of the layer-wide inputs in each channel/element ReLU fit (0 = pure per-group fit).
+    #[arg(long, default_value_t = 1.0)]
+    poly_fit_shrink: f64,
 }
 
 fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
@@ -202,6 +205,7 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
             .or_else(|| if distill { a.teacher.clone() } else { None }),
         poly_fit_images: 2000,
         checkpoint_minutes: a.checkpoint_minutes,
+        poly_fit_shrink: a.poly_fit_shrink,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -52,6 +52,9 @@ pub struct TrainConfig {
     /// Images for the end-of-epoch batch-norm re-estimation (0 = off; used for polynomials).
     #[serde(default)]
     pub bn_calibration_images: usize,
+    /// Weight of the layer-wide inputs in each channel/element least-squares fit (0 = none).
+    #[serde(default)]
+    pub poly_fit_shrink: f64,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -294,6 +297,8 @@ pub fn fit_polys_to_relu(
     ds: &Dataset,
     spec: &InputSpec,
     images: usize,
+    aug: &Augment,
+    shrink: f64,
     dev: &Device,
 ) -> Result<()> {
     let act = net.act;
@@ -304,11 +309,13 @@ pub fn fit_polys_to_relu(
     // per-element sums of x^0..x^4 and relu(x) * x^0..x^2, shape [H, W, C]
     let mut sums: HashMap<String, Vec<Tensor>> = HashMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let idx: Vec<usize> = (0..ds.len().min(images)).collect();
-    for chunk in idx.chunks(200) {
-        let (x, _) = make_batch(ds, chunk, &Augment::none(), spec, &mut rng, dev)?;
+    // cycle through the split (with augmentation) so small data sets still give `images` samples
+    let idx: Vec<usize> = (0..images).map(|i| i % ds.len()).collect();
+    for chunk in idx.chunks(50) {
+        let (x, _) = make_batch(ds, chunk, aug, spec, &mut rng, dev)?;
         let mut obs = |name: &str, y: &Tensor| -> candle_core::Result<()> {
-            let y = y.to_dtype(DType::F64)?;
+            // moments per chunk in f32 (small chunks), accumulated across chunks in f64
+            let y = y.detach();
             let r = y.relu()?;
             let y2 = y.sqr()?;
             let parts = [
@@ -323,7 +330,7 @@ pub fn fit_polys_to_relu(
             ];
             let s: Vec<Tensor> = parts
                 .iter()
-                .map(|p| p.sum(0))
+                .map(|p| p.sum(0)?.to_dtype(DType::F64))
                 .collect::<candle_core::Result<_>>()?;
             match sums.get_mut(name) {
                 Some(acc) => {
@@ -364,9 +371,26 @@ pub fn fit_polys_to_relu(
                 g[group_of(e)][k] += v;
             }
         }
+        // Shrink each group's fit toward the layer's: fit on an equal-weight mixture of the
+        // group's inputs and the whole layer's. A group with a narrow input distribution
+        // (e.g. a border element that is nearly constant) otherwise gets a steep quadratic
+        // that explodes on the first unusual input, and stacked quadratics compound that.
+        let mut layer = [0f64; 8];
+        for s in &g {
+            for k in 0..8 {
+                layer[k] += s[k];
+            }
+        }
         let mut coef = [vec![0f32; groups], vec![0f32; groups], vec![0f32; groups]];
         for (gi, s) in g.iter().enumerate() {
-            let (a, b, cc) = solve_quadratic_fit(s);
+            let mut mixed = *s;
+            if groups > 1 {
+                let w = shrink * s[0] / layer[0].max(1e-300);
+                for k in 0..8 {
+                    mixed[k] += w * layer[k];
+                }
+            }
+            let (a, b, cc) = solve_quadratic_fit(&mixed);
             coef[0][gi] = a as f32;
             coef[1][gi] = b as f32;
             coef[2][gi] = cc as f32;
@@ -445,7 +469,15 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
             let (_, teacher) = load_run(src, &dev)?;
             let set = net.load_from(&teacher.tensors().into_iter().collect())?;
             eprintln!("initialised {} tensors from {}", set.len(), src.display());
-            fit_polys_to_relu(&mut net, &train, &spec, cfg.poly_fit_images, &dev)?;
+            fit_polys_to_relu(
+                &mut net,
+                &train,
+                &spec,
+                cfg.poly_fit_images,
+                &cfg.augment,
+                cfg.poly_fit_shrink,
+                &dev,
+            )?;
             calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
@@ -493,6 +525,7 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
         pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         pb.set_position(state.step as u64);
         let (mut loss_acc, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut gnorm_max = 0.0f64;
         while state.step < steps_per_epoch {
             let s = state.step;
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
@@ -521,7 +554,8 @@ pub fn run(dir: &Path, mut cfg: TrainConfig) -> Result<TrainState> {
             }
             let grads = loss.backward()?;
             let lr = lr_at(&cfg, epoch as f64 + s as f64 / steps_per_epoch as f64);
-            sgd_nesterov_step(&net, &grads, &mut mom, lr, &cfg)?;
+            let gnorm = sgd_nesterov_step(&net, &grads, &mut mom, lr, &cfg)?;
+            gnorm_max = gnorm_max.max(gnorm);
             let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             correct += pred.iter().zip(&y).filter(|(p, t)| p == t).count();
             seen += y.len();
@@ -612,8 +646,9 @@ fn sgd_nesterov_step(
     mom: &mut HashMap<String, Tensor>,
     lr: f64,
     cfg: &TrainConfig,
-) -> Result<()> {
+) -> Result<f64> {
     let mut scale = 1.0;
+    let mut norm = f64::NAN;
     if cfg.clip_norm > 0.0 {
         let mut sq = 0.0f64;
         for v in net.vars.values() {
@@ -621,7 +656,7 @@ fn sgd_nesterov_step(
                 sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             }
         }
-        let norm = sq.sqrt();
+        norm = sq.sqrt();
         if norm > cfg.clip_norm {
             scale = cfg.clip_norm / norm;
         }
@@ -639,7 +674,7 @@ fn sgd_nesterov_step(
         v.set(&(v.as_tensor() - (upd * lr)?)?.detach())?;
         mom.insert(name.clone(), buf);
     }
-    Ok(())
+    Ok(norm)
 }
 
 fn log_line(dir: &Path, v: &serde_json::Value) -> Result<()> {
