@@ -1,0 +1,85 @@
+//! The encrypted network agrees with the plaintext f64 reference on a random model of the
+//! real architecture, at small insecure test parameters.
+
+use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator, ParamSpec, Params};
+use beaa_engine::{run, Plan, PlanError};
+use beaa_model::testing::random_model;
+use beaa_model::{Activation, SqueezeNetSpec};
+
+fn images(n: usize, len: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n * len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
+        })
+        .collect()
+}
+
+#[test]
+fn tiny_squeezenet_encrypted_equals_plaintext() {
+    let spec = SqueezeNetSpec::tiny(3, 8, 4);
+    let model = random_model(11, &spec, Activation::PolyElement);
+    // Plan once on a generous chain to learn the depth, then build the chain it needs.
+    let probe = Params::insecure_for_tests(ParamSpec::chain(10, 40, 40, 8)).unwrap();
+    let depth = Plan::new(&model, &probe).unwrap().depth;
+    let params = Params::insecure_for_tests(ParamSpec::chain(10, depth + 1, 40, 8)).unwrap();
+    let plan = Plan::new(&model, &params).unwrap();
+    assert_eq!(plan.output.level, 0);
+
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let batch = 37;
+    let per = model.input_len();
+    let x = images(batch, per, 5);
+    let mut enc = Encryptor::new(&params);
+    // Element-wise packing: ciphertext k holds feature k of every image, image b in slot b.
+    let inputs = (0..per)
+        .map(|k| {
+            let column: Vec<f64> = (0..batch).map(|b| x[b * per + k]).collect();
+            enc.encrypt_values_sk(&sk, &column, params.default_scale(), params.max_level())
+                .unwrap()
+        })
+        .collect();
+    let ev = Evaluator::new(&params);
+    let logits = run(&model, &plan, &ev, &rlk, inputs).unwrap();
+    assert_eq!(logits.len(), spec.classes);
+
+    let want = model.forward(&x, batch).unwrap();
+    let encoder = Encoder::new(&params);
+    let mut max_err = 0.0f64;
+    let got: Vec<Vec<f64>> = logits
+        .iter()
+        .map(|ct| encoder.decode(&decrypt(&sk, ct).unwrap()))
+        .collect();
+    for b in 0..batch {
+        let row = &want[b * spec.classes..(b + 1) * spec.classes];
+        for (class, w) in row.iter().enumerate() {
+            max_err = max_err.max((got[class][b] - w).abs());
+        }
+        let argmax = |v: &dyn Fn(usize) -> f64| {
+            (0..spec.classes)
+                .max_by(|&i, &j| v(i).total_cmp(&v(j)))
+                .unwrap()
+        };
+        assert_eq!(argmax(&|c| got[c][b]), argmax(&|c| row[c]), "image {b}");
+    }
+    eprintln!("depth {depth}, max |encrypted - plaintext| = {max_err:.2e}");
+    assert!(max_err < 1e-4, "max error {max_err}");
+}
+
+#[test]
+fn relu_models_and_short_chains_are_refused() {
+    let spec = SqueezeNetSpec::tiny(3, 8, 4);
+    let params = Params::insecure_for_tests(ParamSpec::chain(10, 4, 40, 2)).unwrap();
+    let relu = random_model(1, &spec, Activation::Relu);
+    assert!(matches!(Plan::new(&relu, &params), Err(PlanError::Relu(_))));
+    let poly = random_model(1, &spec, Activation::PolyElement);
+    assert!(matches!(
+        Plan::new(&poly, &params),
+        Err(PlanError::TooDeep { .. })
+    ));
+}
