@@ -1,81 +1,125 @@
-//! Runs a plan on element-wise packed ciphertexts.
+//! The executor: linear forms over materialized values, materialized only where needed.
 
-use crate::plan::Plan;
 use beaa_ckks::{Ciphertext, Error as CkksError, Evaluator, RelinKey};
 use beaa_model::{Model, Node, Op};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-/// Evaluates `model` on `inputs` (one ciphertext per input feature, `[C, H, W]` row-major,
-/// at the plan's input level and scale) and returns one ciphertext per logit.
-///
-/// Every node's output elements are computed in parallel; a node's output is dropped once its
-/// last consumer has run.
-pub fn run(
-    model: &Model,
-    plan: &Plan,
-    ev: &Evaluator,
-    rlk: &RelinKey,
-    inputs: Vec<Ciphertext>,
-) -> Result<Vec<Ciphertext>, CkksError> {
-    let nodes = &model.manifest.nodes;
-    if inputs.len() != model.input_len() {
-        return Err(CkksError::InvalidArgument(format!(
-            "{} input ciphertexts for a model with {} input features",
-            inputs.len(),
-            model.input_len()
-        )));
-    }
-    for ct in &inputs {
-        if ct.level() != plan.input_level || ct.scale() != plan.input_scale {
-            return Err(CkksError::InvalidArgument(format!(
-                "input at level {} scale 2^{:.3}, plan expects level {} scale 2^{:.3}",
-                ct.level(),
-                ct.scale().log2(),
-                plan.input_level,
-                plan.input_scale.log2()
-            )));
-        }
-    }
-    // Last consumer of each node, to free outputs early.
-    let mut last_use: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for input in &node.inputs {
-            last_use.insert(input.as_str(), i);
-        }
-    }
-    let mut values: BTreeMap<&str, Vec<Ciphertext>> = BTreeMap::new();
-    let mut inputs = Some(inputs);
-    for (i, node) in nodes.iter().enumerate() {
-        let out = match &node.op {
-            Op::Input => inputs.take().expect("one input node"),
-            _ => {
-                let args: Vec<&[Ciphertext]> = node
-                    .inputs
-                    .iter()
-                    .map(|name| values[name.as_str()].as_slice())
-                    .collect();
-                eval_node(model, node, &args, ev, rlk)?
-            }
-        };
-        values.insert(node.name.as_str(), out);
-        for input in &node.inputs {
-            if last_use.get(input.as_str()) == Some(&i) && *input != model.manifest.output {
-                values.remove(input.as_str());
-            }
-        }
-    }
-    values
-        .remove(model.manifest.output.as_str())
-        .ok_or_else(|| CkksError::InvalidArgument("the output node was never computed".into()))
+/// What the executor computes with: real ciphertexts, or only their level and scale (to plan).
+pub trait Backend: Sync {
+    type Value: Send + Sync;
+    fn level(&self, v: &Self::Value) -> isize;
+    fn scale(&self, v: &Self::Value) -> f64;
+    /// `sum w_k x_k + constant` at `target` scale, then one rescale.
+    fn combine(
+        &self,
+        terms: &[(&Self::Value, f64)],
+        constant: f64,
+        target: f64,
+    ) -> Result<Self::Value, ExecError>;
+    /// `x^2`, relinearized and rescaled in one pass.
+    fn square(&self, x: &Self::Value) -> Result<Self::Value, ExecError>;
+    /// The top prime at `level`, for choosing constant scales.
+    fn prime(&self, level: isize) -> f64;
 }
 
-fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m [f32], CkksError> {
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExecError {
+    #[error("node {0} uses ReLU: only polynomial-activation models can be evaluated encrypted")]
+    Relu(String),
+    #[error("{0}")]
+    Ckks(#[from] CkksError),
+    #[error("{0}")]
+    Model(String),
+}
+
+/// One feature element: `sum w_k v_k + constant` over materialized values `v_k`.
+struct Lin<V> {
+    terms: Vec<(Arc<V>, f64)>,
+    constant: f64,
+}
+
+impl<V> Clone for Lin<V> {
+    fn clone(&self) -> Self {
+        Lin {
+            terms: self
+                .terms
+                .iter()
+                .map(|(v, w)| (Arc::clone(v), *w))
+                .collect(),
+            constant: self.constant,
+        }
+    }
+}
+
+impl<V> Lin<V> {
+    fn of(v: Arc<V>) -> Self {
+        Lin {
+            terms: vec![(v, 1.0)],
+            constant: 0.0,
+        }
+    }
+
+    /// `self += w * other`.
+    fn add_scaled(&mut self, other: &Lin<V>, w: f64) {
+        if w == 0.0 {
+            return;
+        }
+        self.terms
+            .extend(other.terms.iter().map(|(v, x)| (Arc::clone(v), x * w)));
+        self.constant += other.constant * w;
+    }
+}
+
+/// A materialized ciphertext for this form: itself if it is one, else a combination.
+fn materialize<B: Backend>(b: &B, lin: &Lin<B::Value>) -> Result<Arc<B::Value>, ExecError> {
+    if let [(v, w)] = lin.terms.as_slice() {
+        if *w == 1.0 && lin.constant == 0.0 {
+            return Ok(Arc::clone(v));
+        }
+    }
+    if lin.terms.is_empty() {
+        return Err(ExecError::Model(
+            "a feature element is a pure constant; the model has a dead layer".into(),
+        ));
+    }
+    // Merge repeated values, then combine at (lowest level's prime) x (smallest scale), so the
+    // rescale brings the result back to about the inputs' scale.
+    let mut merged: Vec<(&Arc<B::Value>, f64)> = Vec::with_capacity(lin.terms.len());
+    let mut index: BTreeMap<usize, usize> = BTreeMap::new();
+    for (v, w) in &lin.terms {
+        let key = Arc::as_ptr(v) as usize;
+        match index.get(&key) {
+            Some(&i) => merged[i].1 += w,
+            None => {
+                index.insert(key, merged.len());
+                merged.push((v, *w));
+            }
+        }
+    }
+    let level = merged
+        .iter()
+        .map(|(v, _)| b.level(v))
+        .min()
+        .expect("non-empty");
+    let scale = merged
+        .iter()
+        .map(|(v, _)| b.scale(v))
+        .fold(f64::INFINITY, f64::min);
+    let terms: Vec<(&B::Value, f64)> = merged.iter().map(|(v, w)| (v.as_ref(), *w)).collect();
+    Ok(Arc::new(b.combine(
+        &terms,
+        lin.constant,
+        scale * b.prime(level),
+    )?))
+}
+
+fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m beaa_model::TensorData, ExecError> {
     model
         .tensors
         .get(name)
-        .map(|t| t.data.as_slice())
-        .ok_or_else(|| CkksError::InvalidArgument(format!("missing tensor {name}")))
+        .ok_or_else(|| ExecError::Model(format!("missing tensor {name}")))
 }
 
 fn shape_of(model: &Model, name: &str) -> [usize; 3] {
@@ -88,36 +132,89 @@ fn shape_of(model: &Model, name: &str) -> [usize; 3] {
         .unwrap_or([0; 3])
 }
 
-/// `sum_k w_k x_k + bias`, rescaled: the constant scale is the top prime so the result comes
-/// back to the input scale.
-fn linear(
-    ev: &Evaluator,
-    terms: &[(&Ciphertext, f64)],
-    bias: f64,
-) -> Result<Ciphertext, CkksError> {
-    let cts: Vec<&Ciphertext> = terms.iter().map(|(c, _)| *c).collect();
-    let ws: Vec<f64> = terms.iter().map(|(_, w)| *w).collect();
-    let level = cts[0].level();
-    let q = ev.params().q()[level] as f64;
-    let mut y = ev.weighted_sum(&cts, &ws, q)?;
-    if bias != 0.0 {
-        ev.add_const_assign(&mut y, bias)?;
+/// Sees each node with the values it materialized (squares).
+pub type Observer<'o, V> = &'o mut dyn FnMut(&Node, &[Arc<V>]);
+
+/// Runs the graph on `inputs` (one value per input feature) and returns one materialized value
+/// per output element.
+pub fn execute<B: Backend>(
+    b: &B,
+    model: &Model,
+    inputs: Vec<B::Value>,
+    observe: Observer<'_, B::Value>,
+) -> Result<Vec<Arc<B::Value>>, ExecError> {
+    let nodes = &model.manifest.nodes;
+    if inputs.len() != model.input_len() {
+        return Err(ExecError::Model(format!(
+            "{} inputs for a model with {} input features",
+            inputs.len(),
+            model.input_len()
+        )));
     }
-    ev.rescale_assign(&mut y)?;
-    Ok(y)
+    let mut last_use: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for input in &node.inputs {
+            last_use.insert(input.as_str(), i);
+        }
+    }
+    let mut values: BTreeMap<&str, Vec<Lin<B::Value>>> = BTreeMap::new();
+    let mut inputs = Some(inputs);
+    for (i, node) in nodes.iter().enumerate() {
+        let (out, made) = match &node.op {
+            Op::Input => {
+                let v: Vec<Lin<B::Value>> = inputs
+                    .take()
+                    .ok_or_else(|| ExecError::Model("more than one input node".into()))?
+                    .into_iter()
+                    .map(|x| Lin::of(Arc::new(x)))
+                    .collect();
+                (v, Vec::new())
+            }
+            _ => {
+                let args: Vec<&[Lin<B::Value>]> = node
+                    .inputs
+                    .iter()
+                    .map(|name| {
+                        values
+                            .get(name.as_str())
+                            .map(|v| v.as_slice())
+                            .ok_or_else(|| ExecError::Model(format!("unknown input {name}")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                eval_node(b, model, node, &args)?
+            }
+        };
+        observe(node, &made);
+        values.insert(node.name.as_str(), out);
+        for input in &node.inputs {
+            if last_use.get(input.as_str()) == Some(&i) && *input != model.manifest.output {
+                values.remove(input.as_str());
+            }
+        }
+    }
+    let out = values
+        .remove(model.manifest.output.as_str())
+        .ok_or_else(|| ExecError::Model("the output node was never computed".into()))?;
+    out.par_iter().map(|lin| materialize(b, lin)).collect()
 }
 
-fn eval_node(
+/// A node's output forms and the values it materialized.
+type NodeOutput<V> = (Vec<Lin<V>>, Vec<Arc<V>>);
+
+/// Evaluates one node.
+fn eval_node<B: Backend>(
+    b: &B,
     model: &Model,
     node: &Node,
-    args: &[&[Ciphertext]],
-    ev: &Evaluator,
-    rlk: &RelinKey,
-) -> Result<Vec<Ciphertext>, CkksError> {
+    args: &[&[Lin<B::Value>]],
+) -> Result<NodeOutput<B::Value>, ExecError> {
     let [c, h, w] = node.shape;
     let x = args.first().copied().unwrap_or(&[]);
+    let linear = |out: Vec<Lin<B::Value>>| Ok((out, Vec::new()));
     match &node.op {
-        Op::Input => unreachable!("handled by run"),
+        Op::Input => Err(ExecError::Model(
+            "input node in the middle of the graph".into(),
+        )),
         Op::Conv2d {
             weight,
             bias,
@@ -125,17 +222,17 @@ fn eval_node(
             padding,
         } => {
             let [ci, hi, wi] = shape_of(model, &node.inputs[0]);
-            let wt = model
-                .tensors
-                .get(weight)
-                .ok_or_else(|| CkksError::InvalidArgument(format!("missing tensor {weight}")))?;
+            let wt = tensor(model, weight)?;
             let (kh, kw) = (wt.shape[2], wt.shape[3]);
-            let b = tensor(model, bias)?;
-            (0..c * h * w)
+            let bias = &tensor(model, bias)?.data;
+            let out = (0..c * h * w)
                 .into_par_iter()
                 .map(|e| {
                     let (o, oy, ox) = (e / (h * w), (e / w) % h, e % w);
-                    let mut terms = Vec::with_capacity(ci * kh * kw);
+                    let mut y = Lin {
+                        terms: Vec::new(),
+                        constant: bias[o] as f64,
+                    };
                     for i in 0..ci {
                         for ky in 0..kh {
                             let iy = (oy * stride + ky) as isize - *padding as isize;
@@ -148,83 +245,163 @@ fn eval_node(
                                     continue;
                                 }
                                 let wv = wt.data[((o * ci + i) * kh + ky) * kw + kx] as f64;
-                                if wv != 0.0 {
-                                    let idx = (i * hi + iy as usize) * wi + ix as usize;
-                                    terms.push((&x[idx], wv));
-                                }
+                                y.add_scaled(&x[(i * hi + iy as usize) * wi + ix as usize], wv);
                             }
                         }
                     }
-                    if terms.is_empty() {
-                        // An all-zero receptive field still needs a ciphertext of the right
-                        // level and scale: 0 * any input.
-                        terms.push((&x[0], 0.0));
-                    }
-                    linear(ev, &terms, b[o] as f64)
+                    y
                 })
-                .collect()
+                .collect();
+            linear(out)
         }
-        Op::Poly { a, b, c: cc } => {
-            let (a, b, cc) = (tensor(model, a)?, tensor(model, b)?, tensor(model, cc)?);
-            x.par_iter()
+        Op::Poly { a, b: bb, c: cc } => {
+            let (a, bb, cc) = (
+                &tensor(model, a)?.data,
+                &tensor(model, bb)?.data,
+                &tensor(model, cc)?.data,
+            );
+            // Materialize x (one level unless it already is a value), square it (one level);
+            // a, b and c stay symbolic.
+            let pairs: Vec<(Arc<B::Value>, Arc<B::Value>)> = x
+                .par_iter()
+                .map(|lin| {
+                    let m = materialize(b, lin)?;
+                    let sq = Arc::new(b.square(&m)?);
+                    Ok((m, sq))
+                })
+                .collect::<Result<_, ExecError>>()?;
+            let mut made = Vec::with_capacity(2 * pairs.len());
+            let out = pairs
+                .into_iter()
+                .enumerate()
+                .map(|(e, (m, sq))| {
+                    made.push(Arc::clone(&sq));
+                    let mut terms = Vec::with_capacity(2);
+                    if a[e] != 0.0 {
+                        terms.push((sq, a[e] as f64));
+                    }
+                    if bb[e] != 0.0 {
+                        terms.push((m, bb[e] as f64));
+                    }
+                    Lin {
+                        terms,
+                        constant: cc[e] as f64,
+                    }
+                })
+                .collect();
+            Ok((out, made))
+        }
+        Op::Relu => Err(ExecError::Relu(node.name.clone())),
+        Op::Affine { scale, shift } => {
+            let (s, t) = (&tensor(model, scale)?.data, &tensor(model, shift)?.data);
+            let out = x
+                .iter()
                 .enumerate()
                 .map(|(e, xe)| {
-                    // t = a x + b (one level), then x * t (one level), then + c.
-                    let mut t = linear(ev, &[(xe, a[e] as f64)], b[e] as f64)?;
-                    let mut x_low = xe.clone();
-                    ev.drop_to_level(&mut x_low, t.level())?;
-                    t = ev.mul(&x_low, &t)?;
-                    ev.relinearize_rescale_assign(&mut t, rlk)?;
-                    ev.add_const_assign(&mut t, cc[e] as f64)?;
-                    Ok(t)
+                    let ch = e / (h * w);
+                    let mut y = Lin {
+                        terms: Vec::new(),
+                        constant: t[ch] as f64,
+                    };
+                    y.add_scaled(xe, s[ch] as f64);
+                    y
                 })
-                .collect()
-        }
-        Op::Relu => Err(CkksError::InvalidArgument(format!(
-            "node {}: ReLU cannot be evaluated on ciphertexts",
-            node.name
-        ))),
-        Op::Affine { scale, shift } => {
-            let (s, t) = (tensor(model, scale)?, tensor(model, shift)?);
-            x.par_iter()
-                .enumerate()
-                .map(|(e, xe)| linear(ev, &[(xe, s[e / (h * w)] as f64)], t[e / (h * w)] as f64))
-                .collect()
+                .collect();
+            linear(out)
         }
         Op::AvgPool { kernel, stride } => {
             let [_, hi, wi] = shape_of(model, &node.inputs[0]);
             let inv = 1.0 / (kernel * kernel) as f64;
-            (0..c * h * w)
-                .into_par_iter()
+            let out = (0..c * h * w)
                 .map(|e| {
                     let (ch, oy, ox) = (e / (h * w), (e / w) % h, e % w);
-                    let mut terms = Vec::with_capacity(kernel * kernel);
+                    let mut y = Lin {
+                        terms: Vec::new(),
+                        constant: 0.0,
+                    };
                     for ky in 0..*kernel {
                         for kx in 0..*kernel {
-                            terms.push((
+                            y.add_scaled(
                                 &x[(ch * hi + oy * stride + ky) * wi + ox * stride + kx],
                                 inv,
-                            ));
+                            );
                         }
                     }
-                    linear(ev, &terms, 0.0)
+                    y
                 })
-                .collect()
+                .collect();
+            linear(out)
         }
         Op::GlobalAvgPool => {
             let [ci, hi, wi] = shape_of(model, &node.inputs[0]);
             let inv = 1.0 / (hi * wi) as f64;
-            (0..ci)
-                .into_par_iter()
+            let out = (0..ci)
                 .map(|ch| {
-                    let terms: Vec<(&Ciphertext, f64)> = x[ch * hi * wi..(ch + 1) * hi * wi]
-                        .iter()
-                        .map(|ct| (ct, inv))
-                        .collect();
-                    linear(ev, &terms, 0.0)
+                    let mut y = Lin {
+                        terms: Vec::new(),
+                        constant: 0.0,
+                    };
+                    for xe in &x[ch * hi * wi..(ch + 1) * hi * wi] {
+                        y.add_scaled(xe, inv);
+                    }
+                    y
                 })
-                .collect()
+                .collect();
+            linear(out)
         }
-        Op::Concat => Ok(args.iter().flat_map(|a| a.iter().cloned()).collect()),
+        Op::Concat => linear(args.iter().flat_map(|a| a.iter().cloned()).collect()),
     }
+}
+
+/// Real ciphertexts.
+pub struct Encrypted<'a> {
+    pub ev: &'a Evaluator,
+    pub rlk: &'a RelinKey,
+}
+
+impl Backend for Encrypted<'_> {
+    type Value = Ciphertext;
+    fn level(&self, v: &Ciphertext) -> isize {
+        v.level() as isize
+    }
+    fn scale(&self, v: &Ciphertext) -> f64 {
+        v.scale()
+    }
+    fn combine(
+        &self,
+        terms: &[(&Ciphertext, f64)],
+        constant: f64,
+        target: f64,
+    ) -> Result<Ciphertext, ExecError> {
+        let mut y = self.ev.linear_combination(terms, target)?;
+        if constant != 0.0 {
+            self.ev.add_const_assign(&mut y, constant)?;
+        }
+        self.ev.rescale_assign(&mut y)?;
+        Ok(y)
+    }
+    fn square(&self, x: &Ciphertext) -> Result<Ciphertext, ExecError> {
+        let mut y = self.ev.square(x)?;
+        self.ev.relinearize_rescale_assign(&mut y, self.rlk)?;
+        Ok(y)
+    }
+    fn prime(&self, level: isize) -> f64 {
+        self.ev.params().q()[level.max(0) as usize] as f64
+    }
+}
+
+/// Evaluates `model` on element-wise packed `inputs` (one ciphertext per input feature,
+/// `[C, H, W]` row-major) and returns one ciphertext per logit.
+pub fn run(
+    model: &Model,
+    ev: &Evaluator,
+    rlk: &RelinKey,
+    inputs: Vec<Ciphertext>,
+) -> Result<Vec<Ciphertext>, ExecError> {
+    let backend = Encrypted { ev, rlk };
+    let out = execute(&backend, model, inputs, &mut |_, _| {})?;
+    Ok(out
+        .into_iter()
+        .map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()))
+        .collect())
 }

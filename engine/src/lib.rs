@@ -1,16 +1,22 @@
 //! Encrypted inference for BEAA models.
 //!
 //! Element-wise packing: ciphertext `k` holds feature `k` (channel, row, column, row-major)
-//! of every image of the batch, image `b` in slot `b`. Linear layers are then weighted sums
-//! of ciphertexts with public real weights, and each feature element has its own quadratic
-//! activation - no rotations, no Galois keys.
+//! of every image of the batch, image `b` in slot `b`. Linear layers are then linear
+//! combinations of ciphertexts with public real weights, and each feature element has its own
+//! quadratic activation - no rotations, no Galois keys.
 //!
-//! - [`plan`]: walks a model graph and assigns every node its level and exact scale, so the
-//!   whole network fits the modulus chain; refuses what cannot be evaluated (ReLU).
-//! - [`exec`]: runs the plan on ciphertexts with rayon.
+//! Levels are the scarce resource (16 at N = 32768). The executor keeps every feature element
+//! as a *linear form* over materialized ciphertexts and composes linear layers (convolution,
+//! pooling, affine, concatenation) symbolically; a ciphertext is only materialized - one
+//! linear combination and one rescale, one level - where a square needs it or at the output.
+//! An activation `a x^2 + b x + c` costs one level (the square); `a`, `b` and `c` ride along
+//! as weights into the next linear combination. The optimized SqueezeNet needs 15 levels.
+//!
+//! - [`exec`]: the executor, generic over real ciphertexts and level/scale metadata;
+//! - [`plan`]: the same walk on metadata only: depth, levels, scales, before any encryption.
 
 pub mod exec;
 pub mod plan;
 
 pub use exec::run;
-pub use plan::{NodePlan, Plan, PlanError};
+pub use plan::{Plan, PlanError};

@@ -1,12 +1,8 @@
-//! Levels and scales for every node of a model graph.
-//!
-//! This first planner keeps things simple and exact: every linear node (convolution, pooling,
-//! affine) multiplies by integer-encoded weights at a constant scale equal to the current top
-//! prime and rescales once, so it returns to its input scale and costs one level; a quadratic
-//! activation `a x^2 + b x + c` is evaluated as `x (a x + b) + c` and costs two levels.
+//! Planning: the executor's walk on levels and scales only.
 
+use crate::exec::{execute, Backend, ExecError};
 use beaa_ckks::Params;
-use beaa_model::{Model, Op};
+use beaa_model::Model;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -18,118 +14,120 @@ pub enum PlanError {
          (use a longer modulus chain)"
     )]
     TooDeep { needed: usize, available: usize },
-    #[error("node {node}: inputs disagree on level or scale ({detail})")]
-    Mismatch { node: String, detail: String },
-    #[error("node {0}: unknown input {1}")]
-    UnknownInput(String, String),
+    #[error("{0}")]
+    Other(String),
 }
 
-/// Where a node's output lives.
+/// Level and scale of a value, with levels allowed below zero so a plan can say how many
+/// levels it would need.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NodePlan {
-    pub level: usize,
+pub struct Meta {
+    pub level: isize,
     pub scale: f64,
-    /// Levels this node consumes.
-    pub depth: usize,
 }
 
-/// The plan for one model on one parameter set.
+struct Metadata<'a> {
+    q: &'a [u64],
+}
+
+impl Metadata<'_> {
+    fn prime_at(&self, level: isize) -> f64 {
+        self.q[level.clamp(0, self.q.len() as isize - 1) as usize] as f64
+    }
+}
+
+impl Backend for Metadata<'_> {
+    type Value = Meta;
+    fn level(&self, v: &Meta) -> isize {
+        v.level
+    }
+    fn scale(&self, v: &Meta) -> f64 {
+        v.scale
+    }
+    // Mirrors Evaluator::linear_combination + rescale exactly (same f64 operations).
+    fn combine(
+        &self,
+        terms: &[(&Meta, f64)],
+        _constant: f64,
+        target: f64,
+    ) -> Result<Meta, ExecError> {
+        let level = terms.iter().map(|(m, _)| m.level).min().unwrap_or(0);
+        Ok(Meta {
+            level: level - 1,
+            scale: target / self.prime_at(level),
+        })
+    }
+    // Mirrors Evaluator::square + relinearize_rescale_assign.
+    fn square(&self, x: &Meta) -> Result<Meta, ExecError> {
+        Ok(Meta {
+            level: x.level - 1,
+            scale: x.scale * x.scale / self.prime_at(x.level),
+        })
+    }
+    fn prime(&self, level: isize) -> f64 {
+        self.prime_at(level)
+    }
+}
+
+/// What a model needs from a parameter set.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub nodes: BTreeMap<String, NodePlan>,
     /// Levels consumed from input to output.
     pub depth: usize,
     pub input_level: usize,
     pub input_scale: f64,
-    pub output: NodePlan,
+    /// Output level and scale.
+    pub output: Meta,
+    /// Per node: the ciphertexts it materializes (squares) and their level.
+    pub materialized: BTreeMap<String, (usize, isize)>,
 }
 
 impl Plan {
-    /// Plans `model` on `params`, with inputs encrypted at the top level and default scale.
+    /// Plans `model` with inputs at the top level and default scale of `params`; fails with
+    /// `TooDeep` (saying how many levels it needs) when the chain is too short.
     pub fn new(model: &Model, params: &Params) -> Result<Self, PlanError> {
-        let q = params.q();
-        let input_level = params.max_level();
-        let input_scale = params.default_scale();
-        let mut nodes: BTreeMap<String, NodePlan> = BTreeMap::new();
-        let mut deepest = 0usize;
-        for node in &model.manifest.nodes {
-            let inputs: Vec<NodePlan> = node
-                .inputs
-                .iter()
-                .map(|i| {
-                    nodes
-                        .get(i)
-                        .copied()
-                        .ok_or_else(|| PlanError::UnknownInput(node.name.clone(), i.clone()))
-                })
-                .collect::<Result<_, _>>()?;
-            let need = |levels: usize, at: &NodePlan| -> Result<(), PlanError> {
-                if at.level < levels {
-                    Err(PlanError::TooDeep {
-                        needed: input_level - at.level + levels,
-                        available: input_level,
-                    })
-                } else {
-                    Ok(())
+        let top = params.max_level();
+        let meta = Metadata { q: params.q() };
+        let input = Meta {
+            level: top as isize,
+            scale: params.default_scale(),
+        };
+        let mut materialized = BTreeMap::new();
+        let mut lowest = top as isize;
+        let out = execute(
+            &meta,
+            model,
+            vec![input; model.input_len()],
+            &mut |node, made| {
+                if let Some(first) = made.first() {
+                    lowest = lowest.min(first.level);
+                    materialized.insert(node.name.clone(), (made.len(), first.level));
                 }
-            };
-            let plan = match &node.op {
-                Op::Input => NodePlan {
-                    level: input_level,
-                    scale: input_scale,
-                    depth: 0,
-                },
-                Op::Conv2d { .. } | Op::AvgPool { .. } | Op::GlobalAvgPool | Op::Affine { .. } => {
-                    let x = inputs[0];
-                    need(1, &x)?;
-                    // weighted_sum at const scale q_l, then rescale by q_l.
-                    NodePlan {
-                        level: x.level - 1,
-                        scale: x.scale * q[x.level] as f64 / q[x.level] as f64,
-                        depth: 1,
-                    }
-                }
-                Op::Poly { .. } => {
-                    let x = inputs[0];
-                    need(2, &x)?;
-                    // t = a x + b at scale s (one rescale), then x * t, relinearized and
-                    // rescaled by q_(l-1).
-                    let t_scale = x.scale * q[x.level] as f64 / q[x.level] as f64;
-                    NodePlan {
-                        level: x.level - 2,
-                        scale: x.scale * t_scale / q[x.level - 1] as f64,
-                        depth: 2,
-                    }
-                }
-                Op::Relu => return Err(PlanError::Relu(node.name.clone())),
-                Op::Concat => {
-                    let first = inputs[0];
-                    for other in &inputs[1..] {
-                        if other.level != first.level || other.scale != first.scale {
-                            return Err(PlanError::Mismatch {
-                                node: node.name.clone(),
-                                detail: format!(
-                                    "level {} vs {}, scale {} vs {}",
-                                    first.level, other.level, first.scale, other.scale
-                                ),
-                            });
-                        }
-                    }
-                    NodePlan { depth: 0, ..first }
-                }
-            };
-            deepest = deepest.max(input_level - plan.level);
-            nodes.insert(node.name.clone(), plan);
-        }
-        let output = *nodes.get(&model.manifest.output).ok_or_else(|| {
-            PlanError::UnknownInput("output".into(), model.manifest.output.clone())
+            },
+        )
+        .map_err(|e| match e {
+            ExecError::Relu(n) => PlanError::Relu(n),
+            other => PlanError::Other(other.to_string()),
         })?;
+        let output = out
+            .iter()
+            .map(|m| **m)
+            .min_by_key(|m| m.level)
+            .ok_or_else(|| PlanError::Other("model has no outputs".into()))?;
+        lowest = lowest.min(output.level);
+        let depth = (top as isize - lowest) as usize;
+        if lowest < 0 {
+            return Err(PlanError::TooDeep {
+                needed: depth,
+                available: top,
+            });
+        }
         Ok(Plan {
-            nodes,
-            depth: deepest,
-            input_level,
-            input_scale,
+            depth,
+            input_level: top,
+            input_scale: params.default_scale(),
             output,
+            materialized,
         })
     }
 }

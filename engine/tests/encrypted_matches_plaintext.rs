@@ -25,9 +25,18 @@ fn tiny_squeezenet_encrypted_equals_plaintext() {
     // Plan once on a generous chain to learn the depth, then build the chain it needs.
     let probe = Params::insecure_for_tests(ParamSpec::chain(10, 40, 40, 8)).unwrap();
     let depth = Plan::new(&model, &probe).unwrap().depth;
+    // 8 linear materializations + 7 squares: what fits the 16 levels of N = 32768.
+    assert_eq!(depth, 15);
     let params = Params::insecure_for_tests(ParamSpec::chain(10, depth + 1, 40, 8)).unwrap();
     let plan = Plan::new(&model, &params).unwrap();
     assert_eq!(plan.output.level, 0);
+    match Plan::new(
+        &model,
+        &Params::insecure_for_tests(ParamSpec::chain(10, depth, 40, 8)).unwrap(),
+    ) {
+        Err(PlanError::TooDeep { needed, .. }) => assert_eq!(needed, depth),
+        other => panic!("expected TooDeep, got {other:?}"),
+    }
 
     let mut kg = KeyGenerator::new(&params);
     let sk = kg.secret_key();
@@ -45,7 +54,7 @@ fn tiny_squeezenet_encrypted_equals_plaintext() {
         })
         .collect();
     let ev = Evaluator::new(&params);
-    let logits = run(&model, &plan, &ev, &rlk, inputs).unwrap();
+    let logits = run(&model, &ev, &rlk, inputs).unwrap();
     assert_eq!(logits.len(), spec.classes);
 
     let want = model.forward(&x, batch).unwrap();

@@ -137,7 +137,11 @@ fn dot_const_chunk(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus)
         return;
     }
     for (k, o) in out.iter_mut().enumerate() {
-        let s: u128 = x.iter().zip(c).map(|(row, ci)| row[k] as u128 * ci.w as u128).sum();
+        let s: u128 = x
+            .iter()
+            .zip(c)
+            .map(|(row, ci)| row[k] as u128 * ci.w as u128)
+            .sum();
         *o = t.reduce_u128(s);
     }
 }

@@ -163,8 +163,7 @@ impl Evaluator {
     }
 
     /// `sum_k w_k * cts[k]` with every real weight encoded as the integer
-    /// `round(w_k * const_scale)`: one pass over the residues per prime (a row of a modular
-    /// GEMM), reduced lazily. The inputs share level and scale; the result has scale
+    /// `round(w_k * const_scale)`. The inputs share level and scale; the result has scale
     /// `scale * const_scale` (usually followed by a rescale).
     pub fn weighted_sum(
         &self,
@@ -184,26 +183,49 @@ impl Evaluator {
         }
         for ct in cts {
             self.check_add(first, ct)?;
+        }
+        let terms: Vec<(&Ciphertext, f64)> =
+            cts.iter().copied().zip(weights.iter().copied()).collect();
+        self.linear_combination(&terms, first.scale * const_scale)
+    }
+
+    /// `sum_k w_k * x_k` at scale `target_scale`, for inputs of any levels and scales: term
+    /// `k` is multiplied by the integer `round(w_k * target_scale / scale_k)`, and the result
+    /// lives at the lowest input level (higher inputs contribute only their lower primes).
+    /// One pass over the residues per prime: a row of a modular GEMM, reduced lazily.
+    pub fn linear_combination(
+        &self,
+        terms: &[(&Ciphertext, f64)],
+        target_scale: f64,
+    ) -> Result<Ciphertext> {
+        if terms.is_empty() {
+            return Err(Error::InvalidArgument(
+                "linear combination of no ciphertexts".into(),
+            ));
+        }
+        for (ct, _) in terms {
+            self.check(ct)?;
             if ct.degree() != 1 {
                 return Err(Error::WrongDegree(ct.degree(), 1));
             }
         }
-        let level = first.level;
-        let ring = self.params.ring();
-        let ints: Vec<i128> = weights
+        let level = terms.iter().map(|(c, _)| c.level).min().expect("non-empty");
+        let limit = (self.params.log_q_at(level) - 2.0).min(120.0).exp2();
+        let ints: Vec<i128> = terms
             .iter()
-            .map(|&w| {
-                let s = (w * const_scale).round();
-                if s.is_finite() && s.abs() < (self.params.log_q_at(level) - 2.0).min(120.0).exp2() {
-                    Ok(s as i128)
+            .map(|(ct, w)| {
+                let v = (w * target_scale / ct.scale).round();
+                if v.is_finite() && v.abs() < limit {
+                    Ok(v as i128)
                 } else {
                     Err(Error::ValueOutOfRange {
-                        value: w,
-                        scale: const_scale,
+                        value: *w,
+                        scale: target_scale / ct.scale,
                     })
                 }
             })
             .collect::<Result<_>>()?;
+        let ring = self.params.ring();
         let n = self.params.n();
         let mut polys = vec![RnsPoly::zero(n, level + 1), RnsPoly::zero(n, level + 1)];
         for i in 0..=level {
@@ -213,7 +235,7 @@ impl Evaluator {
                 .map(|&v| ShoupConst::new(m.reduce_i128(v), m))
                 .collect();
             for (p, out) in polys.iter_mut().enumerate() {
-                let rows: Vec<&[u64]> = cts.iter().map(|ct| ct.polys[p].limb(i)).collect();
+                let rows: Vec<&[u64]> = terms.iter().map(|(ct, _)| ct.polys[p].limb(i)).collect();
                 kernels::dot_const(out.limb_mut(i), &rows, &consts, m);
             }
         }
@@ -221,7 +243,7 @@ impl Evaluator {
             params: self.params.clone(),
             polys,
             level,
-            scale: first.scale * const_scale,
+            scale: target_scale,
             seed: None,
         })
     }

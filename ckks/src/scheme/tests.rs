@@ -144,6 +144,31 @@ proptest! {
 }
 
 #[test]
+fn linear_combination_mixes_levels_and_scales() {
+    let mut f = small();
+    let a = f.encrypt(&[1.0, 2.0]);
+    let mut b = f.encrypt(&[0.5, -1.0]);
+    // b: one level lower and at another scale.
+    let q = f.params.q()[b.level()] as f64;
+    f.ev.mul_const_assign(&mut b, 1.0, q * 1.5).unwrap();
+    f.ev.rescale_assign(&mut b).unwrap();
+    assert_ne!(a.scale(), b.scale());
+    let target = f.params.q()[b.level()] as f64 * a.scale();
+    let mut y =
+        f.ev.linear_combination(&[(&a, 2.0), (&b, -4.0)], target)
+            .unwrap();
+    assert_eq!(y.level(), b.level());
+    f.ev.rescale_assign(&mut y).unwrap();
+    let got = f.decrypt(&y);
+    assert!(
+        (got[0] - 0.0).abs() < 1e-6 && (got[1] - 8.0).abs() < 1e-6,
+        "{:?}",
+        &got[..2]
+    );
+    assert!(f.ev.linear_combination(&[], target).is_err());
+}
+
+#[test]
 fn rescale_by_several_primes() {
     let mut f = small();
     let v = [1.5, -2.0, 0.25];
