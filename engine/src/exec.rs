@@ -262,7 +262,9 @@ fn eval_node<B: Backend>(
             );
             // Materialize x (one level unless it already is a value), square it (one level);
             // a, b and c stay symbolic.
-            let pairs: Vec<(Arc<B::Value>, Arc<B::Value>)> = x
+            // (x, x^2) per element.
+            type Pair<V> = (Arc<V>, Arc<V>);
+            let pairs: Vec<Pair<B::Value>> = x
                 .par_iter()
                 .map(|lin| {
                     let m = materialize(b, lin)?;
