@@ -153,6 +153,14 @@ fn expand_seed(params: &Params, seed: &[u8; 32], basis: &[usize]) -> RnsPoly {
 
 const FLAG_SEEDED: u8 = 1;
 
+/// Serialized size of a ciphertext with `degree + 1` polynomials at `level` (a seeded one
+/// ships only `c0` and the seed): what a server expects before it reads a byte.
+pub fn ciphertext_len(params: &Params, level: usize, degree: usize, seeded: bool) -> usize {
+    let packed = packed_len(params, &params.q_basis(level.min(params.max_level())));
+    let polys = if seeded { 1 } else { degree + 1 };
+    HEADER_LEN + 10 + if seeded { 32 } else { 0 } + polys * packed
+}
+
 impl Ciphertext {
     /// Serialized size in bytes.
     pub fn serialized_len(&self) -> usize {

@@ -1,7 +1,7 @@
 //! Planning: the executor's walk on levels and scales only.
 
 use crate::exec::{execute, Backend, ExecError};
-use beaa_ckks::Params;
+use beaa_ckks::{max_log_qp_128, ParamSpec, Params};
 use beaa_model::Model;
 use std::collections::BTreeMap;
 
@@ -129,5 +129,83 @@ impl Plan {
             output,
             materialized,
         })
+    }
+}
+
+/// How many bits P may fall short of the largest key-switching digit.
+const SHORTFALL_BITS: usize = 8;
+
+/// The smallest 128-bit-secure parameter set for a network of `depth` levels: the smallest N
+/// whose HE Standard bound holds a chain of `depth + 1` primes (50 + 40-bit) plus special
+/// primes at least as large as a key-switching digit, with the fewest digits that fit.
+pub fn choose_spec(depth: usize) -> Option<ParamSpec> {
+    let limbs = depth + 1;
+    for log_n in 13..=16u32 {
+        let bound = max_log_qp_128(log_n)? as usize;
+        let log_q = 50 + 40 * depth;
+        for digits in 1..=limbs {
+            let alpha = limbs.div_ceil(digits);
+            let Some(budget) = bound.checked_sub(log_q) else {
+                break;
+            };
+            let p_bits = (budget / alpha).min(50);
+            // P should cover the largest digit (the one holding the 50-bit q_0); falling short
+            // by a few bits only multiplies the key-switching noise by 2^(shortfall), far
+            // below the 2^40 scale.
+            if p_bits >= 17 && alpha * p_bits + SHORTFALL_BITS >= 50 + 40 * (alpha - 1) {
+                let mut spec = ParamSpec::chain(log_n, limbs, 40, digits);
+                spec.p_bits = vec![p_bits as u32; alpha];
+                return Some(spec);
+            }
+        }
+    }
+    None
+}
+
+impl Plan {
+    /// Depth of `model` regardless of parameters (planned on a long test chain).
+    pub fn depth_of(model: &Model) -> Result<usize, PlanError> {
+        let probe = Params::insecure_for_tests(ParamSpec::chain(10, 64, 40, 16))
+            .map_err(|e| PlanError::Other(e.to_string()))?;
+        Ok(Plan::new(model, &probe)?.depth)
+    }
+
+    /// Chooses a 128-bit parameter set for `model` (see [`choose_spec`]) and plans on it.
+    pub fn choose(model: &Model) -> Result<(Params, Plan), PlanError> {
+        let depth = Self::depth_of(model)?;
+        let spec = choose_spec(depth).ok_or(PlanError::TooDeep {
+            needed: depth,
+            available: 0,
+        })?;
+        let params = Params::new(spec).map_err(|e| PlanError::Other(e.to_string()))?;
+        let plan = Plan::new(model, &params)?;
+        Ok((params, plan))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chosen_specs_are_secure_and_deep_enough() {
+        for depth in 1..=16 {
+            let spec = choose_spec(depth).unwrap();
+            assert_eq!(spec.q_bits.len(), depth + 1);
+            let params = Params::new(spec.clone()).unwrap();
+            assert!(params.is_secure());
+            // Special primes cover every digit.
+            let alpha = spec.p_bits.len();
+            let p: u32 = spec.p_bits.iter().sum();
+            assert!(
+                p as usize + SHORTFALL_BITS >= 50 + 40 * (alpha - 1),
+                "depth {depth}: {spec:?}"
+            );
+        }
+        // 15 levels (the SqueezeNet) need N = 32768; 3 levels fit N = 8192.
+        assert_eq!(choose_spec(15).unwrap().log_n, 15);
+        assert_eq!(choose_spec(3).unwrap().log_n, 13);
+        assert_eq!(choose_spec(40).unwrap().log_n, 16);
+        assert!(choose_spec(50).is_none());
     }
 }

@@ -2,6 +2,9 @@
 
 mod bench_ckks;
 mod demo;
+mod eval_cmd;
+mod models;
+mod plan_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +29,10 @@ enum Command {
     },
     /// The whole client/server flow in one process (keys, encryption, evaluation, decryption).
     Demo(demo::DemoArgs),
+    /// The encryption plan of a model: N, modulus chain, levels, key and upload sizes, security.
+    Plan(plan_cmd::PlanArgs),
+    /// Accuracy on a class-per-folder tree (plaintext reference path).
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,6 +61,8 @@ fn main() {
             what: BenchCommand::Ckks(args),
         } => bench_ckks::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Plan(args) => plan_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,105 @@
+//! `beaa plan`: the encryption plan of a model - parameters, levels, sizes, security.
+
+use anyhow::{Context, Result};
+use beaa_ckks::serialize::ciphertext_len;
+use beaa_ckks::RelinKey;
+use beaa_engine::Plan;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// A shipped model (cifar10, octdl) or a model directory.
+    #[arg(long)]
+    pub model: String,
+    /// Images per job (at most N/2; default N/2).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    n: usize,
+    slots: usize,
+    batch: usize,
+    q_bits: Vec<u32>,
+    p_bits: Vec<u32>,
+    key_switching_digits: usize,
+    log2_qp: f64,
+    max_log2_qp_128: u32,
+    security_bits: u32,
+    depth: usize,
+    levels_available: usize,
+    /// Per activation node: ciphertexts it squares and the level they land on.
+    squares: Vec<(String, usize, isize)>,
+    input_ciphertexts: usize,
+    output_ciphertexts: usize,
+    relin_key_bytes: usize,
+    upload_bytes: usize,
+    download_bytes: usize,
+}
+
+pub fn run(args: &PlanArgs) -> Result<()> {
+    let (dir, model) = crate::models::load(&args.model)?;
+    let (params, plan) = Plan::choose(&model).context("planning")?;
+    let slots = params.slots();
+    let batch = args.batch.unwrap_or(slots).clamp(1, slots);
+    let top = params.max_level();
+    let inputs = model.input_len();
+    let outputs = model.manifest.classes.len();
+    let mut squares: Vec<(String, usize, isize)> = plan
+        .materialized
+        .iter()
+        .map(|(k, (n, l))| (k.clone(), *n, *l))
+        .collect();
+    squares.sort_by_key(|(_, _, l)| std::cmp::Reverse(*l));
+    let report = Report {
+        model: dir.display().to_string(),
+        n: params.n(),
+        slots,
+        batch,
+        q_bits: params.spec().q_bits.clone(),
+        p_bits: params.spec().p_bits.clone(),
+        key_switching_digits: params.digits(top),
+        log2_qp: params.log_qp(),
+        max_log2_qp_128: beaa_ckks::max_log_qp_128(params.spec().log_n).unwrap_or(0),
+        security_bits: if params.is_secure() { 128 } else { 0 },
+        depth: plan.depth,
+        levels_available: top,
+        squares,
+        input_ciphertexts: inputs,
+        output_ciphertexts: outputs,
+        relin_key_bytes: RelinKey::serialized_len(&params),
+        upload_bytes: inputs * ciphertext_len(&params, top, 1, true),
+        download_bytes: outputs
+            * ciphertext_len(&params, plan.output.level.max(0) as usize, 1, false),
+    };
+    eprintln!("model      {}", report.model);
+    eprintln!(
+        "params     N = {}, {} primes {:?} + special {:?} ({} digits), log2(QP) = {:.1} <= {} (128-bit)",
+        report.n, report.q_bits.len(), report.q_bits, report.p_bits, report.key_switching_digits,
+        report.log2_qp, report.max_log2_qp_128
+    );
+    eprintln!(
+        "levels     {} of {} used; batch {} of {} slots",
+        report.depth, report.levels_available, report.batch, report.slots
+    );
+    for (node, n, level) in &report.squares {
+        eprintln!("  square   {node:<24} {n:>7} ciphertexts -> level {level}");
+    }
+    eprintln!(
+        "sizes      relin key {:.1} MB, upload {} x {:.2} MB = {:.1} MB, download {:.2} MB",
+        report.relin_key_bytes as f64 / 1e6,
+        inputs,
+        ciphertext_len(&params, top, 1, true) as f64 / 1e6,
+        report.upload_bytes as f64 / 1e6,
+        report.download_bytes as f64 / 1e6
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
