@@ -169,6 +169,13 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
             r["activation_evaluations"]
         ));
     }
+    md.push_str(
+        "\nValidation splits: CIFAR-10 = the last 500 training images of each class (5,000, never trained on); \
+         OCT = all images of 25% of the patients of each class (seeded), unseen in training. \
+         Per-class recall in class order (CIFAR-10: airplane ... truck; OCT: ERM / NO). \
+         Activation parameters count the trainable (a, b, c) triples: 3 per layer, channel or element. \
+         Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX`.\n",
+    );
     std::fs::write(out.with_extension("md"), &md)?;
     std::fs::write(
         out.with_extension("json"),
