@@ -400,8 +400,20 @@ pub fn run(
     rlk: &RelinKey,
     inputs: Vec<Ciphertext>,
 ) -> Result<Vec<Ciphertext>, ExecError> {
+    run_observed(model, ev, rlk, inputs, &mut |_, _| {})
+}
+
+/// [`run`], showing each finished node and the ciphertexts it materialized to `observe`
+/// (for progress and per-layer timing).
+pub fn run_observed(
+    model: &Model,
+    ev: &Evaluator,
+    rlk: &RelinKey,
+    inputs: Vec<Ciphertext>,
+    observe: Observer<'_, Ciphertext>,
+) -> Result<Vec<Ciphertext>, ExecError> {
     let backend = Encrypted { ev, rlk };
-    let out = execute(&backend, model, inputs, &mut |_, _| {})?;
+    let out = execute(&backend, model, inputs, observe)?;
     Ok(out
         .into_iter()
         .map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()))

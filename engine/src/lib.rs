@@ -18,5 +18,5 @@
 pub mod exec;
 pub mod plan;
 
-pub use exec::run;
+pub use exec::{run, run_observed};
 pub use plan::{Plan, PlanError};

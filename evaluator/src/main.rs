@@ -1,6 +1,7 @@
 //! `beaa`: the encrypted-inference service, the native client and the benchmarks.
 
 mod bench_ckks;
+mod bench_inference;
 mod demo;
 mod eval_cmd;
 mod models;
@@ -39,6 +40,8 @@ enum Command {
 enum BenchCommand {
     /// Per-operation medians (ms), single-threaded, and object sizes.
     Ckks(bench_ckks::CkksBenchArgs),
+    /// Encrypted inference on random inputs: total and amortized time, peak RSS, per layer.
+    Inference(bench_inference::InferenceBenchArgs),
 }
 
 /// Keeps freed memory in the process instead of returning it to the kernel after every
@@ -60,6 +63,9 @@ fn main() {
         Command::Bench {
             what: BenchCommand::Ckks(args),
         } => bench_ckks::run(args),
+        Command::Bench {
+            what: BenchCommand::Inference(args),
+        } => bench_inference::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),

@@ -1,0 +1,156 @@
+//! `beaa bench inference`: encrypted inference on random inputs at the planned 128-bit
+//! parameters, with per-layer seconds and peak memory.
+
+use anyhow::{Context, Result};
+use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator};
+use beaa_engine::{run_observed, Plan};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct InferenceBenchArgs {
+    /// A shipped model (cifar10, octdl) or a model directory.
+    #[arg(long)]
+    pub model: String,
+    /// Images in the batch: a number or `full` (N/2).
+    #[arg(long, default_value = "full")]
+    pub batch: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    n: usize,
+    batch: usize,
+    threads: usize,
+    keygen_s: f64,
+    encrypt_s: f64,
+    total_s: f64,
+    amortized_ms: f64,
+    peak_rss_bytes: u64,
+    per_layer_s: Vec<(String, f64)>,
+    max_abs_error_vs_plaintext: f64,
+    predictions_agree: usize,
+}
+
+/// Peak resident set size of this process (Linux `ru_maxrss`), 0 elsewhere.
+pub fn peak_rss_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            return u.ru_maxrss as u64 * 1024;
+        }
+    }
+    0
+}
+
+pub fn run(args: &InferenceBenchArgs) -> Result<()> {
+    let (dir, model) = crate::models::load(&args.model)?;
+    let (params, plan) = Plan::choose(&model).context("planning")?;
+    let batch = match args.batch.as_str() {
+        "full" => params.slots(),
+        b => b
+            .parse::<usize>()
+            .context("--batch takes a number or `full`")?
+            .clamp(1, params.slots()),
+    };
+    eprintln!(
+        "{}: N = {}, depth {}, batch {batch}, {} threads",
+        dir.display(),
+        params.n(),
+        plan.depth,
+        rayon::current_num_threads()
+    );
+    let t = Instant::now();
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let keygen_s = t.elapsed().as_secs_f64();
+
+    // Random normalized images (public test data, not keys).
+    let per = model.input_len();
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let images: Vec<f64> = (0..batch * per)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
+        })
+        .collect();
+    let t = Instant::now();
+    let inputs = (0..per)
+        .into_par_iter()
+        .map(|k| {
+            let column: Vec<f64> = (0..batch).map(|b| images[b * per + k]).collect();
+            Encryptor::new(&params).encrypt_values_sk(
+                &sk,
+                &column,
+                params.default_scale(),
+                params.max_level(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let encrypt_s = t.elapsed().as_secs_f64();
+
+    let ev = Evaluator::new(&params);
+    let t = Instant::now();
+    let mut last = Instant::now();
+    let mut per_layer = Vec::new();
+    let logits = run_observed(&model, &ev, &rlk, inputs, &mut |node, _| {
+        let s = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        eprintln!("  {:<24} {s:>9.2} s", node.name);
+        per_layer.push((node.name.clone(), s));
+    })?;
+    let total_s = t.elapsed().as_secs_f64();
+
+    // Check against the plaintext reference on the same images.
+    let enc = Encoder::new(&params);
+    let got: Vec<Vec<f64>> = logits
+        .iter()
+        .map(|ct| Ok(enc.decode(&decrypt(&sk, ct)?)))
+        .collect::<Result<_, beaa_ckks::Error>>()?;
+    let want = model.forward(&images, batch)?;
+    let classes = logits.len();
+    let (mut max_err, mut agree) = (0.0f64, 0usize);
+    for b in 0..batch {
+        let row = &want[b * classes..(b + 1) * classes];
+        let argmax = |f: &dyn Fn(usize) -> f64| (0..classes).max_by(|&i, &j| f(i).total_cmp(&f(j)));
+        for (c, w) in row.iter().enumerate() {
+            max_err = max_err.max((got[c][b] - w).abs());
+        }
+        agree += (argmax(&|c| got[c][b]) == argmax(&|c| row[c])) as usize;
+    }
+    let report = Report {
+        model: dir.display().to_string(),
+        n: params.n(),
+        batch,
+        threads: rayon::current_num_threads(),
+        keygen_s,
+        encrypt_s,
+        total_s,
+        amortized_ms: total_s * 1e3 / batch as f64,
+        peak_rss_bytes: peak_rss_bytes(),
+        per_layer_s: per_layer,
+        max_abs_error_vs_plaintext: max_err,
+        predictions_agree: agree,
+    };
+    eprintln!(
+        "total {:.2} s for {batch} images: {:.3} ms/image; peak RSS {:.2} GB; max |enc - plain| {:.2e}; {agree}/{batch} predictions agree",
+        report.total_s,
+        report.amortized_ms,
+        report.peak_rss_bytes as f64 / 1e9,
+        max_err
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
