@@ -18,11 +18,20 @@ pub fn export(
     range_images: usize,
 ) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
-    let (mut cfg, net) = load_run(run, &dev)?;
+    let (mut cfg, mut net) = load_run(run, &dev)?;
     let state: TrainState = serde_json::from_str(
         &std::fs::read_to_string(run.join("state.json")).context("state.json")?,
     )?;
     let (train, _) = load_data(&mut cfg)?;
+    // same re-estimation as at the end of an epoch (no change for a finished epoch; needed when
+    // exporting a mid-epoch checkpoint of a polynomial net)
+    crate::train::calibrate(
+        &mut net,
+        &train,
+        &cfg.input,
+        cfg.bn_calibration_images,
+        &dev,
+    )?;
     let name = name.unwrap_or_else(|| {
         run.file_name()
             .and_then(|n| n.to_str())

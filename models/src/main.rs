@@ -122,6 +122,9 @@ struct TrainArgs {
     temperature: f64,
     #[arg(long, default_value_t = 5.0)]
     checkpoint_minutes: f64,
+    /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
+    #[arg(long)]
+    max_steps: Option<usize>,
     /// Images for end-of-epoch batch-norm re-estimation of polynomial nets (0 = off).
     #[arg(long, default_value_t = 500)]
     bn_calibration_images: usize,
@@ -220,13 +223,13 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Fit(a) => {
             let cfg = config(&a, false);
-            let s = train::run(&a.run, cfg)?;
+            let s = train::run_limited(&a.run, cfg, a.max_steps)?;
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::Distill(a) => {
             anyhow::ensure!(a.teacher.is_some(), "distill needs --teacher RUN_DIR");
             let cfg = config(&a, true);
-            let s = train::run(&a.run, cfg)?;
+            let s = train::run_limited(&a.run, cfg, a.max_steps)?;
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::Export {
