@@ -146,6 +146,34 @@ fn dot_const_chunk(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus)
     }
 }
 
+/// The tensor product of two degree-1 ciphertexts, one row:
+/// `d0 = a0 b0`, `d1 = a0 b1 + a1 b0`, `d2 = a1 b1` (mod t), in one pass over the inputs.
+/// With `b = None` it squares: `d0 = a0^2`, `d1 = 2 a0 a1`, `d2 = a1^2`.
+pub fn tensor(d: [&mut [u64]; 3], a: [&[u64]; 2], b: Option<[&[u64]; 2]>, t: &Modulus) {
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
+        unsafe { ifma::tensor(d, a, b, t) };
+        return;
+    }
+    let [d0, d1, d2] = d;
+    let [a0, a1] = a;
+    let (b0, b1, twice) = match b {
+        Some([b0, b1]) => (b0, b1, false),
+        None => (a0, a1, true),
+    };
+    for k in 0..d0.len() {
+        let (x0, x1, y0, y1) = (a0[k] as u128, a1[k] as u128, b0[k] as u128, b1[k] as u128);
+        d0[k] = t.reduce_u128(x0 * y0);
+        d1[k] = if twice {
+            t.reduce_u128(2 * x0 * y1)
+        } else {
+            t.reduce_u128(x0 * y1 + x1 * y0)
+        };
+        d2[k] = t.reduce_u128(x1 * y1);
+    }
+}
+
 /// Largest number of products `dot2` may sum before reducing.
 pub const DOT_MAX_TERMS: usize = 16;
 
@@ -250,6 +278,73 @@ mod ifma {
         );
         let s = _mm512_add_epi64(a, b);
         _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn tensor(
+        d: [&mut [u64]; 3],
+        a: [&[u64]; 2],
+        b: Option<[&[u64]; 2]>,
+        t: &crate::arith::Modulus,
+    ) {
+        let [d0, d1, d2] = d;
+        let [a0, a1] = a;
+        let square = b.is_none();
+        let [b0, b1] = b.unwrap_or(a);
+        let n = d0.len();
+        for row in [&d1[..], &d2[..], a0, a1, b0, b1] {
+            assert!(row.len() >= n);
+        }
+        let tv = t.value();
+        let k52 = ShoupConst::new(((1u128 << 52) % tv as u128) as u64, t);
+        let one = ShoupConst::new(1, t);
+        let tt = _mm512_set1_epi64(tv as i64);
+        let zero = _mm512_setzero_si512();
+        let mut k = 0;
+        while k + 8 <= n {
+            // SAFETY: k + 8 <= n <= every row's length (asserted above).
+            unsafe {
+                let ld = |r: &[u64]| _mm512_loadu_si512(r.as_ptr().add(k) as *const _);
+                let (x0, x1, y0, y1) = (ld(a0), ld(a1), ld(b0), ld(b1));
+                let p0 = lanes_fold(
+                    _mm512_madd52lo_epu64(zero, x0, y0),
+                    _mm512_madd52hi_epu64(zero, x0, y0),
+                    &k52,
+                    &one,
+                    tt,
+                );
+                let (lo1, hi1) = if square {
+                    let lo = _mm512_madd52lo_epu64(zero, x0, y1);
+                    let hi = _mm512_madd52hi_epu64(zero, x0, y1);
+                    (_mm512_add_epi64(lo, lo), _mm512_add_epi64(hi, hi))
+                } else {
+                    (
+                        _mm512_madd52lo_epu64(_mm512_madd52lo_epu64(zero, x0, y1), x1, y0),
+                        _mm512_madd52hi_epu64(_mm512_madd52hi_epu64(zero, x0, y1), x1, y0),
+                    )
+                };
+                let p1 = lanes_fold(lo1, hi1, &k52, &one, tt);
+                let p2 = lanes_fold(
+                    _mm512_madd52lo_epu64(zero, x1, y1),
+                    _mm512_madd52hi_epu64(zero, x1, y1),
+                    &k52,
+                    &one,
+                    tt,
+                );
+                _mm512_storeu_si512(d0.as_mut_ptr().add(k) as *mut _, p0);
+                _mm512_storeu_si512(d1.as_mut_ptr().add(k) as *mut _, p1);
+                _mm512_storeu_si512(d2.as_mut_ptr().add(k) as *mut _, p2);
+            }
+            k += 8;
+        }
+        for j in k..n {
+            let (x0, x1, y0, y1) = (a0[j] as u128, a1[j] as u128, b0[j] as u128, b1[j] as u128);
+            d0[j] = t.reduce_u128(x0 * y0);
+            d1[j] = t.reduce_u128(x0 * y1 + x1 * y0);
+            d2[j] = t.reduce_u128(x1 * y1);
+        }
     }
 
     /// # Safety
@@ -459,6 +554,30 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn tensor_matches_u128(bits in 20u32..=50, len in 1usize..40, seed in any::<u64>()) {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let tv = t.value() as u128;
+            let mut state = seed;
+            let mut row = || -> Vec<u64> { (0..len).map(|_| { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (state >> 14) % t.value() }).collect() };
+            let (a0, a1, b0, b1) = (row(), row(), row(), row());
+            let (mut d0, mut d1, mut d2) = (vec![0u64; len], vec![0u64; len], vec![0u64; len]);
+            tensor([&mut d0, &mut d1, &mut d2], [&a0, &a1], Some([&b0, &b1]), &t);
+            for k in 0..len {
+                let (x0, x1, y0, y1) = (a0[k] as u128, a1[k] as u128, b0[k] as u128, b1[k] as u128);
+                prop_assert_eq!(d0[k] as u128, x0 * y0 % tv);
+                prop_assert_eq!(d1[k] as u128, (x0 * y1 + x1 * y0) % tv);
+                prop_assert_eq!(d2[k] as u128, x1 * y1 % tv);
+            }
+            tensor([&mut d0, &mut d1, &mut d2], [&a0, &a1], None, &t);
+            for k in 0..len {
+                let (x0, x1) = (a0[k] as u128, a1[k] as u128);
+                prop_assert_eq!(d0[k] as u128, x0 * x0 % tv);
+                prop_assert_eq!(d1[k] as u128, 2 * x0 * x1 % tv);
+                prop_assert_eq!(d2[k] as u128, x1 * x1 % tv);
+            }
+        }
+
         #[test]
         fn dot2_matches_u128(bits in 20u32..=50, terms in 1usize..=2 * DOT_MAX_TERMS + 3, len in 1usize..40, seed in any::<u64>()) {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();

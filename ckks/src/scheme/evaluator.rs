@@ -271,17 +271,7 @@ impl Evaluator {
         if a.degree() != 1 || b.degree() != 1 {
             return Err(Error::WrongDegree(a.degree().max(b.degree()), 1));
         }
-        let ring = self.params.ring();
-        let basis = self.params.q_basis(a.level);
-        let n = self.params.n();
-        let limbs = a.level + 1;
-        let mut d0 = RnsPoly::zero(n, limbs);
-        let mut d1 = RnsPoly::zero(n, limbs);
-        let mut d2 = RnsPoly::zero(n, limbs);
-        ring.mul_accumulate(&mut d0, &a.polys[0], &b.polys[0], &basis);
-        ring.mul_accumulate(&mut d1, &a.polys[0], &b.polys[1], &basis);
-        ring.mul_accumulate(&mut d1, &a.polys[1], &b.polys[0], &basis);
-        ring.mul_accumulate(&mut d2, &a.polys[1], &b.polys[1], &basis);
+        let (d0, d1, d2) = self.tensor(a, Some(b));
         Ok(Ciphertext {
             params: self.params.clone(),
             polys: vec![d0, d1, d2],
@@ -291,19 +281,36 @@ impl Evaluator {
         })
     }
 
+    /// The three polynomials of `a * b` (or `a^2`), one fused pass per prime.
+    fn tensor(&self, a: &Ciphertext, b: Option<&Ciphertext>) -> (RnsPoly, RnsPoly, RnsPoly) {
+        let ring = self.params.ring();
+        let n = self.params.n();
+        let limbs = a.level + 1;
+        let mut d = [
+            RnsPoly::zero(n, limbs),
+            RnsPoly::zero(n, limbs),
+            RnsPoly::zero(n, limbs),
+        ];
+        for i in 0..limbs {
+            let [d0, d1, d2] = &mut d;
+            kernels::tensor(
+                [d0.limb_mut(i), d1.limb_mut(i), d2.limb_mut(i)],
+                [a.polys[0].limb(i), a.polys[1].limb(i)],
+                b.map(|b| [b.polys[0].limb(i), b.polys[1].limb(i)]),
+                ring.modulus(i),
+            );
+        }
+        let [d0, d1, d2] = d;
+        (d0, d1, d2)
+    }
+
     /// `a^2`, saving one product over `mul(a, a)`.
     pub fn square(&self, a: &Ciphertext) -> Result<Ciphertext> {
         self.check(a)?;
         if a.degree() != 1 {
             return Err(Error::WrongDegree(a.degree(), 1));
         }
-        let ring = self.params.ring();
-        let basis = self.params.q_basis(a.level);
-        let d0 = ring.mul(&a.polys[0], &a.polys[0], &basis);
-        let mut d1 = ring.mul(&a.polys[0], &a.polys[1], &basis);
-        let copy = d1.clone();
-        ring.add_assign(&mut d1, &copy, &basis);
-        let d2 = ring.mul(&a.polys[1], &a.polys[1], &basis);
+        let (d0, d1, d2) = self.tensor(a, None);
         Ok(Ciphertext {
             params: self.params.clone(),
             polys: vec![d0, d1, d2],
