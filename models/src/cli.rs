@@ -22,7 +22,7 @@ pub fn export(
     let state: TrainState = serde_json::from_str(
         &std::fs::read_to_string(run.join("state.json")).context("state.json")?,
     )?;
-    let (train, _) = load_data(&mut cfg)?;
+    let (train, val) = load_data(&mut cfg)?;
     // same re-estimation as at the end of an epoch (no change for a finished epoch; needed when
     // exporting a mid-epoch checkpoint of a polynomial net)
     crate::train::calibrate(
@@ -38,8 +38,12 @@ pub fn export(
             .unwrap_or("model")
             .to_string()
     });
+    // validation of exactly the exported weights and batch-norm statistics
+    let mut state = state;
+    state.last_val = Some(crate::train::evaluate(&mut net, &val, &cfg.input, &dev)?);
     let mut model = export_run(&net, &cfg, &state, &train, &name, range_images)?;
     if let Some(m) = model.manifest.metrics.as_object_mut() {
+        m.insert("note".into(), json!("validation measured at export by beaa-train (candle, eval mode) on the exported weights"));
         m.insert("split".into(), json!({"kind": cfg.split, "val_per_class": cfg.val_per_class, "val_fraction": cfg.val_fraction, "seed": cfg.seed}));
     }
     model.save(out)?;

@@ -351,10 +351,9 @@ impl Net {
         let shape = x.shape().clone();
         let flat = x.reshape(((), c))?;
         if self.calibrating && !train {
-            let mean = flat.mean_keepdim(0)?;
-            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
-            self.buffers.insert(mk.clone(), mean.flatten_all()?);
-            self.buffers.insert(vk.clone(), var.flatten_all()?);
+            let (mean, var) = robust_batch_stats(x, CALIBRATION_GROUP)?;
+            self.buffers.insert(mk.clone(), mean);
+            self.buffers.insert(vk.clone(), var);
         }
         let (mean, var) = if train {
             let mean = flat.mean_keepdim(0)?;
@@ -434,6 +433,54 @@ impl Net {
     }
 }
 
+/// Images per group in batch-norm re-estimation: the training batch size.
+pub const CALIBRATION_GROUP: usize = 128;
+
+/// Per-channel mean and (biased) variance for batch-norm re-estimation: the median over groups
+/// of `group` images of each group's statistics. Quadratic activations give heavy tails; a plain
+/// variance over many images is dominated by a few extreme ones and then squashes every typical
+/// image to nearly the same value, whereas training normalized each batch of `group` images by
+/// its own statistics. The median over groups reproduces the typical training batch.
+pub fn robust_batch_stats(x: &Tensor, group: usize) -> Result<(Tensor, Tensor)> {
+    let (n, h, w, c) = x.dims4()?;
+    let flat = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let per = h * w * c;
+    let groups: Vec<(usize, usize)> = (0..n.div_ceil(group))
+        .map(|g| (g * group, ((g + 1) * group).min(n)))
+        .collect();
+    let mut means = vec![Vec::with_capacity(groups.len()); c];
+    let mut vars = vec![Vec::with_capacity(groups.len()); c];
+    for &(a, b) in &groups {
+        let mut s = vec![0f64; c];
+        let mut s2 = vec![0f64; c];
+        for (i, v) in flat[a * per..b * per].iter().enumerate() {
+            s[i % c] += v;
+            s2[i % c] += v * v;
+        }
+        let m = ((b - a) * h * w) as f64;
+        for k in 0..c {
+            let mu = s[k] / m;
+            means[k].push(mu);
+            vars[k].push((s2[k] / m - mu * mu).max(0.0));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let l = v.len();
+        if l % 2 == 1 {
+            v[l / 2]
+        } else {
+            0.5 * (v[l / 2 - 1] + v[l / 2])
+        }
+    };
+    let mean: Vec<f32> = means.iter_mut().map(|v| median(v) as f32).collect();
+    let var: Vec<f32> = vars.iter_mut().map(|v| median(v) as f32).collect();
+    Ok((
+        Tensor::from_vec(mean, c, x.device())?,
+        Tensor::from_vec(var, c, x.device())?,
+    ))
+}
+
 /// 2x2 average pooling, stride 2, on NHWC.
 pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(crate::fused::AvgPool2)
@@ -455,6 +502,26 @@ mod tests {
             conv2: 6,
             conv3: 5,
         }
+    }
+
+    /// One extreme image moves the plain variance by orders of magnitude but not the median
+    /// of per-group statistics.
+    #[test]
+    fn robust_stats_ignore_a_heavy_tail() -> Result<()> {
+        let dev = Device::Cpu;
+        // 6 images of 1x2x1 (H, W, C), groups of 2: values +-1 except one image at +-1000
+        let mut v = vec![
+            1f32, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0,
+        ];
+        v[0] = 1000.0;
+        v[1] = -1000.0;
+        let x = Tensor::from_vec(v, (6, 1, 2, 1), &dev)?;
+        let (m, var) = robust_batch_stats(&x, 2)?;
+        assert_eq!(m.to_vec1::<f32>()?, vec![0.0]);
+        assert_eq!(var.to_vec1::<f32>()?, vec![1.0]);
+        let plain = x.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        assert!(plain > 1e5);
+        Ok(())
     }
 
     /// After re-estimation on a batch, eval mode on that batch equals train mode on it.
