@@ -122,6 +122,9 @@ struct TrainArgs {
     temperature: f64,
     #[arg(long, default_value_t = 5.0)]
     checkpoint_minutes: f64,
+    /// Batch norm in eval mode while training (fixed statistics, re-estimated each epoch).
+    #[arg(long)]
+    freeze_bn: bool,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -209,6 +212,7 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
         poly_fit_images: 2000,
         checkpoint_minutes: a.checkpoint_minutes,
         poly_fit_shrink: a.poly_fit_shrink,
+        freeze_bn: a.freeze_bn,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -55,6 +55,10 @@ pub struct TrainConfig {
     /// Weight of the layer-wide inputs in each channel/element least-squares fit (0 = none).
     #[serde(default)]
     pub poly_fit_shrink: f64,
+    /// Train with batch norm in eval mode (statistics fixed between the end-of-epoch
+    /// re-estimations), so training optimizes the function that inference (and encryption) runs.
+    #[serde(default)]
+    pub freeze_bn: bool,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -542,7 +546,7 @@ pub fn run_limited(
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ s as u64);
             let (x, y) = make_batch(&train, idx, &cfg.augment, &spec, &mut rng, &dev)?;
-            let logits = net.forward(&x, true, None)?;
+            let logits = net.forward(&x, !cfg.freeze_bn, None)?;
             let loss = match teacher.as_mut() {
                 Some(t) => {
                     let tl = t.forward(&x, false, None)?.detach();
@@ -831,6 +835,7 @@ mod tests {
             checkpoint_minutes: 0.0,
             bn_calibration_images: 8,
             poly_fit_shrink: 1.0,
+            freeze_bn: false,
         };
         let whole = run(&root.join("a"), cfg.clone())?;
         let part = run_limited(&root.join("b"), cfg.clone(), Some(3))?;
