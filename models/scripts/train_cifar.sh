@@ -9,7 +9,7 @@ DATA=${DATA:-/work/data/train}
 RUNS=${RUNS:-/work/runs}
 export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
 common=(--data "$DATA" --preset cifar10 --seed 1)
-"$BIN" fit --run "$RUNS/cifar-relu" "${common[@]}" --act relu --epochs 20
+"$BIN" fit --run "$RUNS/cifar-relu" "${common[@]}" --act relu --epochs 15
 for act in element channel; do
   "$BIN" distill --run "$RUNS/cifar-$act-kd" "${common[@]}" --act "$act" --teacher "$RUNS/cifar-relu" --epochs 10
 done
