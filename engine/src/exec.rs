@@ -122,16 +122,6 @@ fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m beaa_model::TensorData
         .ok_or_else(|| ExecError::Model(format!("missing tensor {name}")))
 }
 
-fn shape_of(model: &Model, name: &str) -> [usize; 3] {
-    model
-        .manifest
-        .nodes
-        .iter()
-        .find(|n| n.name == name)
-        .map(|n| n.shape)
-        .unwrap_or([0; 3])
-}
-
 /// Sees each node with the values it materialized (squares).
 pub type Observer<'o, V> = &'o mut dyn FnMut(&Node, &[Arc<V>]);
 
@@ -221,7 +211,7 @@ fn eval_node<B: Backend>(
             stride,
             padding,
         } => {
-            let [ci, hi, wi] = shape_of(model, &node.inputs[0]);
+            let [ci, hi, wi] = model.shape_of(&node.inputs[0]);
             let wt = tensor(model, weight)?;
             let (kh, kw) = (wt.shape[2], wt.shape[3]);
             let bias = &tensor(model, bias)?.data;
@@ -312,7 +302,7 @@ fn eval_node<B: Backend>(
             linear(out)
         }
         Op::AvgPool { kernel, stride } => {
-            let [_, hi, wi] = shape_of(model, &node.inputs[0]);
+            let [_, hi, wi] = model.shape_of(&node.inputs[0]);
             let inv = 1.0 / (kernel * kernel) as f64;
             let out = (0..c * h * w)
                 .map(|e| {
@@ -335,7 +325,7 @@ fn eval_node<B: Backend>(
             linear(out)
         }
         Op::GlobalAvgPool => {
-            let [ci, hi, wi] = shape_of(model, &node.inputs[0]);
+            let [ci, hi, wi] = model.shape_of(&node.inputs[0]);
             let inv = 1.0 / (hi * wi) as f64;
             let out = (0..ci)
                 .map(|ch| {

@@ -462,7 +462,8 @@ impl Model {
         &self.tensors[name].data
     }
 
-    fn shape_of(&self, name: &str) -> [usize; 3] {
+    /// Output shape [C, H, W] of the node called `name` ([0, 0, 0] if there is none).
+    pub fn shape_of(&self, name: &str) -> [usize; 3] {
         self.manifest
             .nodes
             .iter()
