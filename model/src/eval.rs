@@ -5,6 +5,20 @@ use crate::{preprocess, Model, ModelError};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+/// The official CIFAR-10 label order (used when `batches.meta.txt` is absent).
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
 /// Accuracy report; classes are the model's, in logit order.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -54,20 +68,7 @@ fn list(dir: &Path) -> Result<Vec<(String, Item)>, ModelError> {
                 .filter(|l| !l.is_empty())
                 .map(String::from)
                 .collect(),
-            Err(_) => [
-                "airplane",
-                "automobile",
-                "bird",
-                "cat",
-                "deer",
-                "dog",
-                "frog",
-                "horse",
-                "ship",
-                "truck",
-            ]
-            .map(String::from)
-            .to_vec(),
+            Err(_) => CIFAR10_CLASSES.map(String::from).to_vec(),
         };
         let mut out = Vec::new();
         for b in batches {

@@ -21,18 +21,7 @@ pub struct Dataset {
     pub classes: Vec<String>,
 }
 
-pub const CIFAR10_CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub use beaa_model::eval::CIFAR10_CLASSES;
 
 impl Dataset {
     pub fn len(&self) -> usize {
