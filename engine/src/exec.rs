@@ -32,6 +32,8 @@ pub enum ExecError {
     Ckks(#[from] CkksError),
     #[error("{0}")]
     Model(String),
+    #[error("the job was cancelled")]
+    Cancelled,
 }
 
 /// One feature element: `sum w_k v_k + constant` over materialized values `v_k`.

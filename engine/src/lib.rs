@@ -13,10 +13,13 @@
 //! as weights into the next linear combination. The optimized SqueezeNet needs 15 levels.
 //!
 //! - [`exec`]: the executor, generic over real ciphertexts and level/scale metadata;
+//! - [`job`]: a whole job with progress and cancellation (what the service runs);
 //! - [`plan`]: the same walk on metadata only: depth, levels, scales, before any encryption.
 
 pub mod exec;
+pub mod job;
 pub mod plan;
 
 pub use exec::{run, run_observed};
+pub use job::{run_job, InputSource, Progress, RunControl};
 pub use plan::{Plan, PlanError};

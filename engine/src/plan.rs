@@ -162,6 +162,14 @@ pub fn choose_spec(depth: usize) -> Option<ParamSpec> {
     None
 }
 
+/// A small, fast, NOT SECURE parameter set for a network of `depth` levels, for tests and CI:
+/// N = 2048 (1024 slots), `depth + 1` primes of 50 + 40 bits, four key-switching digits. Only
+/// [`Params::insecure_for_tests`] accepts it; the server refuses it unless started with
+/// `--insecure-test-params`.
+pub fn insecure_test_spec(depth: usize) -> ParamSpec {
+    ParamSpec::chain(11, depth + 1, 40, 4)
+}
+
 impl Plan {
     /// Depth of `model` regardless of parameters (planned on a long test chain).
     pub fn depth_of(model: &Model) -> Result<usize, PlanError> {
@@ -178,6 +186,15 @@ impl Plan {
             available: 0,
         })?;
         let params = Params::new(spec).map_err(|e| PlanError::Other(e.to_string()))?;
+        let plan = Plan::new(model, &params)?;
+        Ok((params, plan))
+    }
+
+    /// Plans `model` on [`insecure_test_spec`] (tests and `--insecure-test-params` only).
+    pub fn choose_insecure_for_tests(model: &Model) -> Result<(Params, Plan), PlanError> {
+        let depth = Self::depth_of(model)?;
+        let params = Params::insecure_for_tests(insecure_test_spec(depth))
+            .map_err(|e| PlanError::Other(e.to_string()))?;
         let plan = Plan::new(model, &params)?;
         Ok((params, plan))
     }

@@ -92,3 +92,63 @@ fn relu_models_and_short_chains_are_refused() {
         Err(PlanError::TooDeep { .. })
     ));
 }
+
+#[test]
+fn run_job_reports_progress_and_can_be_cancelled() {
+    use beaa_engine::{run_job, RunControl};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let spec = SqueezeNetSpec::tiny(3, 4, 2);
+    let model = random_model(3, &spec, Activation::PolyElement);
+    let (params, plan) = Plan::choose_insecure_for_tests(&model).unwrap();
+    assert!(!params.is_secure());
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let mut enc = Encryptor::new(&params);
+    let x = images(3, model.input_len(), 9);
+    let inputs: Vec<_> = (0..model.input_len())
+        .map(|k| {
+            let col: Vec<f64> = (0..3).map(|b| x[b * model.input_len() + k]).collect();
+            enc.encrypt_values_sk(&sk, &col, params.default_scale(), params.max_level())
+                .unwrap()
+        })
+        .collect();
+    let ev = Evaluator::new(&params);
+
+    let mut seen = Vec::new();
+    let out = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new().on_progress(|p| seen.push(p.fraction)),
+    )
+    .unwrap();
+    assert_eq!(out.len(), spec.classes);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last().copied(), Some(1.0));
+
+    // Cancel from the progress callback after the first layer: the job stops with Cancelled.
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&flag);
+    let err = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new()
+            .cancel_flag(Arc::clone(&flag))
+            .on_progress(move |p| {
+                if p.fraction > 0.0 {
+                    f2.store(true, Ordering::Relaxed)
+                }
+            }),
+    )
+    .unwrap_err();
+    assert_eq!(err, beaa_engine::exec::ExecError::Cancelled);
+    // Wrong input count is an error, not a panic.
+    assert!(run_job(&model, &plan, &ev, &rlk, &inputs[1..], RunControl::new()).is_err());
+}

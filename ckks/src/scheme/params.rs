@@ -21,8 +21,9 @@ pub fn max_log_qp_128(log_n: u32) -> Option<u32> {
         .map(|(_, m)| *m)
 }
 
-/// A parameter set described by bit sizes; primes are derived deterministically.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A parameter set described by bit sizes; primes are derived deterministically. Its JSON form
+/// is how the server tells a client which parameters a model uses.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ParamSpec {
     /// Ring degree N = 2^log_n; N/2 slots.
     pub log_n: u32,
@@ -186,6 +187,17 @@ impl Params {
             });
         }
         Ok(params)
+    }
+
+    /// `Params::new`, or - only when `allow_insecure` - the insecure test build of a spec that
+    /// fails the 128-bit check. For specs received over the wire (server model listings).
+    pub fn from_spec(spec: ParamSpec, allow_insecure: bool) -> Result<Self> {
+        match Self::new(spec.clone()) {
+            Err(Error::Insecure { .. } | Error::InvalidParams(_)) if allow_insecure => {
+                Self::insecure_for_tests(spec)
+            }
+            other => other,
+        }
     }
 
     /// Builds a parameter set WITHOUT the security check, for tests only. The result says
