@@ -1,10 +1,13 @@
 //! Running a whole encrypted job: inputs from wherever they live, progress with an ETA,
 //! cancellation. This is the entry point the service and the command line use.
 
-use crate::exec::{execute, Encrypted, ExecError};
+use crate::exec::ExecError;
 use crate::plan::Plan;
+use crate::store::{DirStore, MemStore, Store};
+use crate::stream::Runner;
 use beaa_ckks::{Ciphertext, Evaluator, RelinKey};
 use beaa_model::Model;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +34,38 @@ impl InputSource for [Ciphertext] {
     }
 }
 
+/// Input ciphertexts as files (one `beaa-ckks` ciphertext each, e.g. seeded uploads), read
+/// and validated when the executor first needs them.
+pub struct FileInputs {
+    params: beaa_ckks::Params,
+    paths: Vec<PathBuf>,
+}
+
+impl FileInputs {
+    pub fn new(params: &beaa_ckks::Params, paths: Vec<PathBuf>) -> Self {
+        FileInputs {
+            params: params.clone(),
+            paths,
+        }
+    }
+}
+
+impl InputSource for FileInputs {
+    fn len(&self) -> usize {
+        self.paths.len()
+    }
+    fn load(&self, k: usize) -> Result<Ciphertext, ExecError> {
+        let path = self
+            .paths
+            .get(k)
+            .ok_or_else(|| ExecError::Model(format!("no input ciphertext {k}")))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| ExecError::Io(format!("{}: {e}", path.display())))?;
+        Ciphertext::from_bytes(&self.params, &bytes)
+            .map_err(|e| ExecError::Model(format!("input ciphertext {k}: {e}")))
+    }
+}
+
 /// How far a job is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
@@ -45,11 +80,12 @@ pub struct Progress {
 
 type ProgressFn<'a> = Box<dyn FnMut(&Progress) + Send + 'a>;
 
-/// Progress reporting and cancellation for [`run_job`]; everything optional.
+/// Progress reporting, cancellation and the work directory for [`run_job`]; all optional.
 #[derive(Default)]
 pub struct RunControl<'a> {
     cancel: Option<Arc<AtomicBool>>,
     on_progress: Option<ProgressFn<'a>>,
+    work_dir: Option<PathBuf>,
 }
 
 impl<'a> RunControl<'a> {
@@ -61,62 +97,23 @@ impl<'a> RunControl<'a> {
         self.cancel = Some(flag);
         self
     }
-    /// Called after every layer.
+    /// Called after every batch of tiles (a few per second at most on big models).
     pub fn on_progress(mut self, f: impl FnMut(&Progress) + Send + 'a) -> Self {
         self.on_progress = Some(Box::new(f));
         self
     }
-    fn cancelled(&self) -> bool {
-        self.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
-    }
-}
-
-/// The encrypted backend, checking the cancel flag before each expensive step.
-struct Cancellable<'a> {
-    inner: Encrypted<'a>,
-    cancel: Option<&'a AtomicBool>,
-}
-
-impl crate::exec::Backend for Cancellable<'_> {
-    type Value = Ciphertext;
-    fn level(&self, v: &Ciphertext) -> isize {
-        self.inner.level(v)
-    }
-    fn scale(&self, v: &Ciphertext) -> f64 {
-        self.inner.scale(v)
-    }
-    fn combine(
-        &self,
-        terms: &[(&Ciphertext, f64)],
-        constant: f64,
-        target: f64,
-    ) -> Result<Ciphertext, ExecError> {
-        self.check()?;
-        self.inner.combine(terms, constant, target)
-    }
-    fn square(&self, x: &Ciphertext) -> Result<Ciphertext, ExecError> {
-        self.check()?;
-        self.inner.square(x)
-    }
-    fn prime(&self, level: isize) -> f64 {
-        self.inner.prime(level)
-    }
-}
-
-impl Cancellable<'_> {
-    fn check(&self) -> Result<(), ExecError> {
-        match self.cancel {
-            Some(c) if c.load(Ordering::Relaxed) => Err(ExecError::Cancelled),
-            _ => Ok(()),
-        }
+    /// Keep intermediate tiles as files here instead of in memory. They are the job's
+    /// checkpoints: running again with the same directory skips finished tiles.
+    pub fn work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.work_dir = Some(dir.into());
+        self
     }
 }
 
 /// Evaluates `model` on the element-wise packed `inputs` with the client's relinearization key
-/// and returns one ciphertext per logit. `plan` must come from the same model and the
-/// parameters of `ev` (it gives the progress weights).
+/// and returns one ciphertext per logit. `plan` must come from `model` and the parameters of
+/// `ev`. Resident memory is bounded by the stored tiles a few raster rows of one layer need,
+/// plus one tile's working set per thread.
 pub fn run_job(
     model: &Model,
     plan: &Plan,
@@ -125,47 +122,78 @@ pub fn run_job(
     inputs: &(impl InputSource + ?Sized),
     mut control: RunControl<'_>,
 ) -> Result<Vec<Ciphertext>, ExecError> {
-    if inputs.len() != model.input_len() {
+    if inputs.len() != model.input_len() || inputs.len() != plan.graph.layers[0].len() {
         return Err(ExecError::Model(format!(
             "{} input ciphertexts for a model with {} input features",
             inputs.len(),
             model.input_len()
         )));
     }
-    if control.cancelled() {
+    if plan.input_level != ev.params().max_level() {
+        return Err(ExecError::Model(
+            "the plan was made for another parameter set".into(),
+        ));
+    }
+    let cancel = control.cancel.clone();
+    if cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
         return Err(ExecError::Cancelled);
     }
-    let values = (0..inputs.len())
-        .map(|k| inputs.load(k))
-        .collect::<Result<Vec<_>, _>>()?;
-    let total: usize = plan
-        .materialized
-        .values()
-        .map(|(n, _)| n)
-        .sum::<usize>()
-        .max(1);
-    let start = Instant::now();
-    let mut done = 0usize;
-    let backend = Cancellable {
-        inner: Encrypted { ev, rlk },
-        cancel: control.cancel.as_deref(),
-    };
-    let mut report = control.on_progress.take();
-    let out = execute(&backend, model, values, &mut |node, made| {
-        done += made.len();
-        if let Some(f) = report.as_mut() {
-            let fraction = (done as f64 / total as f64).min(1.0);
-            let elapsed_s = start.elapsed().as_secs_f64();
-            f(&Progress {
-                fraction,
-                stage: node.name.clone(),
-                elapsed_s,
-                eta_s: (fraction > 0.0).then(|| elapsed_s * (1.0 - fraction) / fraction),
-            });
+    let mem;
+    let dir;
+    let store: &dyn Store = match &control.work_dir {
+        Some(path) => {
+            let identity = format!(
+                "model {} | params {} | layers {} | stages {}",
+                model.manifest.name,
+                hex(ev.params().fingerprint()),
+                plan.graph.layers.len(),
+                plan.schedule.stages.len()
+            );
+            dir = DirStore::open(path, ev.params(), &identity)?;
+            &dir
         }
-    })?;
-    Ok(out
-        .into_iter()
-        .map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()))
-        .collect())
+        None => {
+            mem = MemStore::default();
+            &mem
+        }
+    };
+    let runner = Runner {
+        g: &plan.graph,
+        schedule: &plan.schedule,
+        ev,
+        rlk,
+        inputs,
+        store,
+        cancel: cancel.as_deref(),
+    };
+    let stage_work: Vec<u64> = plan
+        .schedule
+        .stages
+        .iter()
+        .map(|s| s.work.iter().sum())
+        .collect();
+    let total: u64 = stage_work.iter().sum::<u64>().max(1);
+    let start = Instant::now();
+    let mut report = control.on_progress.take();
+    // The first report anchors the rate (a resumed job starts part-way).
+    let mut anchor: Option<(f64, f64)> = None;
+    runner.run(&mut |si, done_in_stage| {
+        let Some(f) = report.as_mut() else { return };
+        let done: u64 = stage_work[..si].iter().sum::<u64>() + done_in_stage;
+        let fraction = (done as f64 / total as f64).min(1.0);
+        let elapsed_s = start.elapsed().as_secs_f64();
+        let (f0, e0) = *anchor.get_or_insert((fraction, elapsed_s));
+        let rate = (fraction - f0) / (elapsed_s - e0).max(1e-9);
+        let layer = &plan.graph.layers[plan.schedule.stages[si].layer as usize];
+        f(&Progress {
+            fraction,
+            stage: layer.name.clone(),
+            elapsed_s,
+            eta_s: (rate > 0.0).then(|| (1.0 - fraction) / rate),
+        });
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -17,9 +17,13 @@
 //! - [`plan`]: the same walk on metadata only: depth, levels, scales, before any encryption.
 
 pub mod exec;
+pub mod graph;
 pub mod job;
 pub mod plan;
+pub mod schedule;
+pub mod store;
+pub mod stream;
 
-pub use exec::{run, run_observed};
-pub use job::{run_job, InputSource, Progress, RunControl};
+pub use exec::{run, ExecError};
+pub use job::{run_job, FileInputs, InputSource, Progress, RunControl};
 pub use plan::{Plan, PlanError};

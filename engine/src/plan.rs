@@ -1,6 +1,8 @@
 //! Planning: the executor's walk on levels and scales only.
 
-use crate::exec::{execute, Backend, ExecError};
+use crate::exec::ExecError;
+use crate::graph::{LayerKind, Meta, ValueGraph};
+use crate::schedule::Schedule;
 use beaa_ckks::{max_log_qp_128, ParamSpec, Params};
 use beaa_model::Model;
 use std::collections::BTreeMap;
@@ -18,68 +20,21 @@ pub enum PlanError {
     Other(String),
 }
 
-/// Level and scale of a value, with levels allowed below zero so a plan can say how many
-/// levels it would need.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Meta {
-    pub level: isize,
-    pub scale: f64,
-}
-
-struct Metadata<'a> {
-    q: &'a [u64],
-}
-
-impl Metadata<'_> {
-    fn prime_at(&self, level: isize) -> f64 {
-        self.q[level.clamp(0, self.q.len() as isize - 1) as usize] as f64
-    }
-}
-
-impl Backend for Metadata<'_> {
-    type Value = Meta;
-    fn level(&self, v: &Meta) -> isize {
-        v.level
-    }
-    fn scale(&self, v: &Meta) -> f64 {
-        v.scale
-    }
-    // Mirrors Evaluator::linear_combination + rescale exactly (same f64 operations).
-    fn combine(
-        &self,
-        terms: &[(&Meta, f64)],
-        _constant: f64,
-        target: f64,
-    ) -> Result<Meta, ExecError> {
-        let level = terms.iter().map(|(m, _)| m.level).min().unwrap_or(0);
-        Ok(Meta {
-            level: level - 1,
-            scale: target / self.prime_at(level),
-        })
-    }
-    // Mirrors Evaluator::square + relinearize_rescale_assign.
-    fn square(&self, x: &Meta) -> Result<Meta, ExecError> {
-        Ok(Meta {
-            level: x.level - 1,
-            scale: x.scale * x.scale / self.prime_at(x.level),
-        })
-    }
-    fn prime(&self, level: isize) -> f64 {
-        self.prime_at(level)
-    }
-}
-
-/// What a model needs from a parameter set.
+/// What a model needs from a parameter set, and how it will be evaluated.
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// Levels consumed from input to output.
     pub depth: usize,
     pub input_level: usize,
     pub input_scale: f64,
-    /// Output level and scale.
+    /// Output level and scale (the lowest output).
     pub output: Meta,
-    /// Per node: the ciphertexts it materializes (squares) and their level.
+    /// Per activation or sum layer: the ciphertexts it makes and their level.
     pub materialized: BTreeMap<String, (usize, isize)>,
+    /// Every value as a linear form over earlier ones, with levels and scales.
+    pub graph: ValueGraph,
+    /// Which layers are stored between stages and which are recomputed where read.
+    pub schedule: Schedule,
 }
 
 impl Plan {
@@ -87,34 +42,11 @@ impl Plan {
     /// `TooDeep` (saying how many levels it needs) when the chain is too short.
     pub fn new(model: &Model, params: &Params) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let meta = Metadata { q: params.q() };
-        let input = Meta {
-            level: top as isize,
-            scale: params.default_scale(),
-        };
-        let mut materialized = BTreeMap::new();
-        let mut lowest = top as isize;
-        let out = execute(
-            &meta,
-            model,
-            vec![input; model.input_len()],
-            &mut |node, made| {
-                if let Some(first) = made.first() {
-                    lowest = lowest.min(first.level);
-                    materialized.insert(node.name.clone(), (made.len(), first.level));
-                }
-            },
-        )
-        .map_err(|e| match e {
+        let graph = ValueGraph::build(model, params).map_err(|e| match e {
             ExecError::Relu(n) => PlanError::Relu(n),
             other => PlanError::Other(other.to_string()),
         })?;
-        let output = out
-            .iter()
-            .map(|m| **m)
-            .min_by_key(|m| m.level)
-            .ok_or_else(|| PlanError::Other("model has no outputs".into()))?;
-        lowest = lowest.min(output.level);
+        let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
         if lowest < 0 {
             return Err(PlanError::TooDeep {
@@ -122,13 +54,44 @@ impl Plan {
                 available: top,
             });
         }
+        let output = graph
+            .output()
+            .meta
+            .iter()
+            .copied()
+            .min_by_key(|m| m.level)
+            .ok_or_else(|| PlanError::Other("model has no outputs".into()))?;
+        let materialized = graph
+            .layers
+            .iter()
+            .filter(|l| matches!(l.kind, LayerKind::Activation { .. } | LayerKind::Sum))
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    (l.len(), l.meta.first().map_or(0, |m| m.level)),
+                )
+            })
+            .collect();
+        let schedule = Schedule::new(&graph);
         Ok(Plan {
             depth,
             input_level: top,
             input_scale: params.default_scale(),
             output,
             materialized,
+            graph,
+            schedule,
         })
+    }
+
+    /// Ciphertext squares per batch (one per quadratic activation element).
+    pub fn squares(&self) -> usize {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| matches!(l.kind, LayerKind::Activation { .. }))
+            .map(|l| l.len())
+            .sum()
     }
 }
 

@@ -52,9 +52,9 @@ fn tiny_squeezenet_encrypted_equals_plaintext() {
             enc.encrypt_values_sk(&sk, &column, params.default_scale(), params.max_level())
                 .unwrap()
         })
-        .collect();
+        .collect::<Vec<_>>();
     let ev = Evaluator::new(&params);
-    let logits = run(&model, &ev, &rlk, inputs).unwrap();
+    let logits = run(&model, &ev, &rlk, &inputs).unwrap();
     assert_eq!(logits.len(), spec.classes);
 
     let want = model.forward(&x, batch).unwrap();
@@ -151,4 +151,111 @@ fn run_job_reports_progress_and_can_be_cancelled() {
     assert_eq!(err, beaa_engine::exec::ExecError::Cancelled);
     // Wrong input count is an error, not a panic.
     assert!(run_job(&model, &plan, &ev, &rlk, &inputs[1..], RunControl::new()).is_err());
+}
+
+/// The schedule keeps only the layers read through overlapping windows, and a job run in a
+/// work directory, cancelled half-way and run again, resumes and gives the same bits as an
+/// in-memory run.
+#[test]
+fn work_directory_jobs_resume_after_cancellation() {
+    use beaa_engine::{run_job, RunControl};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let spec = SqueezeNetSpec::tiny(3, 8, 4);
+    let model = random_model(5, &spec, Activation::PolyElement);
+    let (params, plan) = Plan::choose_insecure_for_tests(&model).unwrap();
+    let stages: Vec<&str> = plan.schedule.stored_layers(&plan.graph);
+    assert_eq!(
+        stages,
+        [
+            "fire1.squeeze.act",
+            "fire2.squeeze.act",
+            "pool2",
+            "conv2.act",
+            "logits"
+        ]
+    );
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let mut enc = Encryptor::new(&params);
+    let per = model.input_len();
+    let x = images(4, per, 2);
+    let inputs: Vec<_> = (0..per)
+        .map(|k| {
+            let col: Vec<f64> = (0..4).map(|b| x[b * per + k]).collect();
+            enc.encrypt_values_sk(&sk, &col, params.default_scale(), params.max_level())
+                .unwrap()
+        })
+        .collect();
+    let ev = Evaluator::new(&params);
+    let want = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new(),
+    )
+    .unwrap();
+
+    let dir = std::env::temp_dir().join(format!("beaa-engine-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&flag);
+    let mut stopped_at = 0.0;
+    let err = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new()
+            .work_dir(&dir)
+            .cancel_flag(Arc::clone(&flag))
+            .on_progress(|p| {
+                if p.fraction > 0.4 {
+                    stopped_at = p.fraction;
+                    f2.store(true, Ordering::Relaxed);
+                }
+            }),
+    )
+    .unwrap_err();
+    assert_eq!(err, beaa_engine::ExecError::Cancelled);
+    assert!(stopped_at > 0.4 && stopped_at < 1.0, "{stopped_at}");
+    let mut first = None;
+    let got = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new().work_dir(&dir).on_progress(|p| {
+            first.get_or_insert(p.fraction);
+        }),
+    )
+    .unwrap();
+    // It resumed (the first report is already past where it stopped) ...
+    assert!(first.unwrap() >= stopped_at, "{first:?} vs {stopped_at}");
+    // ... and produced exactly the in-memory result.
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.to_bytes(), b.to_bytes());
+    }
+    // Intermediate tiles were deleted once read for the last time; the logits remain.
+    let left: Vec<_> = walk(&dir);
+    assert_eq!(left.len(), 1, "{left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "tile") {
+            out.push(p);
+        }
+    }
+    out
 }

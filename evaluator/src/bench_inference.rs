@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator};
-use beaa_engine::{run_observed, Plan};
+use beaa_engine::{run_job, FileInputs, Plan, RunControl};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
@@ -19,6 +19,10 @@ pub struct InferenceBenchArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Where input ciphertexts and intermediate tiles go (tens of GB for a full-width model);
+    /// default: a fresh directory under the system temp dir, removed afterwards.
+    #[arg(long)]
+    pub work_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -32,7 +36,10 @@ struct Report {
     total_s: f64,
     amortized_ms: f64,
     peak_rss_bytes: u64,
+    /// Seconds per stage (a stored layer with the layers computed inside it).
     per_layer_s: Vec<(String, f64)>,
+    squares: usize,
+    plan_s: f64,
     max_abs_error_vs_plaintext: f64,
     predictions_agree: usize,
 }
@@ -52,7 +59,9 @@ pub fn peak_rss_bytes() -> u64 {
 
 pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     let (dir, model) = crate::models::load(&args.model)?;
+    let t = Instant::now();
     let (params, plan) = Plan::choose(&model).context("planning")?;
+    let plan_s = t.elapsed().as_secs_f64();
     let batch = match args.batch.as_str() {
         "full" => params.slots(),
         b => b
@@ -84,32 +93,77 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
         })
         .collect();
+    let (work, _cleanup) = match &args.work_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let d = std::env::temp_dir().join(format!("beaa-bench-{}", std::process::id()));
+            (d.clone(), Some(RemoveOnDrop(d)))
+        }
+    };
+    let input_dir = work.join("inputs");
+    std::fs::create_dir_all(&input_dir)
+        .with_context(|| format!("creating {}", input_dir.display()))?;
+    // Inputs go to files as the client would upload them (seeded), never all in memory.
     let t = Instant::now();
-    let inputs = (0..per)
-        .into_par_iter()
-        .map(|k| {
+    let paths: Vec<std::path::PathBuf> = (0..per)
+        .map(|k| input_dir.join(format!("{k}.ct")))
+        .collect();
+    paths
+        .par_iter()
+        .enumerate()
+        .try_for_each(|(k, path)| -> Result<()> {
             let column: Vec<f64> = (0..batch).map(|b| images[b * per + k]).collect();
-            Encryptor::new(&params).encrypt_values_sk(
+            let ct = Encryptor::new(&params).encrypt_values_sk(
                 &sk,
                 &column,
                 params.default_scale(),
                 params.max_level(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+            )?;
+            std::fs::write(path, ct.to_bytes())?;
+            Ok(())
+        })?;
     let encrypt_s = t.elapsed().as_secs_f64();
 
     let ev = Evaluator::new(&params);
     let t = Instant::now();
-    let mut last = Instant::now();
-    let mut per_layer = Vec::new();
-    let logits = run_observed(&model, &ev, &rlk, inputs, &mut |node, _| {
-        let s = last.elapsed().as_secs_f64();
-        last = Instant::now();
-        eprintln!("  {:<24} {s:>9.2} s", node.name);
-        per_layer.push((node.name.clone(), s));
-    })?;
+    let (mut stage_start, mut last_report) = (0.0, 0.0);
+    let mut current: Option<String> = None;
+    let mut per_layer: Vec<(String, f64)> = Vec::new();
+    let logits = run_job(
+        &model,
+        &plan,
+        &ev,
+        &rlk,
+        &FileInputs::new(&params, paths),
+        RunControl::new()
+            .work_dir(work.join("tiles"))
+            .on_progress(|p| {
+                if current.as_deref() != Some(p.stage.as_str()) {
+                    // The new stage began right after the previous report.
+                    if let Some(prev) = current.take() {
+                        per_layer.push((prev, last_report - stage_start));
+                    }
+                    stage_start = last_report;
+                    current = Some(p.stage.clone());
+                }
+                last_report = p.elapsed_s;
+                eprint!(
+                    "\r  {:5.1}%  {:<20} {:>8.0} s elapsed, ETA {:>8.0} s   ",
+                    p.fraction * 100.0,
+                    p.stage,
+                    p.elapsed_s,
+                    p.eta_s.unwrap_or(f64::NAN)
+                );
+            }),
+    )?;
+    eprintln!();
     let total_s = t.elapsed().as_secs_f64();
+    if let Some(prev) = current.take() {
+        per_layer.push((prev, total_s - stage_start));
+    }
+    for (name, secs) in &per_layer {
+        eprintln!("  {name:<24} {secs:>9.2} s");
+    }
 
     // Check against the plaintext reference on the same images.
     let enc = Encoder::new(&params);
@@ -139,6 +193,8 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         amortized_ms: total_s * 1e3 / batch as f64,
         peak_rss_bytes: peak_rss_bytes(),
         per_layer_s: per_layer,
+        squares: plan.squares(),
+        plan_s,
         max_abs_error_vs_plaintext: max_err,
         predictions_agree: agree,
     };
@@ -153,4 +209,13 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// Removes the bench's default work directory however the run ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -20,6 +20,15 @@ pub struct PlanArgs {
 }
 
 #[derive(Serialize)]
+struct StageReport {
+    layer: String,
+    tiles: usize,
+    ciphertexts: usize,
+    level: isize,
+    stored_bytes: usize,
+}
+
+#[derive(Serialize)]
 struct Report {
     model: String,
     n: usize,
@@ -33,8 +42,12 @@ struct Report {
     security_bits: u32,
     depth: usize,
     levels_available: usize,
-    /// Per activation node: ciphertexts it squares and the level they land on.
+    /// Per activation or pooling sum: ciphertexts it makes and the level they land on.
     squares: Vec<(String, usize, isize)>,
+    /// Layers computed in their own stage and kept (in the job's work directory) while
+    /// later tiles read them, with their size; every other layer is recomputed where read.
+    stages: Vec<StageReport>,
+    inlined: Vec<String>,
     input_ciphertexts: usize,
     output_ciphertexts: usize,
     relin_key_bytes: usize,
@@ -56,6 +69,30 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         .map(|(k, (n, l))| (k.clone(), *n, *l))
         .collect();
     squares.sort_by_key(|(_, _, l)| std::cmp::Reverse(*l));
+    let g = &plan.graph;
+    let stages: Vec<StageReport> = plan
+        .schedule
+        .stages
+        .iter()
+        .map(|s| {
+            let l = &g.layers[s.layer as usize];
+            let level = l.meta.first().map_or(0, |m| m.level);
+            StageReport {
+                layer: l.name.clone(),
+                tiles: l.tiles(),
+                ciphertexts: l.len(),
+                level,
+                stored_bytes: l.len() * ciphertext_len(&params, level.max(0) as usize, 1, false),
+            }
+        })
+        .collect();
+    let inlined = g
+        .layers
+        .iter()
+        .zip(&plan.schedule.inlined)
+        .filter(|(_, &i)| i)
+        .map(|(l, _)| l.name.clone())
+        .collect();
     let report = Report {
         model: dir.display().to_string(),
         n: params.n(),
@@ -70,6 +107,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         depth: plan.depth,
         levels_available: top,
         squares,
+        stages,
+        inlined,
         input_ciphertexts: inputs,
         output_ciphertexts: outputs,
         relin_key_bytes: RelinKey::serialized_len(&params),
@@ -90,6 +129,17 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     for (node, n, level) in &report.squares {
         eprintln!("  square   {node:<24} {n:>7} ciphertexts -> level {level}");
     }
+    for s in &report.stages {
+        eprintln!(
+            "  stage    {:<24} {:>5} tiles {:>7} ciphertexts at level {:>2}, {:.1} GB stored",
+            s.layer,
+            s.tiles,
+            s.ciphertexts,
+            s.level,
+            s.stored_bytes as f64 / 1e9
+        );
+    }
+    eprintln!("  inlined  {}", report.inlined.join(", "));
     eprintln!(
         "sizes      relin key {:.1} MB, upload {} x {:.2} MB = {:.1} MB, download {:.2} MB",
         report.relin_key_bytes as f64 / 1e6,

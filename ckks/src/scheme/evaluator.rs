@@ -16,6 +16,15 @@ fn same_scale(a: f64, b: f64) -> bool {
     (a - b).abs() <= SCALE_TOLERANCE * a.abs().max(b.abs())
 }
 
+/// One output of [`Evaluator::linear_combinations`]: terms `(input index, weight)`, the
+/// output level and scale.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearRow<'a> {
+    pub terms: &'a [(u32, f64)],
+    pub level: usize,
+    pub target_scale: f64,
+}
+
 /// Evaluates operations on ciphertexts of one parameter set.
 #[derive(Clone, Debug)]
 pub struct Evaluator {
@@ -246,6 +255,104 @@ impl Evaluator {
             scale: target_scale,
             seed: None,
         })
+    }
+
+    /// Many linear combinations over one shared set of inputs - a sparse modular GEMM
+    /// `out_j = sum_t w_jt * inputs[i_jt]` - cache-blocked: for each prime and each block of
+    /// coefficients, every output's dot product runs over the same input block while it sits
+    /// in cache, so each input residue comes from memory once instead of once per output.
+    /// Row `j` is computed at `rows[j].level` (at most its inputs' lowest level) with scale
+    /// `rows[j].target_scale`; term weights are encoded as in [`Self::linear_combination`].
+    pub fn linear_combinations(
+        &self,
+        inputs: &[&Ciphertext],
+        rows: &[LinearRow<'_>],
+    ) -> Result<Vec<Ciphertext>> {
+        for ct in inputs {
+            self.check(ct)?;
+            if ct.degree() != 1 {
+                return Err(Error::WrongDegree(ct.degree(), 1));
+            }
+        }
+        // Integer weights per row, checked like linear_combination's.
+        let mut ints: Vec<Vec<i128>> = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.terms.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "linear combination of no ciphertexts".into(),
+                ));
+            }
+            let limit = (self.params.log_q_at(row.level) - 2.0).min(120.0).exp2();
+            let mut r = Vec::with_capacity(row.terms.len());
+            for &(i, w) in row.terms {
+                let ct = inputs.get(i as usize).ok_or_else(|| {
+                    Error::InvalidArgument(format!("term refers to input {i} of {}", inputs.len()))
+                })?;
+                if ct.level < row.level {
+                    return Err(Error::LevelMismatch(ct.level, row.level));
+                }
+                let v = (w * row.target_scale / ct.scale).round();
+                if !(v.is_finite() && v.abs() < limit) {
+                    return Err(Error::ValueOutOfRange {
+                        value: w,
+                        scale: row.target_scale / ct.scale,
+                    });
+                }
+                r.push(v as i128);
+            }
+            ints.push(r);
+        }
+        let ring = self.params.ring();
+        let n = self.params.n();
+        let mut out: Vec<[RnsPoly; 2]> = rows
+            .iter()
+            .map(|r| [RnsPoly::zero(n, r.level + 1), RnsPoly::zero(n, r.level + 1)])
+            .collect();
+        // Block so that one block of every input of the widest row fits in ~192 KiB.
+        let widest = rows.iter().map(|r| r.terms.len()).max().unwrap_or(1);
+        let block = (192 * 1024 / (8 * widest)).clamp(16, n) / 16 * 16;
+        let top = rows.iter().map(|r| r.level).max().unwrap_or(0);
+        let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); rows.len()];
+        let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
+        for i in 0..=top {
+            let m = ring.modulus(i);
+            for ((c, r), row) in consts.iter_mut().zip(&ints).zip(rows) {
+                c.clear();
+                if row.level >= i {
+                    c.extend(r.iter().map(|&v| ShoupConst::new(m.reduce_i128(v), m)));
+                }
+            }
+            let mut start = 0;
+            while start < n {
+                let end = (start + block).min(n);
+                for ((o, row), c) in out.iter_mut().zip(rows).zip(&consts) {
+                    if row.level < i {
+                        continue;
+                    }
+                    for (p, poly) in o.iter_mut().enumerate() {
+                        slices.clear();
+                        slices.extend(
+                            row.terms
+                                .iter()
+                                .map(|&(t, _)| &inputs[t as usize].polys[p].limb(i)[start..end]),
+                        );
+                        kernels::dot_const(&mut poly.limb_mut(i)[start..end], &slices, c, m);
+                    }
+                }
+                start = end;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .zip(rows)
+            .map(|([c0, c1], row)| Ciphertext {
+                params: self.params.clone(),
+                polys: vec![c0, c1],
+                level: row.level,
+                scale: row.target_scale,
+                seed: None,
+            })
+            .collect())
     }
 
     /// Slot-wise product with an encoded vector at the same or a higher level.

@@ -10,7 +10,7 @@ pub(crate) mod params;
 pub use ciphertext::{Ciphertext, Plaintext};
 pub use encoder::Encoder;
 pub use encryptor::{decrypt, Encryptor};
-pub use evaluator::{Evaluator, SCALE_TOLERANCE};
+pub use evaluator::{Evaluator, LinearRow, SCALE_TOLERANCE};
 pub use keys::{
     galois_element, GaloisKeys, KeyGenerator, KeySwitchingKey, PublicKey, RelinKey, SecretKey,
 };

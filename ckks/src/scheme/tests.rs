@@ -169,6 +169,51 @@ fn linear_combination_mixes_levels_and_scales() {
 }
 
 #[test]
+fn linear_combinations_equal_single_combinations() {
+    let mut f = small();
+    let xs: Vec<Ciphertext> = (0..40)
+        .map(|i| f.encrypt(&[i as f64 * 0.1, 1.0 - i as f64 * 0.05]))
+        .collect();
+    let inputs: Vec<&Ciphertext> = xs.iter().collect();
+    let level = xs[0].level() - 1;
+    let target = xs[0].scale() * f.params.q()[level] as f64;
+    // Rows of different widths (wider than one lazy-reduction chunk) and levels.
+    let t0: Vec<(u32, f64)> = (0..40).map(|i| (i as u32, 0.5 - i as f64 * 0.02)).collect();
+    let t1: Vec<(u32, f64)> = vec![(3, 2.0), (7, -1.0), (3, 0.25)];
+    let rows = [
+        LinearRow {
+            terms: &t0,
+            level: xs[0].level(),
+            target_scale: target,
+        },
+        LinearRow {
+            terms: &t1,
+            level,
+            target_scale: target,
+        },
+    ];
+    let got = f.ev.linear_combinations(&inputs, &rows).unwrap();
+    for (row, y) in rows.iter().zip(&got) {
+        assert_eq!(y.level(), row.level);
+        let terms: Vec<(&Ciphertext, f64)> = row
+            .terms
+            .iter()
+            .map(|&(i, w)| (inputs[i as usize], w))
+            .collect();
+        let mut want = f.ev.linear_combination(&terms, target).unwrap();
+        f.ev.drop_to_level(&mut want, row.level).unwrap();
+        // Same integers, same residues: bit-identical.
+        assert_eq!(y.polys, want.polys);
+    }
+    let bad = [LinearRow {
+        terms: &[(40, 1.0)],
+        level,
+        target_scale: target,
+    }];
+    assert!(f.ev.linear_combinations(&inputs, &bad).is_err());
+}
+
+#[test]
 fn rescale_by_several_primes() {
     let mut f = small();
     let v = [1.5, -2.0, 0.25];

@@ -1,0 +1,566 @@
+//! The value graph: which ciphertexts a model needs, each as a linear form over earlier ones,
+//! with the level and scale every one of them will have.
+//!
+//! Linear layers (convolution, pooling, affine, concatenation) only compose *forms*
+//! `sum w_k v_k + c` over materialized values `v_k`; they cost no level. Values are made in
+//! three ways:
+//! - **activation** `a x^2 + b x + c`: `x~ = s x` with `s = sqrt|a|` is materialized (the
+//!   weights of the combination absorb `s`; one level), then the single ciphertext
+//!   `y = x~^2 + beta x~` with `beta = sign(a) b / s` (the `beta x~` term is an integer
+//!   multiple at the scale of `x~`, so it lands at the scale of the square; one level).
+//!   Downstream forms use `sign(a) y + c`, so one ciphertext carries the whole activation.
+//! - **sum**: average pooling whose window is a sum of equally weighted values of one level
+//!   and scale is materialized as the plain sum (additions only, no level) when the next layer
+//!   reads overlapping windows; the `1/k^2` rides along as a weight.
+//! - **output**: the logits, one combination and one rescale.
+
+use crate::exec::ExecError;
+use beaa_ckks::Params;
+use beaa_model::{Model, Op};
+use std::collections::BTreeMap;
+
+/// A value: element `elem` of layer `layer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ValueRef {
+    pub layer: u32,
+    pub elem: u32,
+}
+
+/// `sum w_k v_k + constant`.
+#[derive(Debug, Clone, Default)]
+pub struct Form {
+    pub terms: Vec<(ValueRef, f64)>,
+    pub constant: f64,
+}
+
+impl Form {
+    fn of(v: ValueRef, w: f64, constant: f64) -> Self {
+        Form {
+            terms: vec![(v, w)],
+            constant,
+        }
+    }
+    fn add_scaled(&mut self, other: &Form, w: f64) {
+        if w == 0.0 {
+            return;
+        }
+        self.terms
+            .extend(other.terms.iter().map(|(v, x)| (*v, x * w)));
+        self.constant += other.constant * w;
+    }
+    /// Repeated values merged (first occurrence order kept).
+    fn merged(mut self) -> Self {
+        let mut index: BTreeMap<ValueRef, usize> = BTreeMap::new();
+        let mut out: Vec<(ValueRef, f64)> = Vec::with_capacity(self.terms.len());
+        for (v, w) in self.terms.drain(..) {
+            match index.get(&v) {
+                Some(&i) => out[i].1 += w,
+                None => {
+                    index.insert(v, out.len());
+                    out.push((v, w));
+                }
+            }
+        }
+        out.retain(|(_, w)| *w != 0.0);
+        Form {
+            terms: out,
+            constant: self.constant,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerKind {
+    /// The client's ciphertexts.
+    Input,
+    /// `y = x~^2 + beta x~`, `x~` the rescaled form; `beta` per element.
+    Activation { beta: Vec<f64> },
+    /// Plain sum of the form's values with weights +-1 (no rescale).
+    Sum,
+    /// The logits: the rescaled form.
+    Output,
+}
+
+/// Level and scale of one materialized value (levels may go below 0 in a plan that needs a
+/// longer chain).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Meta {
+    pub level: isize,
+    pub scale: f64,
+}
+
+/// A layer of values of shape `[C, H, W]`; element `e` is channel `e / (H W)` at position
+/// `e % (H W)` (its *tile*: all channels of one position are computed and stored together).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub name: String,
+    pub kind: LayerKind,
+    pub shape: [usize; 3],
+    /// Per element: what is combined (empty for the input).
+    pub forms: Vec<Form>,
+    /// Per element: the level the combination is computed at and its target scale (for
+    /// activations and outputs; unused for inputs and sums).
+    pub combine: Vec<Meta>,
+    /// Per element: level and scale of the value itself.
+    pub meta: Vec<Meta>,
+}
+
+impl Layer {
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+    pub fn tiles(&self) -> usize {
+        self.shape[1] * self.shape[2]
+    }
+    pub fn tile_of(&self, elem: usize) -> usize {
+        elem % self.tiles()
+    }
+    /// Elements of tile `t`, channel by channel.
+    pub fn tile_elems(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let hw = self.tiles();
+        (0..self.shape[0]).map(move |c| c * hw + t)
+    }
+}
+
+/// Activations with |a| below this are treated as linear (`b x + c`).
+const MIN_QUADRATIC: f64 = 1e-12;
+
+/// All values of a model under a parameter set.
+#[derive(Debug, Clone)]
+pub struct ValueGraph {
+    /// In dependency order; layer 0 is the input, the last is the output.
+    pub layers: Vec<Layer>,
+    pub input_level: usize,
+    pub input_scale: f64,
+}
+
+impl ValueGraph {
+    /// Builds the graph of `model` with inputs at the top level and default scale of `params`.
+    pub fn build(model: &Model, params: &Params) -> Result<Self, ExecError> {
+        Builder {
+            model,
+            q: params.q(),
+            layers: Vec::new(),
+        }
+        .run(params.max_level(), params.default_scale())
+    }
+
+    pub fn output(&self) -> &Layer {
+        self.layers.last().expect("a graph has an output layer")
+    }
+
+    pub fn meta(&self, v: ValueRef) -> Meta {
+        self.layers[v.layer as usize].meta[v.elem as usize]
+    }
+
+    /// The lowest level any value reaches.
+    pub fn lowest_level(&self) -> isize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.meta.iter().chain(&l.combine).map(|m| m.level))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+struct Builder<'m> {
+    model: &'m Model,
+    q: &'m [u64],
+    layers: Vec<Layer>,
+}
+
+fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m [f32], ExecError> {
+    model
+        .tensors
+        .get(name)
+        .map(|t| t.data.as_slice())
+        .ok_or_else(|| ExecError::Model(format!("missing tensor {name}")))
+}
+
+impl Builder<'_> {
+    fn prime(&self, level: isize) -> f64 {
+        self.q[level.clamp(0, self.q.len() as isize - 1) as usize] as f64
+    }
+
+    fn meta(&self, v: ValueRef) -> Meta {
+        self.layers[v.layer as usize].meta[v.elem as usize]
+    }
+
+    /// Level and target scale of combining `form`: at its lowest level, at (that level's
+    /// prime) x (smallest scale), so the rescale returns to about the inputs' scale.
+    /// Mirrors `Evaluator::linear_combination` + `rescale_assign`.
+    fn combine_meta(&self, form: &Form) -> Result<Meta, ExecError> {
+        if form.terms.is_empty() {
+            return Err(ExecError::Model(
+                "a feature element is a pure constant; the model has a dead layer".into(),
+            ));
+        }
+        let level = form
+            .terms
+            .iter()
+            .map(|(v, _)| self.meta(*v).level)
+            .min()
+            .expect("non-empty");
+        let scale = form
+            .terms
+            .iter()
+            .map(|(v, _)| self.meta(*v).scale)
+            .fold(f64::INFINITY, f64::min);
+        Ok(Meta {
+            level,
+            scale: scale * self.prime(level),
+        })
+    }
+
+    fn push(&mut self, layer: Layer) -> u32 {
+        self.layers.push(layer);
+        (self.layers.len() - 1) as u32
+    }
+
+    fn run(mut self, top: usize, scale: f64) -> Result<ValueGraph, ExecError> {
+        let model = self.model;
+        let nodes = &model.manifest.nodes;
+        let mut consumers: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+        let mut last_use: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, node) in nodes.iter().enumerate() {
+            for input in &node.inputs {
+                consumers.entry(input.as_str()).or_default().push(&node.op);
+                last_use.insert(input.as_str(), i);
+            }
+        }
+        let mut values: BTreeMap<&str, Vec<Form>> = BTreeMap::new();
+        let mut seen_input = false;
+        for (i, node) in nodes.iter().enumerate() {
+            let [c, h, w] = node.shape;
+            let x: &[Form] = node
+                .inputs
+                .first()
+                .map(|n| {
+                    values
+                        .get(n.as_str())
+                        .map(|v| v.as_slice())
+                        .ok_or_else(|| ExecError::Model(format!("unknown input {n}")))
+                })
+                .transpose()?
+                .unwrap_or(&[]);
+            let out: Vec<Form> = match &node.op {
+                Op::Input => {
+                    if seen_input || i != 0 {
+                        return Err(ExecError::Model("the input must be the first node".into()));
+                    }
+                    seen_input = true;
+                    let n = c * h * w;
+                    let id = self.push(Layer {
+                        name: node.name.clone(),
+                        kind: LayerKind::Input,
+                        shape: node.shape,
+                        forms: Vec::new(),
+                        combine: Vec::new(),
+                        meta: vec![
+                            Meta {
+                                level: top as isize,
+                                scale
+                            };
+                            n
+                        ],
+                    });
+                    (0..n)
+                        .map(|e| {
+                            Form::of(
+                                ValueRef {
+                                    layer: id,
+                                    elem: e as u32,
+                                },
+                                1.0,
+                                0.0,
+                            )
+                        })
+                        .collect()
+                }
+                Op::Conv2d {
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                } => {
+                    let [ci, hi, wi] = model.shape_of(&node.inputs[0]);
+                    let wt = model
+                        .tensors
+                        .get(weight)
+                        .ok_or_else(|| ExecError::Model(format!("missing tensor {weight}")))?;
+                    let (kh, kw) = (wt.shape[2], wt.shape[3]);
+                    let bias = tensor(model, bias)?;
+                    (0..c * h * w)
+                        .map(|e| {
+                            let (o, oy, ox) = (e / (h * w), (e / w) % h, e % w);
+                            let mut y = Form {
+                                terms: Vec::new(),
+                                constant: bias[o] as f64,
+                            };
+                            for i in 0..ci {
+                                for ky in 0..kh {
+                                    let iy = (oy * stride + ky) as isize - *padding as isize;
+                                    if iy < 0 || iy >= hi as isize {
+                                        continue;
+                                    }
+                                    for kx in 0..kw {
+                                        let ix = (ox * stride + kx) as isize - *padding as isize;
+                                        if ix < 0 || ix >= wi as isize {
+                                            continue;
+                                        }
+                                        let wv = wt.data[((o * ci + i) * kh + ky) * kw + kx] as f64;
+                                        y.add_scaled(
+                                            &x[(i * hi + iy as usize) * wi + ix as usize],
+                                            wv,
+                                        );
+                                    }
+                                }
+                            }
+                            y.merged()
+                        })
+                        .collect()
+                }
+                Op::Poly { a, b, c: cc } => {
+                    let (a, b, cc) = (tensor(model, a)?, tensor(model, b)?, tensor(model, cc)?);
+                    self.activation(&node.name, node.shape, x, a, b, cc)?
+                }
+                Op::Relu => return Err(ExecError::Relu(node.name.clone())),
+                Op::Affine { scale, shift } => {
+                    let (s, t) = (tensor(model, scale)?, tensor(model, shift)?);
+                    x.iter()
+                        .enumerate()
+                        .map(|(e, xe)| {
+                            let ch = e / (h * w);
+                            let mut y = Form {
+                                terms: Vec::new(),
+                                constant: t[ch] as f64,
+                            };
+                            y.add_scaled(xe, s[ch] as f64);
+                            y
+                        })
+                        .collect()
+                }
+                Op::AvgPool { kernel, stride } => {
+                    let [_, hi, wi] = model.shape_of(&node.inputs[0]);
+                    let inv = 1.0 / (kernel * kernel) as f64;
+                    let pooled: Vec<Form> = (0..c * h * w)
+                        .map(|e| {
+                            let (ch, oy, ox) = (e / (h * w), (e / w) % h, e % w);
+                            let mut y = Form::default();
+                            for ky in 0..*kernel {
+                                for kx in 0..*kernel {
+                                    y.add_scaled(
+                                        &x[(ch * hi + oy * stride + ky) * wi + ox * stride + kx],
+                                        inv,
+                                    );
+                                }
+                            }
+                            y.merged()
+                        })
+                        .collect();
+                    // Materialize as a free sum when the next layer reads overlapping windows.
+                    let overlapping = consumers.get(node.name.as_str()).is_some_and(|ops| {
+                        ops.iter().any(|op| match op {
+                            Op::Conv2d { weight, .. } => model
+                                .tensors
+                                .get(weight)
+                                .is_some_and(|t| t.shape[2] > 1 || t.shape[3] > 1),
+                            _ => false,
+                        })
+                    });
+                    if overlapping && pooled.iter().all(|f| self.summable(f)) {
+                        self.sum_layer(&node.name, node.shape, pooled)
+                    } else {
+                        pooled
+                    }
+                }
+                Op::GlobalAvgPool => {
+                    let [ci, hi, wi] = model.shape_of(&node.inputs[0]);
+                    let inv = 1.0 / (hi * wi) as f64;
+                    (0..ci)
+                        .map(|ch| {
+                            let mut y = Form::default();
+                            for xe in &x[ch * hi * wi..(ch + 1) * hi * wi] {
+                                y.add_scaled(xe, inv);
+                            }
+                            y.merged()
+                        })
+                        .collect()
+                }
+                Op::Concat => {
+                    let mut out = Vec::with_capacity(c * h * w);
+                    for name in &node.inputs {
+                        let part = values
+                            .get(name.as_str())
+                            .ok_or_else(|| ExecError::Model(format!("unknown input {name}")))?;
+                        out.extend(part.iter().cloned());
+                    }
+                    out
+                }
+            };
+            if out.len() != c * h * w {
+                return Err(ExecError::Model(format!(
+                    "node {} produced {} elements for shape {:?}",
+                    node.name,
+                    out.len(),
+                    node.shape
+                )));
+            }
+            values.insert(node.name.as_str(), out);
+            for input in &node.inputs {
+                if last_use.get(input.as_str()) == Some(&i) && *input != model.manifest.output {
+                    values.remove(input.as_str());
+                }
+            }
+        }
+        let out = values
+            .remove(model.manifest.output.as_str())
+            .ok_or_else(|| ExecError::Model("the output node was never computed".into()))?;
+        let output_shape = [out.len(), 1, 1];
+        let mut combine = Vec::with_capacity(out.len());
+        let mut meta = Vec::with_capacity(out.len());
+        for f in &out {
+            let m = self.combine_meta(f)?;
+            combine.push(m);
+            meta.push(Meta {
+                level: m.level - 1,
+                scale: m.scale / self.prime(m.level),
+            });
+        }
+        self.push(Layer {
+            name: "logits".into(),
+            kind: LayerKind::Output,
+            shape: output_shape,
+            forms: out,
+            combine,
+            meta,
+        });
+        Ok(ValueGraph {
+            layers: self.layers,
+            input_level: top,
+            input_scale: scale,
+        })
+    }
+
+    /// An activation layer: `x~ = s x` materialized, `y = x~^2 + beta x~`; forms
+    /// `sign(a) y + c` downstream. Near-zero `a` stays linear.
+    fn activation(
+        &mut self,
+        name: &str,
+        shape: [usize; 3],
+        x: &[Form],
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+    ) -> Result<Vec<Form>, ExecError> {
+        let n = x.len();
+        if a.len() != n || b.len() != n || c.len() != n {
+            return Err(ExecError::Model(format!(
+                "activation {name}: coefficient count differs from {n} elements"
+            )));
+        }
+        let id = self.layers.len() as u32;
+        let mut forms = Vec::new();
+        let mut combine = Vec::new();
+        let mut meta = Vec::new();
+        let mut beta = Vec::new();
+        let mut out = Vec::with_capacity(n);
+        for e in 0..n {
+            let (ae, be, ce) = (a[e] as f64, b[e] as f64, c[e] as f64);
+            if ae.abs() < MIN_QUADRATIC {
+                let mut y = Form {
+                    terms: Vec::new(),
+                    constant: ce,
+                };
+                y.add_scaled(&x[e], be);
+                out.push(y);
+                continue;
+            }
+            let s = ae.abs().sqrt();
+            let mut xs = Form::default();
+            xs.add_scaled(&x[e], s);
+            let cm = self.combine_meta(&xs)?;
+            let xt = Meta {
+                level: cm.level - 1,
+                scale: cm.scale / self.prime(cm.level),
+            };
+            let y = Meta {
+                level: xt.level - 1,
+                scale: xt.scale * xt.scale / self.prime(xt.level),
+            };
+            let elem = forms.len() as u32;
+            forms.push(xs);
+            combine.push(cm);
+            meta.push(y);
+            beta.push(ae.signum() * be / s);
+            out.push(Form::of(ValueRef { layer: id, elem }, ae.signum(), ce));
+        }
+        if forms.is_empty() {
+            return Ok(out);
+        }
+        // Values are numbered densely; when every element is quadratic (the usual case)
+        // value e is element e and tiles follow the feature map.
+        let shape = if forms.len() == n {
+            shape
+        } else {
+            [forms.len(), 1, 1]
+        };
+        self.push(Layer {
+            name: name.to_string(),
+            kind: LayerKind::Activation { beta },
+            shape,
+            forms,
+            combine,
+            meta,
+        });
+        Ok(out)
+    }
+
+    /// A pooled form is a free sum when all its weights have one magnitude and all its values
+    /// share level and scale.
+    fn summable(&self, f: &Form) -> bool {
+        let Some(((v0, w0), rest)) = f.terms.split_first() else {
+            return false;
+        };
+        let m0 = self.meta(*v0);
+        rest.iter().all(|(v, w)| {
+            let m = self.meta(*v);
+            w.abs() == w0.abs() && m.level == m0.level && m.scale == m0.scale
+        })
+    }
+
+    fn sum_layer(&mut self, name: &str, shape: [usize; 3], pooled: Vec<Form>) -> Vec<Form> {
+        let id = self.layers.len() as u32;
+        let mut forms = Vec::with_capacity(pooled.len());
+        let mut meta = Vec::with_capacity(pooled.len());
+        let mut out = Vec::with_capacity(pooled.len());
+        for (e, f) in pooled.into_iter().enumerate() {
+            let w = f.terms[0].1.abs();
+            meta.push(self.meta(f.terms[0].0));
+            out.push(Form::of(
+                ValueRef {
+                    layer: id,
+                    elem: e as u32,
+                },
+                w,
+                f.constant,
+            ));
+            forms.push(Form {
+                terms: f.terms.iter().map(|(v, x)| (*v, x.signum())).collect(),
+                constant: 0.0,
+            });
+        }
+        self.push(Layer {
+            name: name.to_string(),
+            kind: LayerKind::Sum,
+            shape,
+            combine: Vec::new(),
+            forms,
+            meta,
+        });
+        out
+    }
+}

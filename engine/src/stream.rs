@@ -1,0 +1,380 @@
+//! The executor: stages in order, tiles of a stage in raster order, inlined layers computed
+//! inside the tiles that read them, linear layers as blocked GEMMs over the ciphertexts a
+//! tile reads.
+
+use crate::exec::ExecError;
+use crate::graph::{LayerKind, Meta, ValueGraph, ValueRef};
+use crate::job::InputSource;
+use crate::schedule::{Schedule, TileRef};
+use crate::store::Store;
+use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Tile = Arc<Vec<Ciphertext>>;
+/// A stored tile being loaded or loaded; readers of one tile share the slot.
+type Slot = Arc<Mutex<Option<Tile>>>;
+
+/// Stored tiles read by the running stage: loaded once, dropped from memory after their last
+/// read (the stage knows how often it reads each).
+struct Cache<'s> {
+    reads: &'s HashMap<TileRef, u32>,
+    map: Mutex<HashMap<TileRef, (Slot, u32)>>,
+}
+
+impl Cache<'_> {
+    /// The slot of `r`, counting this read; the last read takes the slot out of the cache.
+    fn slot(&self, r: TileRef) -> Slot {
+        let mut map = self.map.lock().expect("cache lock");
+        let reads = self.reads.get(&r).copied().unwrap_or(1);
+        let entry = map.entry(r).or_insert_with(|| (Arc::default(), reads));
+        let slot = Arc::clone(&entry.0);
+        entry.1 = entry.1.saturating_sub(1);
+        if entry.1 == 0 {
+            map.remove(&r);
+        }
+        slot
+    }
+}
+
+/// What a stage reports after each batch of tiles: (stage index, work done in it).
+pub type StageProgress<'a> = &'a mut dyn FnMut(usize, u64);
+
+pub struct Runner<'a, I: InputSource + ?Sized> {
+    pub g: &'a ValueGraph,
+    pub schedule: &'a Schedule,
+    pub ev: &'a Evaluator,
+    pub rlk: &'a RelinKey,
+    pub inputs: &'a I,
+    pub store: &'a dyn Store,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<I: InputSource + ?Sized> Runner<'_, I> {
+    fn check_cancel(&self) -> Result<(), ExecError> {
+        match self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(ExecError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs every stage (skipping tiles already in the store) and returns the logits.
+    pub fn run(&self, progress: StageProgress<'_>) -> Result<Vec<Ciphertext>, ExecError> {
+        let threads = rayon::current_num_threads().max(1);
+        for (si, stage) in self.schedule.stages.iter().enumerate() {
+            let layer = &self.g.layers[stage.layer as usize];
+            let tiles = layer.tiles();
+            // Many tiles: one per thread at a time. One tile (the logits): parallel inside.
+            let outer = tiles >= 2 * threads;
+            let batch = if outer { threads } else { 1 };
+            let cache = Cache {
+                reads: &stage.reads,
+                map: Mutex::default(),
+            };
+            let mut done_work = 0u64;
+            let mut t = 0;
+            while t < tiles {
+                self.check_cancel()?;
+                let start = t;
+                let end = (t + batch).min(tiles);
+                let todo: Vec<usize> = (t..end)
+                    .filter(|&x| !self.store.has(stage.layer, x as u32))
+                    .collect();
+                let compute = |x: &usize| -> Result<(), ExecError> {
+                    let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
+                    self.store.put(stage.layer, *x as u32, &values)
+                };
+                if outer {
+                    todo.par_iter().try_for_each(compute)?;
+                } else {
+                    todo.iter().try_for_each(compute)?;
+                }
+                done_work += stage.work[t..end].iter().sum::<u64>();
+                t = end;
+                // Stored tiles whose last reader is now written leave the store when no later
+                // stage reads them (never the client's inputs). A restart still finds every
+                // tile an unfinished tile needs.
+                for (&(l, tl), &u) in &stage.last_use {
+                    if (start..end).contains(&(u as usize))
+                        && self.schedule.last_stage[l as usize] == Some(si)
+                        && self.g.layers[l as usize].kind != LayerKind::Input
+                    {
+                        self.store.remove(l, tl);
+                    }
+                }
+                // Batches finished by an earlier run are not news.
+                if !todo.is_empty() {
+                    progress(si, done_work);
+                }
+            }
+        }
+        let out = self.g.layers.len() as u32 - 1;
+        self.store.get(out, 0)
+    }
+
+    /// A stored tile, loading it on first use.
+    fn stored(&self, cache: &Cache, (l, t): TileRef) -> Result<Tile, ExecError> {
+        let slot = cache.slot((l, t));
+        let mut slot = slot.lock().expect("tile lock");
+        if let Some(tile) = slot.as_ref() {
+            return Ok(Arc::clone(tile));
+        }
+        let layer = &self.g.layers[l as usize];
+        let values = if layer.kind == LayerKind::Input {
+            layer
+                .tile_elems(t as usize)
+                .map(|k| {
+                    let ct = self.inputs.load(k)?;
+                    check_meta(&ct, layer.meta[k], &layer.name)?;
+                    Ok(ct)
+                })
+                .collect::<Result<Vec<_>, ExecError>>()?
+        } else {
+            self.store.get(l, t)?
+        };
+        if values.len() != layer.shape[0] {
+            return Err(ExecError::Model(format!(
+                "tile {t} of {} has {} values, expected {}",
+                layer.name,
+                values.len(),
+                layer.shape[0]
+            )));
+        }
+        let tile = Arc::new(values);
+        *slot = Some(Arc::clone(&tile));
+        Ok(tile)
+    }
+
+    /// The values of tile `t` of layer `l`, channel by channel.
+    fn tile(
+        &self,
+        cache: &Cache,
+        (l, t): TileRef,
+        parallel: bool,
+    ) -> Result<Vec<Ciphertext>, ExecError> {
+        self.check_cancel()?;
+        let layer = &self.g.layers[l as usize];
+        let elems: Vec<usize> = layer.tile_elems(t as usize).collect();
+        // Sources: all stored tiles as one chunk, then one chunk per inlined tile.
+        let mut stored: Vec<TileRef> = Vec::new();
+        let mut inlined: Vec<TileRef> = Vec::new();
+        for &e in &elems {
+            for (v, _) in &layer.forms[e].terms {
+                let r = (
+                    v.layer,
+                    self.g.layers[v.layer as usize].tile_of(v.elem as usize) as u32,
+                );
+                if self.schedule.inlined[v.layer as usize] {
+                    inlined.push(r);
+                } else {
+                    stored.push(r);
+                }
+            }
+        }
+        for list in [&mut stored, &mut inlined] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        let mut chunks: Vec<Option<Vec<TileRef>>> = Vec::new();
+        if !stored.is_empty() {
+            chunks.push(Some(stored));
+        }
+        chunks.extend(inlined.into_iter().map(|r| Some(vec![r])));
+
+        if layer.kind == LayerKind::Sum {
+            return self.sum_tile(cache, l, &elems, chunks);
+        }
+        // Partial sums of every output of the tile over one chunk of sources.
+        let partial = |chunk: &Option<Vec<TileRef>>| -> Result<Vec<Option<Ciphertext>>, ExecError> {
+            let refs = chunk.as_ref().expect("chunk");
+            let mut held: Vec<(TileRef, Tile)> = Vec::with_capacity(refs.len());
+            for &r in refs {
+                let tile = if self.schedule.inlined[r.0 as usize] {
+                    Arc::new(self.tile(cache, r, false)?)
+                } else {
+                    self.stored(cache, r)?
+                };
+                held.push((r, tile));
+            }
+            self.check_cancel()?;
+            let mut index: HashMap<ValueRef, u32> = HashMap::new();
+            let mut inputs: Vec<&Ciphertext> = Vec::new();
+            for ((rl, rt), tile) in &held {
+                let src = &self.g.layers[*rl as usize];
+                for (c, elem) in src.tile_elems(*rt as usize).enumerate() {
+                    index.insert(
+                        ValueRef {
+                            layer: *rl,
+                            elem: elem as u32,
+                        },
+                        inputs.len() as u32,
+                    );
+                    inputs.push(&tile[c]);
+                }
+            }
+            let terms: Vec<Vec<(u32, f64)>> = elems
+                .iter()
+                .map(|&e| {
+                    layer.forms[e]
+                        .terms
+                        .iter()
+                        .filter_map(|(v, w)| index.get(v).map(|&i| (i, *w)))
+                        .collect()
+                })
+                .collect();
+            let which: Vec<usize> = (0..elems.len()).filter(|&j| !terms[j].is_empty()).collect();
+            let rows: Vec<LinearRow<'_>> = which
+                .iter()
+                .map(|&j| {
+                    let m = layer.combine[elems[j]];
+                    LinearRow {
+                        terms: &terms[j],
+                        level: m.level.max(0) as usize,
+                        target_scale: m.scale,
+                    }
+                })
+                .collect();
+            let mut out: Vec<Option<Ciphertext>> = vec![None; elems.len()];
+            for (j, ct) in which
+                .into_iter()
+                .zip(self.ev.linear_combinations(&inputs, &rows)?)
+            {
+                out[j] = Some(ct);
+            }
+            Ok(out)
+        };
+        let add = |mut a: Vec<Option<Ciphertext>>,
+                   b: Vec<Option<Ciphertext>>|
+         -> Result<Vec<Option<Ciphertext>>, ExecError> {
+            for (x, y) in a.iter_mut().zip(b) {
+                match (x.as_mut(), y) {
+                    (Some(x), Some(y)) => self.ev.add_assign(x, &y)?,
+                    (None, Some(y)) => *x = Some(y),
+                    _ => {}
+                }
+            }
+            Ok(a)
+        };
+        // In parallel mode, a few consecutive chunks at a time, so the stored tiles in use
+        // stay a narrow band (raster order) instead of one band per thread.
+        let mut sums: Vec<Option<Ciphertext>> = vec![None; elems.len()];
+        let step = if parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
+        for group in chunks.chunks(step) {
+            let parts: Vec<Vec<Option<Ciphertext>>> = if parallel {
+                group.par_iter().map(partial).collect::<Result<_, _>>()?
+            } else {
+                group.iter().map(partial).collect::<Result<_, _>>()?
+            };
+            for p in parts {
+                sums = add(sums, p)?;
+            }
+        }
+        let finish = |(j, sum): (usize, Option<Ciphertext>)| -> Result<Ciphertext, ExecError> {
+            self.check_cancel()?;
+            let e = elems[j];
+            let mut x =
+                sum.ok_or_else(|| ExecError::Model(format!("{}: empty form", layer.name)))?;
+            let constant = layer.forms[e].constant;
+            if constant != 0.0 {
+                self.ev.add_const_assign(&mut x, constant)?;
+            }
+            self.ev.rescale_assign(&mut x)?;
+            let y = match &layer.kind {
+                LayerKind::Activation { beta } => {
+                    let mut y = self.ev.square(&x)?;
+                    let s = x.scale();
+                    self.ev.mul_const_assign(&mut x, beta[e], s)?;
+                    self.ev.add_assign(&mut y, &x)?;
+                    self.ev.relinearize_rescale_assign(&mut y, self.rlk)?;
+                    y
+                }
+                _ => x,
+            };
+            check_meta(&y, layer.meta[e], &layer.name)?;
+            Ok(y)
+        };
+        if parallel {
+            sums.into_par_iter().enumerate().map(finish).collect()
+        } else {
+            sums.into_iter().enumerate().map(finish).collect()
+        }
+    }
+
+    /// A sum tile: plain additions and subtractions of its (equal-level) values.
+    fn sum_tile(
+        &self,
+        cache: &Cache,
+        l: u32,
+        elems: &[usize],
+        chunks: Vec<Option<Vec<TileRef>>>,
+    ) -> Result<Vec<Ciphertext>, ExecError> {
+        let layer = &self.g.layers[l as usize];
+        let mut values: HashMap<ValueRef, Ciphertext> = HashMap::new();
+        for r in chunks.into_iter().flatten().flatten() {
+            let tile = if self.schedule.inlined[r.0 as usize] {
+                Arc::new(self.tile(cache, r, false)?)
+            } else {
+                self.stored(cache, r)?
+            };
+            let src = &self.g.layers[r.0 as usize];
+            for (c, elem) in src.tile_elems(r.1 as usize).enumerate() {
+                values.insert(
+                    ValueRef {
+                        layer: r.0,
+                        elem: elem as u32,
+                    },
+                    tile[c].clone(),
+                );
+            }
+        }
+        elems
+            .iter()
+            .map(|&e| {
+                let mut acc: Option<Ciphertext> = None;
+                for (v, w) in &layer.forms[e].terms {
+                    let x = values
+                        .get(v)
+                        .ok_or_else(|| ExecError::Model(format!("{}: missing term", layer.name)))?;
+                    match acc.as_mut() {
+                        None => {
+                            let mut first = x.clone();
+                            if *w < 0.0 {
+                                self.ev.neg_assign(&mut first)?;
+                            }
+                            acc = Some(first);
+                        }
+                        Some(a) if *w < 0.0 => self.ev.sub_assign(a, x)?,
+                        Some(a) => self.ev.add_assign(a, x)?,
+                    }
+                }
+                let y =
+                    acc.ok_or_else(|| ExecError::Model(format!("{}: empty sum", layer.name)))?;
+                check_meta(&y, layer.meta[e], &layer.name)?;
+                Ok(y)
+            })
+            .collect()
+    }
+}
+
+/// The executor and the plan must agree on every level and scale.
+fn check_meta(ct: &Ciphertext, m: Meta, layer: &str) -> Result<(), ExecError> {
+    let ok = ct.level() as isize == m.level
+        && ((ct.scale() - m.scale) / m.scale).abs() <= SCALE_TOLERANCE;
+    if ok {
+        Ok(())
+    } else {
+        Err(ExecError::Model(format!(
+            "{layer}: ciphertext at level {} scale 2^{:.3}, the plan says level {} scale 2^{:.3}",
+            ct.level(),
+            ct.scale().log2(),
+            m.level,
+            m.scale.log2()
+        )))
+    }
+}
