@@ -3,12 +3,25 @@
 //! The secret key is created here and stays here: [`ClientKeys`] exposes the evaluation key
 //! (relinearization key) and ciphertexts as bytes for upload, and decrypts results; the only
 //! way to get the secret out is [`ClientKeys::export_secret_local`], meant for the page's own
-//! IndexedDB. The same byte format is read and written by the native CKKS crate.
+//! IndexedDB, or for the page's own Web Workers (same origin, same device). The same byte
+//! format is read and written by the native CKKS crate.
+//!
+//! Besides keys, the crate holds the rest of the client's data path so that the browser, the
+//! native client and the tests share one implementation: image preprocessing
+//! ([`preprocess_image`], which is `beaa_model::preprocess::preprocess`), element-wise packing
+//! ([`Batch`]: image `b` in slot `b`, input ciphertext `k` = feature `k` of every image), the
+//! result format of `GET /api/jobs/{id}/result` ([`split_result`]) and the softmax that turns
+//! decrypted logits into class probabilities.
 
 use beaa_ckks::{
-    decrypt, presets, Ciphertext, Encoder, Encryptor, KeyGenerator, Params, RelinKey, SecretKey,
+    decrypt, presets, Ciphertext, Encoder, Encryptor, KeyGenerator, ParamSpec, Params, RelinKey,
+    SecretKey,
 };
+use beaa_model::InputSpec;
 use wasm_bindgen::prelude::*;
+
+mod client;
+pub use client::*;
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
@@ -43,10 +56,79 @@ impl ClientKeys {
         Self::generate(preset).map_err(js_err)
     }
 
+    /// Generates a fresh secret key for the parameter set a server announces: `spec_json` is
+    /// `beaa_ckks::ParamSpec` as JSON (the `params` of `GET /api/models`). Insecure test
+    /// parameters are accepted only when `allow_insecure` (the model's `insecure_test_params`).
+    #[wasm_bindgen(js_name = fromSpec)]
+    pub fn from_spec_js(spec_json: &str, allow_insecure: bool) -> Result<ClientKeys, JsError> {
+        Self::generate_for_spec(&parse_spec(spec_json).map_err(js_err)?, allow_insecure)
+            .map_err(js_err)
+    }
+
     /// Restores keys saved with `exportSecretLocal`.
     #[wasm_bindgen(js_name = importSecretLocal)]
     pub fn import_secret_local(preset: &str, bytes: &[u8]) -> Result<ClientKeys, JsError> {
         Self::from_local_secret(preset, bytes).map_err(js_err)
+    }
+
+    /// Restores keys exported with `exportSecretLocal` for a parameter spec (how the page hands
+    /// its key to its own Web Workers; the bytes never go to the network).
+    #[wasm_bindgen(js_name = importSecretForSpec)]
+    pub fn import_secret_for_spec(
+        spec_json: &str,
+        allow_insecure: bool,
+        bytes: &[u8],
+    ) -> Result<ClientKeys, JsError> {
+        let params = params_from_spec(&parse_spec(spec_json).map_err(js_err)?, allow_insecure)
+            .map_err(js_err)?;
+        Self::from_local_secret_params(params, bytes).map_err(js_err)
+    }
+
+    /// Fails unless this key's parameter fingerprint is `expected_hex` (the server's
+    /// `params_fingerprint`): both sides must have built the same parameter set.
+    #[wasm_bindgen(js_name = checkFingerprint)]
+    pub fn check_fingerprint(&self, expected_hex: &str) -> Result<(), JsError> {
+        self.check_fingerprint_native(expected_hex).map_err(js_err)
+    }
+
+    /// True when the parameters are the insecure test set (never for real data).
+    #[wasm_bindgen(js_name = isInsecure)]
+    pub fn is_insecure(&self) -> bool {
+        !self.params.is_secure()
+    }
+
+    /// Encrypts input ciphertext `k` of a batch: feature `k` of every image, image `b` in
+    /// slot `b`. The result is a seeded ciphertext at the top level and default scale.
+    #[wasm_bindgen(js_name = encryptFeature)]
+    pub fn encrypt_feature(&self, batch: &Batch, k: usize) -> Result<Vec<u8>, JsError> {
+        self.encrypt_feature_native(batch, k).map_err(js_err)
+    }
+
+    /// Decrypts a job result (the body of `GET /api/jobs/{id}/result`) into per-image class
+    /// probabilities, image-major: `n_images * classes` values, softmax of the logits.
+    #[wasm_bindgen(js_name = decryptProbabilities)]
+    pub fn decrypt_probabilities(
+        &self,
+        result: &[u8],
+        n_images: usize,
+        classes: usize,
+    ) -> Result<Vec<f64>, JsError> {
+        let logits = self
+            .decrypt_logits_native(result, n_images, classes)
+            .map_err(js_err)?;
+        Ok(softmax_rows(&logits, classes))
+    }
+
+    /// Decrypts a job result into logits, image-major (`n_images * classes`).
+    #[wasm_bindgen(js_name = decryptLogits)]
+    pub fn decrypt_logits(
+        &self,
+        result: &[u8],
+        n_images: usize,
+        classes: usize,
+    ) -> Result<Vec<f64>, JsError> {
+        self.decrypt_logits_native(result, n_images, classes)
+            .map_err(js_err)
     }
 
     /// The secret key as bytes, for the page's own storage. Never upload this.
@@ -69,11 +151,7 @@ impl ClientKeys {
     /// Hex fingerprint of the parameter set (identifies it to the server).
     #[wasm_bindgen(js_name = paramsFingerprint)]
     pub fn params_fingerprint(&self) -> String {
-        self.params
-            .fingerprint()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(self.params.fingerprint())
     }
 
     /// Encrypts up to `slots()` values at the top level with the default scale; the result
@@ -97,9 +175,72 @@ impl ClientKeys {
     }
 
     pub fn from_local_secret(preset: &str, bytes: &[u8]) -> Result<Self, String> {
-        let params = params_by_name(preset)?;
+        Self::from_local_secret_params(params_by_name(preset)?, bytes)
+    }
+
+    pub fn generate_for_spec(spec: &ParamSpec, allow_insecure: bool) -> Result<Self, String> {
+        let params = params_from_spec(spec, allow_insecure)?;
+        let sk = KeyGenerator::new(&params).secret_key();
+        Ok(Self { params, sk })
+    }
+
+    pub fn from_local_secret_params(params: Params, bytes: &[u8]) -> Result<Self, String> {
         let sk = SecretKey::from_local_bytes(&params, bytes).map_err(|e| e.to_string())?;
         Ok(Self { params, sk })
+    }
+
+    pub fn check_fingerprint_native(&self, expected_hex: &str) -> Result<(), String> {
+        let ours = self.params_fingerprint();
+        if ours.eq_ignore_ascii_case(expected_hex.trim()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "parameter fingerprint mismatch: the server announced {expected_hex}, \
+                 the parameters built here have {ours}"
+            ))
+        }
+    }
+
+    /// [`ClientKeys::encrypt_feature`] for Rust callers.
+    pub fn encrypt_feature_native(&self, batch: &Batch, k: usize) -> Result<Vec<u8>, String> {
+        if batch.len() > self.slots() {
+            return Err(format!(
+                "batch of {} images does not fit in {} slots",
+                batch.len(),
+                self.slots()
+            ));
+        }
+        self.encrypt_native(&batch.feature_native(k)?)
+    }
+
+    /// Decrypts the logit ciphertexts of a job result; image-major `n_images * classes`.
+    pub fn decrypt_logits_native(
+        &self,
+        result: &[u8],
+        n_images: usize,
+        classes: usize,
+    ) -> Result<Vec<f64>, String> {
+        let cts = split_result(result)?;
+        if cts.len() != classes {
+            return Err(format!(
+                "the result holds {} logit ciphertexts, the model has {classes} classes",
+                cts.len()
+            ));
+        }
+        if n_images > self.slots() {
+            return Err(format!(
+                "{n_images} images do not fit in {} slots",
+                self.slots()
+            ));
+        }
+        let mut out = vec![0.0; n_images * classes];
+        for (c, ct) in cts.iter().enumerate() {
+            let v = self.decrypt_native(ct)?;
+            for b in 0..n_images {
+                out[b * classes + c] = v[b];
+            }
+        }
+        Ok(out)
     }
 
     /// Keys whose secret comes from a fixed seed. For cross-platform tests only.
@@ -135,6 +276,44 @@ impl ClientKeys {
     pub fn relin_key_native(&self) -> RelinKey {
         KeyGenerator::new(&self.params).relin_key(&self.sk)
     }
+}
+
+/// The `ParamSpec` of a named preset as JSON (what `GET /api/models` reports as `params`);
+/// for benchmarks and tests.
+#[wasm_bindgen(js_name = presetSpec)]
+pub fn preset_spec(name: &str) -> Result<String, JsError> {
+    let params = params_by_name(name).map_err(js_err)?;
+    serde_json::to_string(params.spec()).map_err(js_err)
+}
+
+/// Hex fingerprint of the parameters built from a spec (as `params_fingerprint` reports it).
+#[wasm_bindgen(js_name = specFingerprint)]
+pub fn spec_fingerprint(spec_json: &str, allow_insecure: bool) -> Result<String, JsError> {
+    let params = params_from_spec(&parse_spec(spec_json).map_err(js_err)?, allow_insecure)
+        .map_err(js_err)?;
+    Ok(hex(params.fingerprint()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `beaa_ckks::ParamSpec` from JSON.
+pub fn parse_spec(spec_json: &str) -> Result<ParamSpec, String> {
+    serde_json::from_str(spec_json).map_err(|e| format!("invalid parameter spec: {e}"))
+}
+
+/// Builds parameters from a spec; insecure test sets only when `allow_insecure`.
+pub fn params_from_spec(spec: &ParamSpec, allow_insecure: bool) -> Result<Params, String> {
+    Params::from_spec(spec.clone(), allow_insecure).map_err(|e| e.to_string())
+}
+
+/// Parses the model's `InputSpec` (the `input` of `GET /api/models`) from JSON and checks it.
+pub fn parse_input_spec(json: &str) -> Result<InputSpec, String> {
+    let spec: InputSpec =
+        serde_json::from_str(json).map_err(|e| format!("invalid input spec: {e}"))?;
+    spec.check().map_err(|e| e.to_string())?;
+    Ok(spec)
 }
 
 /// The values both sides of the cross-platform test encrypt.
