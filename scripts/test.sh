@@ -87,6 +87,10 @@ page_tests() {
   # The page loads the wasm package from web/pkg (gitignored): build it fresh.
   echo "building wasm package into web/pkg" >&2
   wasm-pack build --mode no-install --release --target web --out-dir "$ROOT/web/pkg" "$ROOT/wasm-client"
+  # The end-to-end test runs the real server (beaa serve) on fixtures from beaa-fixtures;
+  # it finds both in $(target_dir)/release.
+  echo "building beaa and beaa-fixtures" >&2
+  cargo build --release -p evaluator --bin beaa -p beaa-tests --bin beaa-fixtures
   export BEAA_CHROMIUM="${BEAA_CHROMIUM:-/usr/bin/chromium}"
   export BEAA_ROOT="$ROOT"
   export NODE_PATH="$ROOT/scripts/node/node_modules${NODE_PATH:+:$NODE_PATH}"
