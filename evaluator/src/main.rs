@@ -6,6 +6,7 @@ mod demo;
 mod eval_cmd;
 mod models;
 mod plan_cmd;
+mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Command {
     Plan(plan_cmd::PlanArgs),
     /// Accuracy on a class-per-folder tree (plaintext reference path).
     Eval(eval_cmd::EvalArgs),
+    /// The evaluator service: web page at `/`, API under `/api/` (see evaluator/API.md).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,6 +72,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,0 +1,612 @@
+//! The `/api/` handlers (contract: `evaluator/API.md`).
+
+use super::db::{self, Db, JobRow};
+use super::error::{ApiError, ApiResult};
+use super::util::{ct_eq, fsync_dir, hex, is_hex, random_hex, sha256};
+use super::AppState;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use beaa_ckks::{Ciphertext, RelinKey};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+/// Largest JSON request body.
+pub const JSON_LIMIT: usize = 16 * 1024;
+/// Most missing indices listed by `GET .../inputs`.
+const MISSING_LIST: usize = 1000;
+
+type St = State<Arc<AppState>>;
+
+pub async fn health() -> Json<Value> {
+    Json(json!({"ok": true}))
+}
+
+pub async fn models(State(st): St) -> Json<Value> {
+    let list: Vec<Value> = st.registry.list().iter().map(|m| m.info.clone()).collect();
+    Json(json!({"models": list}))
+}
+
+/// A temporary upload file, removed on drop unless kept (a client that disconnects mid-body
+/// leaves nothing behind).
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Reads and discards a rejected body when its declared length is modest, so that a client
+/// still sending it reads the error instead of a broken pipe. Bodies declared larger (or
+/// slower than 30 s) are cut off with the connection.
+async fn drain(headers: &HeaderMap, body: Body, expected: usize) {
+    let limit = expected.max(1 << 20) as u64 + (1 << 20);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_none_or(|d| d > limit) {
+        return;
+    }
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len() as u64;
+            if seen > limit {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Streams a body of exactly `expected` bytes to a temporary file under `tmp/`, hashing it.
+/// The declared length is checked before anything is read.
+async fn receive(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    expected: usize,
+) -> ApiResult<(TempFile, [u8; 32])> {
+    if let Some(v) = headers.get(header::CONTENT_LENGTH) {
+        let declared: u64 = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::bad_request("bad_length", "unreadable Content-Length"))?;
+        if declared != expected as u64 {
+            drain(headers, body, expected).await;
+            let message = format!("the body must be exactly {expected} bytes, {declared} declared");
+            return Err(if declared > expected as u64 {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+            } else {
+                ApiError::bad_request("wrong_size", message)
+            });
+        }
+    }
+    if let Err(e) = st.check_quota(expected as u64) {
+        drain(headers, body, expected).await;
+        return Err(e);
+    }
+    let tmp = TempFile {
+        path: st.data_dir.join("tmp").join(format!(
+            "{}.part",
+            random_hex(12).map_err(|e| ApiError::internal("random", e))?
+        )),
+        keep: false,
+    };
+    let file = tokio::fs::File::create(&tmp.path)
+        .await
+        .map_err(|e| ApiError::internal("creating an upload file", e))?;
+    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut count = 0usize;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_request("body_error", "the body was cut off"))?;
+        count += chunk.len();
+        if count > expected {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body must be exactly {expected} bytes"),
+            ));
+        }
+        hasher.update(&chunk);
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::internal("writing an upload", e))?;
+    }
+    if count != expected {
+        return Err(ApiError::bad_request(
+            "wrong_size",
+            format!("the body is {count} bytes, expected exactly {expected}"),
+        ));
+    }
+    out.flush()
+        .await
+        .map_err(|e| ApiError::internal("writing an upload", e))?;
+    let file = out.into_inner();
+    file.sync_all()
+        .await
+        .map_err(|e| ApiError::internal("syncing an upload", e))?;
+    Ok((tmp, hasher.finalize().into()))
+}
+
+/// Reads a JSON body of at most [`JSON_LIMIT`] bytes.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<T> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("JSON bodies are limited to {JSON_LIMIT} bytes"),
+        )
+    };
+    if let Some(v) = headers.get(header::CONTENT_LENGTH) {
+        match v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(n) if n <= JSON_LIMIT as u64 => {}
+            Some(_) => return Err(too_large()),
+            None => {
+                return Err(ApiError::bad_request(
+                    "bad_length",
+                    "unreadable Content-Length",
+                ))
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_request("body_error", "the body was cut off"))?;
+        if buf.len() + chunk.len() > JSON_LIMIT {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&buf).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))
+}
+
+fn validation_error(what: &str, e: beaa_ckks::Error) -> ApiError {
+    match e {
+        beaa_ckks::Error::ParamsMismatch => ApiError::bad_request(
+            "params_mismatch",
+            format!("the {what} was made for another parameter set"),
+        ),
+        other => ApiError::bad_request("invalid_object", format!("invalid {what}: {other}")),
+    }
+}
+
+pub async fn upload_key(
+    State(st): St,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let mut body = Some(body);
+    let r = upload_key_inner(&st, query, &headers, &mut body).await;
+    if r.is_err() {
+        if let Some(b) = body.take() {
+            drain(&headers, b, 0).await;
+        }
+    }
+    r
+}
+
+async fn upload_key_inner(
+    st: &Arc<AppState>,
+    query: Option<String>,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
+) -> ApiResult<Response> {
+    let name = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .ok_or_else(|| ApiError::bad_request("missing_model", "?model=NAME is required"))?;
+    let m = st.model(name)?;
+    let body = body
+        .take()
+        .ok_or_else(|| ApiError::internal("upload", "no body"))?;
+    let (mut tmp, digest) = receive(st, headers, body, m.rlk_len).await?;
+    let key_id = hex(&digest);
+    let dest = st.data_dir.join("keys").join(format!("{key_id}.rlk"));
+    {
+        let _permit = st
+            .key_permits
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal("semaphore", e))?;
+        let path = tmp.path.clone();
+        let params = m.params.clone();
+        tokio::task::spawn_blocking(move || -> ApiResult<()> {
+            let bytes = std::fs::read(&path).map_err(|e| ApiError::internal("reading a key", e))?;
+            RelinKey::from_bytes(&params, &bytes)
+                .map_err(|e| validation_error("relinearization key", e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiError::internal("key validation", e))??;
+    }
+    let created = {
+        // The lock orders the rename against the expiry sweep.
+        let _c = st.db.lock();
+        if !dest.exists() {
+            std::fs::rename(&tmp.path, &dest)
+                .map_err(|e| ApiError::internal("storing a key", e))?;
+            tmp.keep = true;
+            fsync_dir(dest.parent().unwrap_or(&st.data_dir))
+                .map_err(|e| ApiError::internal("storing a key", e))?;
+            st.disk_used.fetch_add(m.rlk_len as u64, Ordering::Relaxed);
+        }
+        drop(_c);
+        st.db
+            .upsert_key(&key_id, &m.fingerprint, m.rlk_len as u64)?
+    };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"key_id": key_id}))).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct CreateJob {
+    model: String,
+    key_id: String,
+    batch: i64,
+}
+
+pub async fn create_job(State(st): St, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let req: CreateJob = read_json(&headers, body).await?;
+    let m = st.model(&req.model)?;
+    if !is_hex(&req.key_id, 64) {
+        return Err(ApiError::bad_request(
+            "bad_key_id",
+            "key_id is 64 lowercase hex digits",
+        ));
+    }
+    let fingerprint = st
+        .db
+        .key_fingerprint(&req.key_id)?
+        .ok_or_else(|| ApiError::not_found("key_not_found", "no such key: upload it first"))?;
+    if fingerprint != m.fingerprint {
+        return Err(ApiError::bad_request(
+            "params_mismatch",
+            "the key was made for another parameter set than the model's",
+        ));
+    }
+    if !st
+        .data_dir
+        .join("keys")
+        .join(format!("{}.rlk", req.key_id))
+        .is_file()
+    {
+        return Err(ApiError::not_found(
+            "key_not_found",
+            "the key has expired: upload it again",
+        ));
+    }
+    let slots = m.params.slots() as i64;
+    if !(1..=slots).contains(&req.batch) {
+        return Err(ApiError::bad_request(
+            "bad_batch",
+            format!("batch must be in 1..={slots}"),
+        ));
+    }
+    let job_id = random_hex(16).map_err(|e| ApiError::internal("random", e))?;
+    let token = random_hex(32).map_err(|e| ApiError::internal("random", e))?;
+    let n = m.model.input_len();
+    std::fs::create_dir_all(st.job_dir(&job_id).join("inputs"))
+        .map_err(|e| ApiError::internal("creating a job directory", e))?;
+    st.db.create_job(
+        &job_id,
+        &sha256(token.as_bytes()),
+        &m.name,
+        &m.fingerprint,
+        &req.key_id,
+        req.batch,
+        n as i64,
+    )?;
+    tracing::info!(job_id = %job_id, model = %m.name, batch = req.batch, "job created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"job_id": job_id, "token": token, "inputs": n})),
+    )
+        .into_response())
+}
+
+/// The job `id` if the request carries its token; 404 for an unknown id or another token.
+fn authorize(st: &AppState, headers: &HeaderMap, id: &str) -> ApiResult<JobRow> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authorization: Bearer TOKEN is required",
+            )
+        })?;
+    if !is_hex(id, 32) {
+        return Err(ApiError::job_not_found());
+    }
+    let row = st.db.job(id)?.ok_or_else(ApiError::job_not_found)?;
+    if !ct_eq(&sha256(token.trim().as_bytes()), &row.token_hash) {
+        return Err(ApiError::job_not_found());
+    }
+    Ok(row)
+}
+
+pub async fn put_input(
+    State(st): St,
+    Path((id, k)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let mut body = Some(body);
+    let r = put_input_inner(&st, &id, &k, &headers, &mut body).await;
+    if r.is_err() {
+        if let Some(b) = body.take() {
+            drain(&headers, b, 0).await;
+        }
+    }
+    r
+}
+
+async fn put_input_inner(
+    st: &Arc<AppState>,
+    id: &str,
+    k: &str,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
+) -> ApiResult<Json<Value>> {
+    let row = authorize(st, headers, id)?;
+    let k: i64 = k
+        .parse()
+        .ok()
+        .filter(|k| (0..row.inputs_total).contains(k))
+        .ok_or_else(|| {
+            ApiError::bad_request("bad_index", format!("k must be in 0..{}", row.inputs_total))
+        })?;
+    if row.state != db::UPLOADING {
+        return Err(ApiError::conflict(
+            "job_started",
+            "inputs cannot change once the job has started",
+        ));
+    }
+    let want_sum = match headers.get("x-checksum-sha256") {
+        None => None,
+        Some(v) => {
+            let s = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
+            if !is_hex(&s, 64) {
+                return Err(ApiError::bad_request(
+                    "bad_checksum",
+                    "X-Checksum-Sha256 is 64 hex digits",
+                ));
+            }
+            Some(s)
+        }
+    };
+    let m = st.model(&row.model)?;
+    let body = body
+        .take()
+        .ok_or_else(|| ApiError::internal("upload", "no body"))?;
+    let (mut tmp, digest) = receive(st, headers, body, m.input_ct_len).await?;
+    let sum = hex(&digest);
+    if want_sum.is_some_and(|w| w != sum) {
+        return Err(ApiError::bad_request(
+            "checksum_mismatch",
+            "the body does not match X-Checksum-Sha256",
+        ));
+    }
+    {
+        let _permit = st
+            .ct_permits
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal("semaphore", e))?;
+        let path = tmp.path.clone();
+        let m2 = m.clone();
+        tokio::task::spawn_blocking(move || -> ApiResult<()> {
+            let bytes =
+                std::fs::read(&path).map_err(|e| ApiError::internal("reading an input", e))?;
+            check_input(&m2.params, &bytes)
+        })
+        .await
+        .map_err(|e| ApiError::internal("input validation", e))??;
+    }
+    let inputs = st.job_dir(&row.job_id).join("inputs");
+    let dest = inputs.join(format!("{k}.ct"));
+    // Under the database lock: the job is still uploading (start and delete take the lock).
+    let c = st.db.lock();
+    match Db::job_in(&c, &row.job_id)? {
+        Some(r) if r.state == db::UPLOADING => {}
+        Some(_) => {
+            return Err(ApiError::conflict(
+                "job_started",
+                "inputs cannot change once the job has started",
+            ))
+        }
+        None => return Err(ApiError::job_not_found()),
+    }
+    let existed = dest.exists();
+    std::fs::rename(&tmp.path, &dest).map_err(|e| ApiError::internal("storing an input", e))?;
+    tmp.keep = true;
+    fsync_dir(&inputs).map_err(|e| ApiError::internal("storing an input", e))?;
+    Db::record_input(&c, &row.job_id, k, &sum)?;
+    if !existed {
+        st.disk_used
+            .fetch_add(m.input_ct_len as u64, Ordering::Relaxed);
+    }
+    Ok(Json(json!({"k": k, "stored": true})))
+}
+
+/// An input must be a seeded ciphertext at the top level, degree 1, default scale.
+pub fn check_input(params: &beaa_ckks::Params, bytes: &[u8]) -> ApiResult<()> {
+    let ct =
+        Ciphertext::from_bytes(params, bytes).map_err(|e| validation_error("ciphertext", e))?;
+    if ct.level() != params.max_level() || ct.degree() != 1 || !ct.is_seeded() {
+        return Err(ApiError::bad_request(
+            "invalid_object",
+            "inputs are fresh seeded ciphertexts at the top level",
+        ));
+    }
+    if ct.scale() != params.default_scale() {
+        return Err(ApiError::bad_request(
+            "invalid_object",
+            "inputs are at the default scale",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn list_inputs(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let row = authorize(&st, &headers, &id)?;
+    let present = Db::inputs_present(&st.db.lock(), &row.job_id)?;
+    let missing = st
+        .db
+        .missing_inputs(&row.job_id, row.inputs_total, MISSING_LIST)?;
+    Ok(Json(
+        json!({"total": row.inputs_total, "present": present, "missing": missing}),
+    ))
+}
+
+pub async fn start_job(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let row = authorize(&st, &headers, &id)?;
+    {
+        let c = st.db.lock();
+        let row = Db::job_in(&c, &row.job_id)?.ok_or_else(ApiError::job_not_found)?;
+        match row.state.as_str() {
+            db::UPLOADING => {
+                let present = Db::inputs_present(&c, &row.job_id)?;
+                if present != row.inputs_total {
+                    return Err(ApiError::conflict(
+                        "inputs_missing",
+                        format!(
+                            "{} of {} inputs are missing",
+                            row.inputs_total - present,
+                            row.inputs_total
+                        ),
+                    ));
+                }
+                Db::set_state(&c, &row.job_id, db::UPLOADING, db::QUEUED)?;
+            }
+            db::QUEUED | db::RUNNING => {}
+            other => {
+                return Err(ApiError::conflict(
+                    "job_finished",
+                    format!("the job is {other}"),
+                ));
+            }
+        }
+    }
+    tracing::info!(job_id = %row.job_id, "job queued");
+    st.queue.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(json!({"state": "queued"}))).into_response())
+}
+
+pub async fn job_status(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let row = authorize(&st, &headers, &id)?;
+    let present = Db::inputs_present(&st.db.lock(), &row.job_id)?;
+    let present = if row.state == db::DONE {
+        row.inputs_total
+    } else {
+        present
+    };
+    Ok(Json(row.status_json(present)))
+}
+
+pub async fn job_result(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let row = authorize(&st, &headers, &id)?;
+    if row.state != db::DONE {
+        return Err(ApiError::conflict(
+            "not_done",
+            format!("the job is {}", row.state),
+        ));
+    }
+    let path = st.job_dir(&row.job_id).join("result.bin");
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("opening a result", e))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal("opening a result", e))?
+        .len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+pub async fn delete_job(
+    State(st): St,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let row = authorize(&st, &headers, &id)?;
+    if let Some(flag) = st
+        .cancels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&row.job_id)
+    {
+        flag.store(true, Ordering::Relaxed);
+    }
+    st.db.delete_job(&row.job_id)?;
+    let st2 = st.clone();
+    let job_id = row.job_id.clone();
+    tokio::task::spawn_blocking(move || st2.remove_job_files(&job_id))
+        .await
+        .map_err(|e| ApiError::internal("deleting a job", e))?;
+    tracing::info!(job_id = %row.job_id, "job deleted");
+    Ok(Json(json!({"deleted": true})))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such endpoint")
+}

@@ -1,0 +1,281 @@
+//! `beaa serve`: the evaluator service (contract: `evaluator/API.md`).
+//!
+//! Job and key metadata live in SQLite (WAL) in the data directory; ciphertexts are files
+//! whose names are built only from server-generated ids and parsed integers:
+//! `keys/<sha256>.rlk`, `jobs/<job_id>/inputs/<k>.ct`, `jobs/<job_id>/result.bin`. Uploads
+//! stream to `tmp/` and are renamed into place once complete, fsynced and validated. A queue
+//! runs jobs one at a time (`--workers`) on all cores; a restart puts queued and running jobs
+//! back into the queue.
+
+mod api;
+mod db;
+mod error;
+mod openapi;
+mod queue;
+mod registry;
+mod static_files;
+pub mod util;
+
+use anyhow::{Context, Result};
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::Router;
+use error::{ApiError, ApiResult};
+use registry::{ReadyModel, Registry};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Where jobs, keys and the database live.
+    #[arg(long, default_value = "beaa-data")]
+    pub data_dir: PathBuf,
+    /// The model zoo (default: $BEAA_ZOO, ./models/zoo, or models/zoo above the executable).
+    #[arg(long)]
+    pub zoo: Option<PathBuf>,
+    /// The web page's directory (default: ./web or web/ above the executable).
+    #[arg(long)]
+    pub web_dir: Option<PathBuf>,
+    /// Serve small NOT SECURE parameter sets (tests and CI only).
+    #[arg(long)]
+    pub insecure_test_params: bool,
+    /// Jobs run at the same time (each on all cores).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Jobs, their files and unused keys are removed this long after creation.
+    #[arg(long, default_value_t = 24.0)]
+    pub job_ttl_hours: f64,
+    /// New uploads are refused (507) when the data directory would exceed this.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_disk_gb: f64,
+    /// Seconds between expiry sweeps.
+    #[arg(long, default_value_t = 60, hide = true)]
+    pub sweep_interval_s: u64,
+    /// Milliseconds between progress writes to the database.
+    #[arg(long, default_value_t = 1000, hide = true)]
+    pub progress_interval_ms: u64,
+}
+
+pub struct AppState {
+    pub db: db::Db,
+    pub data_dir: PathBuf,
+    pub registry: Registry,
+    pub web_dir: Option<PathBuf>,
+    pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    pub queue: tokio::sync::Notify,
+    pub disk_used: AtomicU64,
+    pub max_disk: u64,
+    pub ttl_ms: i64,
+    pub progress_interval_ms: u64,
+    /// Bounds the memory of concurrent validations.
+    pub ct_permits: tokio::sync::Semaphore,
+    pub key_permits: tokio::sync::Semaphore,
+}
+
+impl AppState {
+    /// A served model, 503 while it is still being planned, 404 otherwise.
+    pub fn model(&self, name: &str) -> ApiResult<Arc<ReadyModel>> {
+        if let Some(m) = self.registry.get(name) {
+            return Ok(m);
+        }
+        if registry::valid_name(name) && self.registry.is_pending(name) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "model_loading",
+                "the model is still being prepared; retry shortly",
+            ));
+        }
+        Err(ApiError::not_found("model_not_found", "no such model"))
+    }
+
+    /// The directory of a job; `job_id` is always a server-generated hex id here.
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        debug_assert!(util::is_hex(job_id, 32));
+        self.data_dir.join("jobs").join(job_id)
+    }
+
+    pub fn check_quota(&self, extra: u64) -> ApiResult<()> {
+        if self.disk_used.load(Ordering::Relaxed).saturating_add(extra) > self.max_disk {
+            return Err(ApiError::new(
+                axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                "disk_quota",
+                "the server's disk quota is exhausted; retry later",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn sub_disk(&self, n: u64) {
+        let _ = self
+            .disk_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+
+    /// Removes a job's directory (blocking).
+    pub fn remove_job_files(&self, job_id: &str) {
+        if !util::is_hex(job_id, 32) {
+            return;
+        }
+        let dir = self.job_dir(job_id);
+        let size = util::dir_size(&dir);
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            self.sub_disk(size);
+        }
+    }
+}
+
+/// Logs method, route template, status, job id and time; never tokens, bodies or queries.
+async fn log_request(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "(static)".to_owned());
+    let job_id = req
+        .uri()
+        .path()
+        .strip_prefix("/api/jobs/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|id| util::is_hex(id, 32))
+        .map(str::to_owned);
+    let t = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::info!(
+        method = %method,
+        route = %route,
+        status = resp.status().as_u16(),
+        job_id = job_id.as_deref().unwrap_or("-"),
+        ms = (t.elapsed().as_secs_f64() * 1e3) as u64,
+        "request"
+    );
+    resp
+}
+
+pub fn router(st: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/api/health", get(api::health))
+        .route("/api/models", get(api::models))
+        .route("/api/openapi.json", get(openapi::document))
+        .route("/api/keys", post(api::upload_key))
+        .route("/api/jobs", post(api::create_job))
+        .route(
+            "/api/jobs/{id}",
+            get(api::job_status).delete(api::delete_job),
+        )
+        .route("/api/jobs/{id}/inputs", get(api::list_inputs))
+        .route("/api/jobs/{id}/inputs/{k}", put(api::put_input))
+        .route("/api/jobs/{id}/start", post(api::start_job))
+        .route("/api/jobs/{id}/result", get(api::job_result));
+    api.fallback(static_files::serve)
+        .layer(axum::middleware::from_fn(log_request))
+        // Upload routes read their bodies as streams with their own exact limits; this caps
+        // everything else.
+        .layer(axum::extract::DefaultBodyLimit::max(api::JSON_LIMIT))
+        .with_state(st)
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<()> {
+    for sub in ["jobs", "keys", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    // Uploads cut off by a crash.
+    if let Ok(rd) = std::fs::read_dir(dir.join("tmp")) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    prepare_data_dir(&args.data_dir)?;
+    let db = db::Db::open(&args.data_dir.join("beaa.sqlite")).context("opening the database")?;
+    let requeued = db.requeue_running()?;
+    let web_dir = registry::find_web(args.web_dir.as_deref());
+    let zoo = registry::find_zoo(args.zoo.as_deref());
+    tracing::info!(
+        data_dir = %args.data_dir.display(),
+        zoo = ?zoo,
+        web_dir = ?web_dir,
+        insecure_test_params = args.insecure_test_params,
+        requeued,
+        "starting"
+    );
+    if args.insecure_test_params {
+        tracing::warn!("--insecure-test-params: serving NOT SECURE parameter sets");
+    }
+    let st = Arc::new(AppState {
+        db,
+        data_dir: args.data_dir.clone(),
+        registry: Registry::default(),
+        web_dir,
+        cancels: Mutex::new(HashMap::new()),
+        queue: tokio::sync::Notify::new(),
+        disk_used: AtomicU64::new(util::dir_size(&args.data_dir)),
+        max_disk: (args.max_disk_gb.max(0.0) * 1e9) as u64,
+        ttl_ms: (args.job_ttl_hours.max(0.0) * 3.6e6) as i64,
+        progress_interval_ms: args.progress_interval_ms,
+        ct_permits: tokio::sync::Semaphore::new(8),
+        key_permits: tokio::sync::Semaphore::new(2),
+    });
+
+    st.registry.discover(zoo.as_deref());
+    // Plans in a thread of its own: the listener is up long before a large model is ready.
+    {
+        let st = st.clone();
+        let insecure = args.insecure_test_params;
+        std::thread::Builder::new()
+            .name("planner".into())
+            .spawn(move || {
+                let notify = || st.queue.notify_waiters();
+                st.registry.plan_all(insecure, &notify)
+            })?;
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        for i in 0..args.workers {
+            tokio::spawn(queue::worker(st.clone(), i));
+        }
+        tokio::spawn(queue::sweeper(
+            st.clone(),
+            Duration::from_secs(args.sweep_interval_s.max(1)),
+        ));
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "listening");
+        // A line on stdout for scripts and tests that started us with port 0.
+        println!("listening on http://{local}");
+        axum::serve(listener, router(st))
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,205 @@
+//! The models the server offers: every model directory of the zoo, planned once in a
+//! background thread (the full-width model takes tens of seconds and gigabytes to plan) and
+//! listed as soon as its plan is ready.
+
+use super::util::hex;
+use beaa_ckks::{serialize::ciphertext_len, Evaluator, Params, RelinKey};
+use beaa_engine::Plan;
+use beaa_model::Model;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// A model with its parameters and plan, ready to take jobs.
+pub struct ReadyModel {
+    pub name: String,
+    pub model: Model,
+    pub params: Params,
+    pub plan: Plan,
+    pub ev: Evaluator,
+    pub fingerprint: String,
+    pub input_ct_len: usize,
+    pub rlk_len: usize,
+    pub info: serde_json::Value,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    ready: RwLock<BTreeMap<String, Arc<ReadyModel>>>,
+    /// Names found in the zoo (planned or not yet).
+    pending: RwLock<BTreeMap<String, PathBuf>>,
+    done: AtomicBool,
+}
+
+/// A model name is a plain word: it names a directory of the zoo and nothing else.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+/// The zoo: `--zoo`, else `$BEAA_ZOO`, `./models/zoo`, or `models/zoo` above the executable
+/// (the first that exists).
+pub fn find_zoo(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(z) = explicit {
+        return Some(z.to_path_buf());
+    }
+    let mut dirs = Vec::new();
+    if let Some(z) = std::env::var_os("BEAA_ZOO") {
+        dirs.push(PathBuf::from(z));
+    }
+    dirs.push(PathBuf::from("models/zoo"));
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            dirs.push(dir.join("models/zoo"));
+        }
+    }
+    dirs.into_iter().find(|d| d.is_dir())
+}
+
+/// The web directory: `--web-dir`, else `./web` or `web` above the executable.
+pub fn find_web(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(w) = explicit {
+        return Some(w.to_path_buf());
+    }
+    let mut dirs = vec![PathBuf::from("web")];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            dirs.push(dir.join("web"));
+        }
+    }
+    dirs.into_iter().find(|d| d.join("index.html").is_file())
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<Arc<ReadyModel>> {
+        self.ready
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<ReadyModel>> {
+        self.ready
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// True while `name` is in the zoo but not planned yet.
+    pub fn is_pending(&self, name: &str) -> bool {
+        !self.done.load(Ordering::Acquire)
+            && self
+                .pending
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(name)
+    }
+
+    /// Lists the zoo's model directories (cheap; before the listener and the queue start).
+    pub fn discover(&self, zoo: Option<&Path>) {
+        let mut found = BTreeMap::new();
+        if let Some(zoo) = zoo {
+            match std::fs::read_dir(zoo) {
+                Ok(rd) => {
+                    for e in rd.flatten() {
+                        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                            continue;
+                        };
+                        if valid_name(&name) && e.path().join(beaa_model::MANIFEST_FILE).is_file() {
+                            found.insert(name, e.path());
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(zoo = %zoo.display(), "cannot read the zoo: {e}"),
+            }
+        } else {
+            tracing::warn!("no model zoo found (use --zoo DIR or $BEAA_ZOO)");
+        }
+        *self.pending.write().unwrap_or_else(|p| p.into_inner()) = found;
+    }
+
+    /// Plans the discovered models one after another; `on_ready` runs after each (the queue
+    /// may be waiting for it).
+    pub fn plan_all(&self, insecure: bool, on_ready: &dyn Fn()) {
+        let found = self
+            .pending
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, dir) in found {
+            let t = std::time::Instant::now();
+            match prepare(&name, &dir, insecure) {
+                Ok(ready) => {
+                    tracing::info!(
+                        model = %name,
+                        log_n = ready.params.spec().log_n,
+                        depth = ready.plan.depth,
+                        insecure_test_params = insecure,
+                        seconds = t.elapsed().as_secs_f64(),
+                        "model ready"
+                    );
+                    self.ready
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name, Arc::new(ready));
+                }
+                Err(e) => tracing::warn!(model = %name, "model not served: {e}"),
+            }
+            on_ready();
+        }
+        self.done.store(true, Ordering::Release);
+        on_ready();
+    }
+}
+
+fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel> {
+    let model = Model::load(dir)?;
+    let (params, plan) = if insecure {
+        Plan::choose_insecure_for_tests(&model)?
+    } else {
+        let (params, plan) = Plan::choose(&model)?;
+        // Never serve a set below 128 bits without the flag.
+        anyhow::ensure!(
+            params.is_secure(),
+            "the chosen parameters are not 128-bit secure"
+        );
+        (params, plan)
+    };
+    let fingerprint = hex(params.fingerprint());
+    let input_ct_len = ciphertext_len(&params, params.max_level(), 1, true);
+    let rlk_len = RelinKey::serialized_len(&params);
+    let info = json!({
+        "name": name,
+        "classes": model.manifest.classes,
+        "input": model.manifest.input,
+        "params": params.spec(),
+        "insecure_test_params": insecure,
+        "params_fingerprint": fingerprint,
+        "depth": plan.depth,
+        "input_ciphertexts": model.input_len(),
+        "output_ciphertexts": model.manifest.classes.len(),
+        "max_batch": params.slots(),
+        "input_ciphertext_bytes": input_ct_len,
+        "relin_key_bytes": rlk_len,
+    });
+    let ev = Evaluator::new(&params);
+    Ok(ReadyModel {
+        name: name.to_owned(),
+        model,
+        params,
+        plan,
+        ev,
+        fingerprint,
+        input_ct_len,
+        rlk_len,
+        info,
+    })
+}

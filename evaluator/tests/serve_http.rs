@@ -1,0 +1,765 @@
+//! `beaa serve` over real HTTP on loopback: the real binary, a temporary data directory, real
+//! SQLite and files, and a small random model at the (insecure) test parameters.
+
+use beaa_ckks::{
+    decrypt, Ciphertext, Encoder, Encryptor, KeyGenerator, ParamSpec, Params, SecretKey,
+};
+use beaa_model::{Activation, Model, SqueezeNetSpec};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "tiny";
+
+/// A model directory `tiny` inside a fresh zoo.
+fn make_zoo(root: &Path) -> (PathBuf, Model) {
+    let zoo = root.join("zoo");
+    let model = beaa_model::testing::random_model(
+        11,
+        &SqueezeNetSpec::tiny(3, 8, 3),
+        Activation::PolyElement,
+    );
+    model.save(&zoo.join(MODEL)).unwrap();
+    (zoo, model)
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(zoo: &Path, data: &Path, insecure: bool, extra: &[&str]) -> Server {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_beaa"));
+        cmd.arg("serve")
+            .args(["--addr", "127.0.0.1:0", "--zoo"])
+            .arg(zoo)
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--progress-interval-ms", "20"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        if insecure {
+            cmd.arg("--insecure-test-params");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("server exited").unwrap();
+        let url = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (status, body) of a request, 4xx/5xx included.
+fn call(req: ureq::Request, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+    let res = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let mut out = Vec::new();
+    resp.into_reader()
+        .take(1 << 30)
+        .read_to_end(&mut out)
+        .unwrap();
+    (status, out)
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(bytes)))
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let (s, b) = call(ureq::get(url), None);
+    (s, json_of(&b))
+}
+
+fn error_code(body: &[u8]) -> String {
+    json_of(body)["error"]["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Waits until the model is listed; returns its ModelInfo.
+fn model_info(server: &Server) -> Value {
+    let t = Instant::now();
+    loop {
+        let (s, v) = get(&format!("{}/api/models", server.url));
+        assert_eq!(s, 200);
+        if let Some(m) = v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == MODEL)
+        {
+            return m.clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "model never listed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct ClientKeys {
+    params: Params,
+    sk: SecretKey,
+    rlk_bytes: Vec<u8>,
+}
+
+fn client_keys(info: &Value) -> ClientKeys {
+    let spec: ParamSpec = serde_json::from_value(info["params"].clone()).unwrap();
+    let params = Params::from_spec(spec, info["insecure_test_params"].as_bool().unwrap()).unwrap();
+    let fp: String = params
+        .fingerprint()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(info["params_fingerprint"], fp.as_str());
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk_bytes = kg.relin_key(&sk).to_bytes();
+    assert_eq!(
+        rlk_bytes.len() as u64,
+        info["relin_key_bytes"].as_u64().unwrap()
+    );
+    ClientKeys {
+        params,
+        sk,
+        rlk_bytes,
+    }
+}
+
+fn upload_key(server: &Server, keys: &ClientKeys) -> String {
+    let (s, b) = call(
+        ureq::post(&format!("{}/api/keys?model={MODEL}", server.url))
+            .set("Content-Type", "application/octet-stream"),
+        Some(&keys.rlk_bytes),
+    );
+    assert!(
+        s == 201 || s == 200,
+        "key upload: {s} {}",
+        String::from_utf8_lossy(&b)
+    );
+    json_of(&b)["key_id"].as_str().unwrap().to_owned()
+}
+
+struct Job {
+    id: String,
+    token: String,
+    n: usize,
+}
+
+fn create_job(server: &Server, key_id: &str, batch: usize) -> Job {
+    let (s, b) = call(
+        ureq::post(&format!("{}/api/jobs", server.url)),
+        Some(
+            json!({"model": MODEL, "key_id": key_id, "batch": batch})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+    let v = json_of(&b);
+    Job {
+        id: v["job_id"].as_str().unwrap().to_owned(),
+        token: v["token"].as_str().unwrap().to_owned(),
+        n: v["inputs"].as_u64().unwrap() as usize,
+    }
+}
+
+fn authed(req: ureq::Request, token: &str) -> ureq::Request {
+    req.set("Authorization", &format!("Bearer {token}"))
+}
+
+/// Deterministic pseudo-random images in [-1.5, 1.5] (normalized inputs), [b][k].
+fn images(batch: usize, len: usize, seed: u64) -> Vec<Vec<f64>> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..batch)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Element-wise packing: ciphertext k holds feature k of every image.
+fn encrypt_inputs(keys: &ClientKeys, imgs: &[Vec<f64>]) -> Vec<Vec<u8>> {
+    let mut enc = Encryptor::new(&keys.params);
+    (0..imgs[0].len())
+        .map(|k| {
+            let column: Vec<f64> = imgs.iter().map(|img| img[k]).collect();
+            enc.encrypt_values_sk(
+                &keys.sk,
+                &column,
+                keys.params.default_scale(),
+                keys.params.max_level(),
+            )
+            .unwrap()
+            .to_bytes()
+        })
+        .collect()
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn upload_inputs(server: &Server, job: &Job, cts: &[Vec<u8>], first: usize) {
+    for (i, ct) in cts.iter().enumerate() {
+        let k = first + i;
+        let (s, b) = call(
+            authed(
+                ureq::put(&format!("{}/api/jobs/{}/inputs/{k}", server.url, job.id)),
+                &job.token,
+            )
+            .set("X-Checksum-Sha256", &sha_hex(ct)),
+            Some(ct),
+        );
+        assert_eq!(s, 200, "input {k}: {}", String::from_utf8_lossy(&b));
+    }
+}
+
+fn status(server: &Server, job: &Job) -> Value {
+    let (s, b) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    json_of(&b)
+}
+
+fn start(server: &Server, job: &Job) {
+    let (s, b) = call(
+        authed(
+            ureq::post(&format!("{}/api/jobs/{}/start", server.url, job.id)),
+            &job.token,
+        ),
+        Some(b""),
+    );
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+}
+
+fn wait_done(server: &Server, job: &Job, limit: Duration) -> Value {
+    let t = Instant::now();
+    loop {
+        let st = status(server, job);
+        match st["state"].as_str().unwrap() {
+            "done" => return st,
+            "failed" | "cancelled" => panic!("job ended: {st}"),
+            _ => {}
+        }
+        assert!(t.elapsed() < limit, "job not done in time: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Downloads and decrypts the result: logits[b][c].
+fn result(server: &Server, job: &Job, keys: &ClientKeys, batch: usize) -> Vec<Vec<f64>> {
+    let (s, b) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}/result", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200);
+    let count = u32::from_le_bytes(b[..4].try_into().unwrap()) as usize;
+    let mut pos = 4;
+    let enc = Encoder::new(&keys.params);
+    let mut per_class = Vec::new();
+    for _ in 0..count {
+        let len = u64::from_le_bytes(b[pos..pos + 8].try_into().unwrap()) as usize;
+        pos += 8;
+        let ct = Ciphertext::from_bytes(&keys.params, &b[pos..pos + len]).unwrap();
+        pos += len;
+        per_class.push(enc.decode(&decrypt(&keys.sk, &ct).unwrap()));
+    }
+    assert_eq!(pos, b.len(), "trailing bytes in the result");
+    (0..batch)
+        .map(|i| per_class.iter().map(|v| v[i]).collect())
+        .collect()
+}
+
+fn argmax(v: &[f64]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
+}
+
+/// The decrypted logits match the plaintext model: small error, same class.
+fn check_against_plaintext(model: &Model, imgs: &[Vec<f64>], got: &[Vec<f64>]) {
+    let flat: Vec<f64> = imgs.iter().flatten().copied().collect();
+    let want = model.forward(&flat, imgs.len()).unwrap();
+    let classes = model.manifest.classes.len();
+    let mut max_err = 0.0f64;
+    for (b, row) in got.iter().enumerate() {
+        let w = &want[b * classes..(b + 1) * classes];
+        for (x, y) in row.iter().zip(w) {
+            max_err = max_err.max((x - y).abs());
+        }
+        assert_eq!(
+            argmax(row),
+            argmax(w),
+            "image {b}: encrypted {row:?} vs plaintext {w:?}"
+        );
+    }
+    assert!(max_err < 1e-3, "max |encrypted - plaintext| = {max_err}");
+}
+
+#[test]
+fn full_job_matches_plaintext_and_survives_kill9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&zoo, &data, true, &[]);
+    let (s, v) = get(&format!("{}/api/health", server.url));
+    assert_eq!((s, v), (200, json!({"ok": true})));
+    let info = model_info(&server);
+    assert_eq!(info["insecure_test_params"], true);
+    assert_eq!(
+        info["input_ciphertexts"].as_u64().unwrap() as usize,
+        model.input_len()
+    );
+    let keys = client_keys(&info);
+    let key_id = upload_key(&server, &keys);
+    assert_eq!(key_id, sha_hex(&keys.rlk_bytes));
+    // The same key again: known, 200.
+    let (s, _) = call(
+        ureq::post(&format!("{}/api/keys?model={MODEL}", server.url)),
+        Some(&keys.rlk_bytes),
+    );
+    assert_eq!(s, 200);
+
+    // (a) A whole job.
+    let batch = 8;
+    let imgs = images(batch, model.input_len(), 1);
+    let cts = encrypt_inputs(&keys, &imgs);
+    assert_eq!(
+        cts[0].len() as u64,
+        info["input_ciphertext_bytes"].as_u64().unwrap()
+    );
+    let job = create_job(&server, &key_id, batch);
+    assert_eq!(job.n, model.input_len());
+    // Start before the inputs are there: 409.
+    let (s, _) = call(
+        authed(
+            ureq::post(&format!("{}/api/jobs/{}/start", server.url, job.id)),
+            &job.token,
+        ),
+        Some(b""),
+    );
+    assert_eq!(s, 409);
+    upload_inputs(&server, &job, &cts[..cts.len() - 1], 0);
+    let (s, b) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}/inputs", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200);
+    let listing = json_of(&b);
+    assert_eq!(listing["present"].as_u64().unwrap() as usize, job.n - 1);
+    assert_eq!(listing["missing"], json!([job.n - 1]));
+    upload_inputs(&server, &job, &cts[cts.len() - 1..], cts.len() - 1);
+    // Idempotent re-upload of input 0.
+    upload_inputs(&server, &job, &cts[..1], 0);
+    let st = status(&server, &job);
+    assert_eq!(st["state"], "uploading");
+    assert_eq!(st["inputs_present"].as_u64().unwrap() as usize, job.n);
+    let (s, _) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}/result", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 409, "no result before the job is done");
+    let t = Instant::now();
+    start(&server, &job);
+    let st = wait_done(&server, &job, Duration::from_secs(120));
+    let job_seconds = t.elapsed().as_secs_f64();
+    assert_eq!(st["progress"], 1.0);
+    let got = result(&server, &job, &keys, batch);
+    check_against_plaintext(&model, &imgs, &got);
+    eprintln!("full job: {job_seconds:.2} s");
+    // Inputs can no longer change.
+    let (s, _) = call(
+        authed(
+            ureq::put(&format!("{}/api/jobs/{}/inputs/0", server.url, job.id)),
+            &job.token,
+        ),
+        Some(&cts[0]),
+    );
+    assert_eq!(s, 409);
+
+    // (b) kill -9 while running, restart on the same data directory.
+    let imgs2 = images(batch, model.input_len(), 2);
+    let cts2 = encrypt_inputs(&keys, &imgs2);
+    let job2 = create_job(&server, &key_id, batch);
+    upload_inputs(&server, &job2, &cts2, 0);
+    start(&server, &job2);
+    let t = Instant::now();
+    loop {
+        let st = status(&server, &job2);
+        if st["state"] == "running" {
+            break;
+        }
+        assert_ne!(
+            st["state"], "done",
+            "the job finished before it could be killed"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "job never ran: {st}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill9();
+    let server = Server::start(&zoo, &data, true, &[]);
+    // The finished job and its result survive too.
+    assert_eq!(status(&server, &job)["state"], "done");
+    assert_eq!(result(&server, &job, &keys, batch), got);
+    let st = status(&server, &job2);
+    assert!(
+        st["state"] == "queued" || st["state"] == "running" || st["state"] == "done",
+        "{st}"
+    );
+    wait_done(&server, &job2, Duration::from_secs(120));
+    let got2 = result(&server, &job2, &keys, batch);
+    check_against_plaintext(&model, &imgs2, &got2);
+
+    // DELETE removes the job and its files.
+    let (s, b) = call(
+        authed(
+            ureq::delete(&format!("{}/api/jobs/{}", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!((s, json_of(&b)), (200, json!({"deleted": true})));
+    let (s, _) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 404);
+    assert!(!data.join("jobs").join(&job.id).exists());
+}
+
+/// Sends raw bytes and returns the status line's code (None if the server closed).
+fn raw_request(url: &str, request: &[u8]) -> Option<u16> {
+    let addr = url.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_tokens_are_per_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&zoo, &data, true, &[]);
+    let info = model_info(&server);
+    let keys = client_keys(&info);
+    let url = server.url.clone();
+    let key_url = format!("{url}/api/keys?model={MODEL}");
+    let rlk = &keys.rlk_bytes;
+
+    // Keys: wrong sizes, wrong parameters, random bytes, unknown model, huge declared length.
+    let (s, b) = call(ureq::post(&key_url), Some(&rlk[..rlk.len() - 1]));
+    assert_eq!((s, error_code(&b).as_str()), (400, "wrong_size"));
+    let mut longer = rlk.clone();
+    longer.push(0);
+    assert_eq!(call(ureq::post(&key_url), Some(&longer)).0, 413);
+    let mut other_params = rlk.clone();
+    other_params[20] ^= 1; // inside the parameter fingerprint
+    let (s, b) = call(ureq::post(&key_url), Some(&other_params));
+    assert_eq!((s, error_code(&b).as_str()), (400, "params_mismatch"));
+    let mut random = vec![0u8; rlk.len()];
+    getrandom::getrandom(&mut random).unwrap();
+    assert_eq!(call(ureq::post(&key_url), Some(&random)).0, 400);
+    let mut bad_residue = rlk.clone();
+    for b in &mut bad_residue[80..200] {
+        *b = 0xff;
+    }
+    assert_eq!(call(ureq::post(&key_url), Some(&bad_residue)).0, 400);
+    assert_eq!(
+        call(ureq::post(&format!("{url}/api/keys?model=nope")), Some(rlk)).0,
+        404
+    );
+    assert_eq!(
+        call(
+            ureq::post(&format!("{url}/api/keys?model=../../etc")),
+            Some(rlk)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(ureq::post(&format!("{url}/api/keys")), Some(rlk)).0,
+        400
+    );
+    let huge = format!(
+        "POST /api/keys?model={MODEL} HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999\r\n\r\nBEAA"
+    );
+    assert_eq!(raw_request(&url, huge.as_bytes()), Some(413));
+    // A body longer than it should be, sent chunked (no declared length).
+    let (s, _) = {
+        let r = ureq::post(&key_url).send(std::io::Cursor::new(longer.clone()));
+        match r {
+            Ok(r) => (r.status(), ()),
+            Err(ureq::Error::Status(c, _)) => (c, ()),
+            Err(_) => (0, ()), // the server may close mid-body
+        }
+    };
+    assert!(s == 413 || s == 0, "{s}");
+    let key_id = upload_key(&server, &keys);
+
+    // Jobs: bad JSON, oversized JSON, unknown model/key, batch out of range.
+    let jobs = format!("{url}/api/jobs");
+    for (body, code) in [
+        (b"{not json".to_vec(), 400),
+        (b"[]".to_vec(), 400),
+        (json!({"model": MODEL, "key_id": key_id}).to_string().into_bytes(), 400),
+        (json!({"model": "nope", "key_id": key_id, "batch": 1}).to_string().into_bytes(), 404),
+        (json!({"model": MODEL, "key_id": "ab".repeat(32), "batch": 1}).to_string().into_bytes(), 404),
+        (json!({"model": MODEL, "key_id": "../x", "batch": 1}).to_string().into_bytes(), 400),
+        (json!({"model": MODEL, "key_id": key_id, "batch": 0}).to_string().into_bytes(), 400),
+        (json!({"model": MODEL, "key_id": key_id, "batch": info["max_batch"].as_u64().unwrap() + 1}).to_string().into_bytes(), 400),
+        (json!({"model": MODEL, "key_id": key_id, "batch": -1}).to_string().into_bytes(), 400),
+        (vec![b' '; 100_000], 413),
+    ] {
+        let (s, b) = call(ureq::post(&jobs), Some(&body));
+        assert_eq!(s, code, "{}: {}", String::from_utf8_lossy(&body[..body.len().min(80)]), String::from_utf8_lossy(&b));
+        assert!(!error_code(&b).is_empty());
+    }
+
+    // Inputs: out of range, wrong sizes, truncated, random bytes, wrong parameters, bad checksum.
+    let job = create_job(&server, &key_id, 4);
+    let other = create_job(&server, &key_id, 4);
+    let imgs = images(4, model.input_len(), 3);
+    let cts = encrypt_inputs(&keys, &imgs);
+    let ct = &cts[0];
+    let put = |k: &str, token: &str| {
+        authed(
+            ureq::put(&format!("{url}/api/jobs/{}/inputs/{k}", job.id)),
+            token,
+        )
+    };
+    for k in [
+        job.n.to_string(),
+        "-1".into(),
+        "abc".into(),
+        "99999999999999999999999".into(),
+    ] {
+        let (s, b) = call(put(&k, &job.token), Some(ct));
+        assert_eq!((s, error_code(&b).as_str()), (400, "bad_index"), "k = {k}");
+    }
+    assert_eq!(call(put("0", &job.token), Some(&ct[..ct.len() - 1])).0, 400);
+    assert_eq!(call(put("0", &job.token), Some(&ct[..10])).0, 400);
+    assert_eq!(call(put("0", &job.token), Some(b"")).0, 400);
+    let mut longer = ct.clone();
+    longer.extend_from_slice(&[0; 7]);
+    assert_eq!(call(put("0", &job.token), Some(&longer)).0, 413);
+    let mut random = vec![0u8; ct.len()];
+    getrandom::getrandom(&mut random).unwrap();
+    assert_eq!(call(put("0", &job.token), Some(&random)).0, 400);
+    let mut wrong_params = ct.clone();
+    wrong_params[9] ^= 0x40;
+    let (s, b) = call(put("0", &job.token), Some(&wrong_params));
+    assert_eq!((s, error_code(&b).as_str()), (400, "params_mismatch"));
+    let mut bad_scale = ct.clone();
+    bad_scale[42..50].copy_from_slice(&1.0f64.to_le_bytes());
+    assert_eq!(call(put("0", &job.token), Some(&bad_scale)).0, 400);
+    let mut bad_level = ct.clone();
+    bad_level[40] = 0;
+    assert_eq!(call(put("0", &job.token), Some(&bad_level)).0, 400);
+    let (s, b) = call(
+        put("0", &job.token).set("X-Checksum-Sha256", &"0".repeat(64)),
+        Some(ct),
+    );
+    assert_eq!((s, error_code(&b).as_str()), (400, "checksum_mismatch"));
+    assert_eq!(
+        call(
+            put("0", &job.token).set("X-Checksum-Sha256", "xyz"),
+            Some(ct)
+        )
+        .0,
+        400
+    );
+    let huge = format!(
+        "PUT /api/jobs/{}/inputs/0 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 999999999999\r\n\r\n",
+        job.id, job.token
+    );
+    assert_eq!(raw_request(&url, huge.as_bytes()), Some(413));
+    let overflow = huge.replace("999999999999", "18446744073709551616");
+    let s = raw_request(&url, overflow.as_bytes()).unwrap_or(400);
+    assert!((400..500).contains(&s), "{s}");
+    // Garbage instead of HTTP.
+    let _ = raw_request(&url, b"\x00\xff\x13GARBAGE\r\n\r\n");
+    let _ = raw_request(
+        &url,
+        b"GET /api/health HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+    );
+    // Nothing was stored by the bad uploads.
+    let (s, b) = call(
+        authed(
+            ureq::get(&format!("{url}/api/jobs/{}/inputs", job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(json_of(&b)["present"], 0);
+    assert_eq!(call(put("0", &job.token), Some(ct)).0, 200);
+
+    // (d) One job's token cannot read or change another job.
+    let ou = |p: &str| format!("{url}/api/jobs/{}{p}", other.id);
+    assert_eq!(call(authed(ureq::get(&ou("")), &job.token), None).0, 404);
+    assert_eq!(
+        call(authed(ureq::get(&ou("/inputs")), &job.token), None).0,
+        404
+    );
+    assert_eq!(
+        call(authed(ureq::put(&ou("/inputs/0")), &job.token), Some(ct)).0,
+        404
+    );
+    assert_eq!(
+        call(authed(ureq::post(&ou("/start")), &job.token), Some(b"")).0,
+        404
+    );
+    assert_eq!(
+        call(authed(ureq::get(&ou("/result")), &job.token), None).0,
+        404
+    );
+    assert_eq!(call(authed(ureq::delete(&ou("")), &job.token), None).0, 404);
+    assert_eq!(call(ureq::get(&ou("")), None).0, 401);
+    assert_eq!(call(authed(ureq::get(&ou("")), "not-a-token"), None).0, 404);
+    assert_eq!(
+        call(
+            authed(
+                ureq::get(&format!("{url}/api/jobs/{}", "0".repeat(32))),
+                &job.token
+            ),
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            authed(
+                ureq::get(&format!("{url}/api/jobs/..%2F..%2Fetc")),
+                &job.token
+            ),
+            None
+        )
+        .0,
+        404
+    );
+    // The other job is untouched and its own token works.
+    let st = status(&server, &other);
+    assert_eq!(
+        (st["state"].as_str(), st["inputs_present"].as_u64()),
+        (Some("uploading"), Some(0))
+    );
+    assert_eq!(status(&server, &job)["inputs_present"], 1);
+
+    // Static files cannot leave the web directory; unknown API paths are JSON 404s.
+    assert_eq!(
+        raw_request(&url, b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
+        Some(404)
+    );
+    let (s, b) = call(ureq::get(&format!("{url}/api/nope")), None);
+    assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
+
+    // Still serving.
+    assert!(server.alive());
+    assert_eq!(get(&format!("{url}/api/health")).0, 200);
+    let (s, v) = get(&format!("{url}/api/openapi.json"));
+    assert_eq!(s, 200);
+    assert!(v["paths"]["/api/jobs/{id}/inputs/{k}"]["put"].is_object());
+}
+
+#[test]
+fn without_the_flag_test_parameters_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, _model) = make_zoo(tmp.path());
+    // Keys made at the test parameters.
+    let insecure = Server::start(&zoo, &tmp.path().join("data1"), true, &[]);
+    let test_info = model_info(&insecure);
+    let test_keys = client_keys(&test_info);
+    drop(insecure);
+
+    let mut server = Server::start(&zoo, &tmp.path().join("data2"), false, &[]);
+    let info = model_info(&server);
+    assert_eq!(info["insecure_test_params"], false);
+    assert_ne!(info["params_fingerprint"], test_info["params_fingerprint"]);
+    let spec: ParamSpec = serde_json::from_value(info["params"].clone()).unwrap();
+    assert!(Params::from_spec(spec, false).unwrap().is_secure());
+    let (s, _) = call(
+        ureq::post(&format!("{}/api/keys?model={MODEL}", server.url)),
+        Some(&test_keys.rlk_bytes),
+    );
+    assert!((400..500).contains(&s), "{s}");
+    // A test-parameter key padded to the secure key's size is still refused.
+    let mut padded = test_keys.rlk_bytes.clone();
+    padded.resize(info["relin_key_bytes"].as_u64().unwrap() as usize, 0);
+    let (s, b) = call(
+        ureq::post(&format!("{}/api/keys?model={MODEL}", server.url)),
+        Some(&padded),
+    );
+    assert_eq!((s, error_code(&b).as_str()), (400, "params_mismatch"));
+    assert!(server.alive());
+}
