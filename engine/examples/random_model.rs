@@ -1,6 +1,7 @@
 //! Writes a random-weight model directory of the BEAA SqueezeNet, for trying `beaa plan`,
 //! `beaa eval` and the benchmarks before trained models exist:
-//! `cargo run --release -p beaa-engine --example random_model -- OUT_DIR [tiny|cifar10]`.
+//! `cargo run --release -p beaa-engine --example random_model -- OUT_DIR [tiny|cifar10|cifar10/K]`
+//! (`cifar10/K`: the CIFAR-10 graph at 32x32 with every width divided by K).
 
 use beaa_model::testing::random_model;
 use beaa_model::{Activation, SqueezeNetSpec};
@@ -9,19 +10,24 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let out = args
         .get(1)
-        .expect("usage: random_model OUT_DIR [tiny|cifar10]");
-    let spec = match args.get(2).map(String::as_str).unwrap_or("tiny") {
+        .expect("usage: random_model OUT_DIR [tiny|cifar10|cifar10/K]");
+    let size = args.get(2).map(String::as_str).unwrap_or("tiny");
+    let divisor: usize = match size.strip_prefix("cifar10/") {
+        Some(k) => k.parse().expect("cifar10/K takes a number"),
+        None => 1,
+    };
+    let spec = match size {
         "tiny" => SqueezeNetSpec::tiny(3, 8, 4),
-        "cifar10" => SqueezeNetSpec {
+        s if s == "cifar10" || divisor > 1 => SqueezeNetSpec {
             in_channels: 3,
             height: 32,
             width: 32,
             classes: 10,
-            conv1: 64,
-            fire1: (32, 64, 64),
-            fire2: (32, 64, 64),
-            conv2: 192,
-            conv3: 192,
+            conv1: 64 / divisor,
+            fire1: (32 / divisor, 64 / divisor, 64 / divisor),
+            fire2: (32 / divisor, 64 / divisor, 64 / divisor),
+            conv2: 192 / divisor,
+            conv3: 192 / divisor,
         },
         other => panic!("unknown size {other}"),
     };

@@ -1,10 +1,10 @@
 //! `beaa bench inference`: encrypted inference on random inputs at the planned 128-bit
 //! parameters, with per-layer seconds and peak memory.
 
+use crate::local_job::{argmax, run_encrypted, WorkDir};
 use anyhow::{Context, Result};
-use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator};
-use beaa_engine::{run_job, FileInputs, Plan, RunControl};
-use rayon::prelude::*;
+use beaa_ckks::KeyGenerator;
+use beaa_engine::Plan;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -93,94 +93,26 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
         })
         .collect();
-    let (work, _cleanup) = match &args.work_dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let d = std::env::temp_dir().join(format!("beaa-bench-{}", std::process::id()));
-            (d.clone(), Some(RemoveOnDrop(d)))
-        }
-    };
-    let input_dir = work.join("inputs");
-    std::fs::create_dir_all(&input_dir)
-        .with_context(|| format!("creating {}", input_dir.display()))?;
-    // Inputs go to files as the client would upload them (seeded), never all in memory.
-    let t = Instant::now();
-    let paths: Vec<std::path::PathBuf> = (0..per)
-        .map(|k| input_dir.join(format!("{k}.ct")))
-        .collect();
-    paths
-        .par_iter()
-        .enumerate()
-        .try_for_each(|(k, path)| -> Result<()> {
-            let column: Vec<f64> = (0..batch).map(|b| images[b * per + k]).collect();
-            let ct = Encryptor::new(&params).encrypt_values_sk(
-                &sk,
-                &column,
-                params.default_scale(),
-                params.max_level(),
-            )?;
-            std::fs::write(path, ct.to_bytes())?;
-            Ok(())
-        })?;
-    let encrypt_s = t.elapsed().as_secs_f64();
-
-    let ev = Evaluator::new(&params);
-    let t = Instant::now();
-    let (mut stage_start, mut last_report) = (0.0, 0.0);
-    let mut current: Option<String> = None;
-    let mut per_layer: Vec<(String, f64)> = Vec::new();
-    let logits = run_job(
-        &model,
-        &plan,
-        &ev,
-        &rlk,
-        &FileInputs::new(&params, paths),
-        RunControl::new()
-            .work_dir(work.join("tiles"))
-            .on_progress(|p| {
-                if current.as_deref() != Some(p.stage.as_str()) {
-                    // The new stage began right after the previous report.
-                    if let Some(prev) = current.take() {
-                        per_layer.push((prev, last_report - stage_start));
-                    }
-                    stage_start = last_report;
-                    current = Some(p.stage.clone());
-                }
-                last_report = p.elapsed_s;
-                eprint!(
-                    "\r  {:5.1}%  {:<20} {:>8.0} s elapsed, ETA {:>8.0} s   ",
-                    p.fraction * 100.0,
-                    p.stage,
-                    p.elapsed_s,
-                    p.eta_s.unwrap_or(f64::NAN)
-                );
-            }),
+    let work = WorkDir::new(args.work_dir.as_deref(), "bench");
+    let run = run_encrypted(
+        &model, &params, &plan, &sk, &rlk, &images, batch, &work.path,
     )?;
-    eprintln!();
-    let total_s = t.elapsed().as_secs_f64();
-    if let Some(prev) = current.take() {
-        per_layer.push((prev, total_s - stage_start));
-    }
-    for (name, secs) in &per_layer {
+    let (encrypt_s, total_s) = (run.encrypt_s, run.eval_s);
+    for (name, secs) in &run.per_stage_s {
         eprintln!("  {name:<24} {secs:>9.2} s");
     }
+    let per_layer = run.per_stage_s.clone();
 
     // Check against the plaintext reference on the same images.
-    let enc = Encoder::new(&params);
-    let got: Vec<Vec<f64>> = logits
-        .iter()
-        .map(|ct| Ok(enc.decode(&decrypt(&sk, ct)?)))
-        .collect::<Result<_, beaa_ckks::Error>>()?;
     let want = model.forward(&images, batch)?;
-    let classes = logits.len();
+    let classes = model.manifest.classes.len();
     let (mut max_err, mut agree) = (0.0f64, 0usize);
-    for b in 0..batch {
+    for (b, got) in run.logits.iter().enumerate() {
         let row = &want[b * classes..(b + 1) * classes];
-        let argmax = |f: &dyn Fn(usize) -> f64| (0..classes).max_by(|&i, &j| f(i).total_cmp(&f(j)));
-        for (c, w) in row.iter().enumerate() {
-            max_err = max_err.max((got[c][b] - w).abs());
+        for (g, w) in got.iter().zip(row) {
+            max_err = max_err.max((g - w).abs());
         }
-        agree += (argmax(&|c| got[c][b]) == argmax(&|c| row[c])) as usize;
+        agree += (argmax(got) == argmax(row)) as usize;
     }
     let report = Report {
         model: dir.display().to_string(),
@@ -209,13 +141,4 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
-}
-
-/// Removes the bench's default work directory however the run ends.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -30,7 +30,72 @@ fn plan_of_a_random_squeezenet_fits_n32768_at_128_bits() {
     assert_eq!(v["security_bits"], 128);
     assert!(v["log2_qp"].as_f64().unwrap() <= 881.0);
     assert_eq!(v["input_ciphertexts"], 192);
-    assert_eq!(v["squares"].as_array().unwrap().len(), 9);
+    // 7 activations, 2 pools read by 3x3 convolutions... only pool2 is; conv1's pool is not.
+    assert_eq!(v["squares"].as_array().unwrap().len(), 10);
+    let stages: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "fire1.squeeze.act",
+            "fire2.squeeze.act",
+            "pool2",
+            "conv2.act",
+            "logits"
+        ]
+    );
+}
+
+/// `beaa eval --encrypted` at test parameters: the encrypted predictions equal the plaintext
+/// ones on every image, and the report says how well they agree.
+#[test]
+fn eval_encrypted_agrees_with_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = random_model(7, &SqueezeNetSpec::tiny(3, 32, 4), Activation::PolyElement);
+    model.save(&dir.path().join("model")).unwrap();
+    // Six CIFAR-style binary records (label byte + 3072 channel-major bytes), synthetic.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut records = Vec::new();
+    for i in 0..6u32 {
+        records.push((i % 4) as u8);
+        records.extend((0..3072u32).map(|p| ((p * (i + 3) + i * 41) % 251) as u8));
+    }
+    std::fs::write(data.join("test_batch.bin"), &records).unwrap();
+    std::fs::write(
+        data.join("batches.meta.txt"),
+        model.manifest.classes.join("\n"),
+    )
+    .unwrap();
+    let model_dir = dir.path().join("model");
+    let args = [
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--encrypted",
+        "--insecure-test-params",
+        "--json",
+    ];
+    let (ok, stdout, stderr) = beaa(&args);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["n"], 6);
+    assert_eq!(v["encrypted"], true);
+    assert_eq!(v["params_128_bit"], false);
+    assert_eq!(v["agreement_with_plaintext"], 1.0, "{stderr}");
+    assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-3);
+    // Without --encrypted the same command is the plaintext path and has no agreement field.
+    let (ok, stdout, _) = beaa(&[&args[..5], &["--json"]].concat());
+    assert!(ok);
+    let p: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(p["accuracy"], v["accuracy"]);
+    assert!(p.get("agreement_with_plaintext").is_none());
 }
 
 #[test]

@@ -124,9 +124,14 @@ fn list(dir: &Path) -> Result<Vec<(String, Item)>, ModelError> {
     Ok(out)
 }
 
-/// Evaluates `model` on every image of `dir` (at most `limit`, spread evenly, if non-zero).
+/// Preprocessed labelled images of `dir` (at most `limit`, spread evenly, if non-zero):
+/// `(labels as model class indices, images [n, C, H, W] flattened, unreadable files skipped)`.
 /// Data classes are matched to the model's classes by name; an unknown class is an error.
-pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalReport, ModelError> {
+pub fn load_labelled(
+    model: &Model,
+    dir: &Path,
+    limit: usize,
+) -> Result<(Vec<usize>, Vec<f64>, usize), ModelError> {
     let mut items = list(dir)?;
     if limit > 0 && items.len() > limit {
         let n = items.len();
@@ -139,10 +144,8 @@ pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalRepor
             .collect();
     }
     let classes = &model.manifest.classes;
-    let k = classes.len();
     let spec = &model.manifest.input;
-    let mut conf = vec![vec![0usize; k]; k];
-    let mut skipped = 0;
+    let (mut labels, mut images, mut skipped) = (Vec::new(), Vec::new(), 0);
     for (name, item) in items {
         let t = classes.iter().position(|c| *c == name).ok_or_else(|| {
             ModelError::Invalid(format!(
@@ -170,7 +173,18 @@ pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalRepor
                 preprocess::normalize_chw(&px, spec)?
             }
         };
-        let p = model.predict(&x.iter().map(|&v| v as f64).collect::<Vec<_>>(), 1)?[0];
+        labels.push(t);
+        images.extend(x.iter().map(|&v| v as f64));
+    }
+    Ok((labels, images, skipped))
+}
+
+/// The report for predicted class indices against true ones.
+pub fn report(model: &Model, labels: &[usize], predicted: &[usize], skipped: usize) -> EvalReport {
+    let classes = &model.manifest.classes;
+    let k = classes.len();
+    let mut conf = vec![vec![0usize; k]; k];
+    for (&t, &p) in labels.iter().zip(predicted) {
         conf[t][p] += 1;
     }
     let n: usize = conf.iter().flatten().sum();
@@ -183,7 +197,7 @@ pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalRepor
         })
         .collect();
     let present: Vec<f64> = recall.iter().flatten().copied().collect();
-    Ok(EvalReport {
+    EvalReport {
         model: model.manifest.name.clone(),
         images: n,
         accuracy: (0..k).map(|i| conf[i][i]).sum::<usize>() as f64 / n.max(1) as f64,
@@ -191,7 +205,19 @@ pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalRepor
         per_class_recall: classes.iter().cloned().zip(recall).collect(),
         confusion: conf,
         skipped,
-    })
+    }
+}
+
+/// Evaluates `model` on every image of `dir` (at most `limit`, spread evenly, if non-zero)
+/// with the plaintext f64 path.
+pub fn evaluate_dir(model: &Model, dir: &Path, limit: usize) -> Result<EvalReport, ModelError> {
+    let (labels, images, skipped) = load_labelled(model, dir, limit)?;
+    let per = model.input_len();
+    let mut predicted = Vec::with_capacity(labels.len());
+    for x in images.chunks(per) {
+        predicted.push(model.predict(x, 1)?[0]);
+    }
+    Ok(report(model, &labels, &predicted, skipped))
 }
 
 #[cfg(test)]
