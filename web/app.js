@@ -23,7 +23,8 @@ const state = {
   cancelled: false,
   job: null, // {id, token}
   secret: null, // Uint8Array: stays in this page and its workers
-  longTasks: [],
+  longTasks: [], // {start, ms} of main-thread tasks over 50 ms
+  runWindow: [0, 0],
 };
 
 // ---------------------------------------------------------------- messages and helpers
@@ -232,9 +233,17 @@ function ensurePool() {
   return state.pool;
 }
 
-function addFiles(fileList) {
+async function addFiles(fileList) {
   const files = Array.from(fileList);
+  for (let s = 0; s < files.length; s += 64) {
+    addFileChunk(files.slice(s, s + 64));
+    await yieldToBrowser();
+  }
+}
+
+function addFileChunk(files) {
   if (!files.length) return;
+  const frag = document.createDocumentFragment();
   for (const file of files) {
     const img = {
       id: state.nextImageId++,
@@ -248,9 +257,10 @@ function addFiles(fileList) {
     };
     state.images.push(img);
     img.el = thumbElement(img);
-    $('#thumbs').append(img.el);
+    frag.append(img.el);
     preprocessImage(img);
   }
+  $('#thumbs').append(frag);
   refreshControls();
 }
 
@@ -310,7 +320,20 @@ function readyImages() {
   return state.images.filter((i) => i.features);
 }
 
+// Coalesced to one update per frame: with thousands of images, every preprocessing result
+// would otherwise redo the whole count.
+let refreshQueued = false;
 function refreshControls() {
+  if (refreshQueued) return;
+  refreshQueued = true;
+  requestAnimationFrame(() => {
+    refreshQueued = false;
+    refreshNow();
+  });
+}
+
+let lastTooMany = null;
+function refreshNow() {
   const m = state.model;
   const ready = readyImages().length;
   const pending = state.images.filter((i) => !i.features && !i.error).length;
@@ -323,10 +346,13 @@ function refreshControls() {
   if (m) {
     const limit = Math.min(m.max_batch, Number.MAX_SAFE_INTEGER);
     tooMany = ready > limit;
-    if (tooMany) {
-      message(`Too many images: ${ready} selected, but one job of model "${m.name}" takes at most ${limit}. Remove some images.`, 'error', 'too-many');
-    } else {
-      clearMessages('too-many');
+    const text = tooMany
+      ? `Too many images: ${ready} selected, but one job of model "${m.name}" takes at most ${limit}. Remove some images.`
+      : null;
+    if (text !== lastTooMany) {
+      if (text) message(text, 'error', 'too-many');
+      else clearMessages('too-many');
+      lastTooMany = text;
     }
   }
   $('#run-button').disabled = state.running || !m || ready === 0 || pending > 0 || tooMany;
@@ -361,6 +387,7 @@ async function run() {
   setRunState('running');
   const pool = ensurePool();
   const t0 = performance.now();
+  state.runWindow = [t0, Infinity];
   try {
     await api('health');
     const spec = JSON.stringify(model.params);
@@ -439,6 +466,7 @@ async function run() {
     if (state.job) api(`jobs/${state.job.id}`, { method: 'DELETE', token: state.job.token }).catch(() => {});
   } finally {
     state.running = false;
+    state.runWindow[1] = performance.now();
     refreshControls();
   }
 }
@@ -674,13 +702,21 @@ function wire() {
     if (state.job) api(`jobs/${state.job.id}`, { method: 'DELETE', token: state.job.token }).catch(() => {});
   };
   $('#clear-button').onclick = () => {
-    for (const img of [...state.images]) removeImage(img);
+    if (state.running) return;
+    for (const img of state.images) {
+      img.gen++; // results of preprocessing still under way are dropped
+      URL.revokeObjectURL(img.url);
+    }
+    state.images = [];
+    $('#thumbs').replaceChildren();
     clearMessages();
+    lastTooMany = null;
+    refreshControls();
   };
   if ('PerformanceObserver' in window) {
     try {
       new PerformanceObserver((list) => {
-        for (const e of list.getEntries()) state.longTasks.push(Math.round(e.duration));
+        for (const e of list.getEntries()) state.longTasks.push({ start: e.startTime, ms: Math.round(e.duration) });
       }).observe({ type: 'longtask', buffered: true });
     } catch (_) {
       /* longtask not supported */
@@ -692,7 +728,9 @@ function wire() {
     window.__beaa = {
       secretKey: () => (state.secret ? Array.from(state.secret) : null),
       features: () => readyImages().map((i) => ({ name: i.name, features: Array.from(i.features) })),
-      longTasks: () => state.longTasks.slice(),
+      longTasks: () => state.longTasks.map((t) => t.ms),
+      // Long main-thread tasks between the click on run and the results.
+      runLongTasks: () => state.longTasks.filter((t) => t.start >= state.runWindow[0] && t.start <= state.runWindow[1]).map((t) => t.ms),
       workers: () => (state.pool ? state.pool.size : 0),
     };
   }

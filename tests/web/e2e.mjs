@@ -143,6 +143,21 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   await page.selectOption('#model-select', expected.model);
   assert.equal(await page.isVisible('#insecure-banner'), true, 'red banner for insecure test parameters');
 
+  // More images than one job takes: a clear message, and no run.
+  const png = fs.readFileSync(imagePaths.find((p) => p.endsWith('.png')));
+  const many = Array.from({ length: model.max_batch + 1 }, (_, i) => ({ name: `many-${i}.png`, mimeType: 'image/png', buffer: png }));
+  await page.setInputFiles('#file-input', many);
+  await page.waitForFunction(() => !document.querySelector('.thumb.pending') && document.querySelectorAll('.thumb').length > 0, null, {
+    timeout: 60_000,
+  });
+  const tooMany = `Too many images: ${model.max_batch + 1} selected`;
+  await page.waitForFunction((t) => document.querySelector('#messages').textContent.includes(t), tooMany, { timeout: 10_000 });
+  assert.match(await page.textContent('#messages'), new RegExp(`${tooMany}.*at most ${model.max_batch}`));
+  assert.equal(await page.isDisabled('#run-button'), true, 'no run with too many images');
+  await page.click('#clear-button');
+  assert.equal(await page.locator('.thumb').count(), 0);
+  const addLongTasks = await page.evaluate(() => window.__beaa.longTasks());
+
   // Add the images and one unreadable file.
   await page.setInputFiles('#file-input', [...imagePaths, badPath]);
   await page.waitForFunction(
@@ -250,12 +265,22 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
     for (const [what, n] of needles) assert.ok(!contains(body, n), `${what} found in the body of ${where}`);
   }
 
-  const longTasks = await page.evaluate(() => window.__beaa.longTasks());
+  const runLongTasks = await page.evaluate(() => window.__beaa.runLongTasks());
   const workers = await page.evaluate(() => window.__beaa.workers());
+  const fmtTasks = (ts) => (ts.length ? `max ${Math.max(...ts)} ms (${ts.length} over 50 ms)` : 'none over 50 ms');
   console.log(
     `e2e: ${expected.images.length} images, ${model.input_ciphertexts} ciphertexts, ${workers} workers, run ${runSeconds.toFixed(1)} s; ` +
       `${requests.length} requests checked (${bodies.length} with bodies, ${needles.length} needles); ` +
-      `main-thread long tasks: ${longTasks.length ? `max ${Math.max(...longTasks)} ms (${longTasks.length})` : 'none'}`,
+      `main-thread tasks while adding ${model.max_batch + 1} images: ${fmtTasks(addLongTasks)}; during the run: ${fmtTasks(runLongTasks)}`,
   );
+  // The main thread only orchestrates (loose bound: this machine is shared).
+  assert.ok(runLongTasks.every((ms) => ms <= 250), `main-thread task over 250 ms during the run: ${runLongTasks}`);
   assert.deepEqual(pageErrors.filter((e) => !/Failed to load resource/.test(e)), [], 'no page errors');
+
+  // The server goes away: a new run says so clearly.
+  server.kill('SIGTERM');
+  await new Promise((r) => (serverExited === null ? server.once('exit', r) : r()));
+  await page.click('#run-button');
+  await page.waitForFunction(() => document.querySelector('#run-status').dataset.state === 'failed', null, { timeout: 20_000 });
+  assert.match(await page.textContent('#messages'), /evaluator server is down or unreachable/);
 });
