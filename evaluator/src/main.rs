@@ -4,8 +4,10 @@ mod bench_ckks;
 mod bench_inference;
 mod demo;
 mod eval_cmd;
+mod keygen;
 mod models;
 mod plan_cmd;
+mod predict;
 mod serve;
 
 use anyhow::Result;
@@ -37,6 +39,10 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// The evaluator service: web page at `/`, API under `/api/` (see evaluator/API.md).
     Serve(serve::ServeArgs),
+    /// Client keys for a model; the secret key file is mode 0600 and never uploaded.
+    Keygen(keygen::KeygenArgs),
+    /// Encrypt images locally, have a server classify them, decrypt the answer.
+    Predict(predict::PredictArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,6 +79,8 @@ fn main() {
         Command::Plan(args) => plan_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Keygen(args) => keygen::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -763,3 +763,124 @@ fn without_the_flag_test_parameters_are_refused() {
     assert_eq!((s, error_code(&b).as_str()), (400, "params_mismatch"));
     assert!(server.alive());
 }
+
+/// Random RGB PNGs of `size` x `size`.
+fn write_pngs(dir: &Path, count: usize, size: u32, seed: u64) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut x = seed | 1;
+    (0..count)
+        .map(|i| {
+            let img = image::RgbImage::from_fn(size, size, |_, _| {
+                let mut px = [0u8; 3];
+                for p in &mut px {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *p = (x >> 56) as u8;
+                }
+                image::Rgb(px)
+            });
+            let path = dir.join(format!("img{i}.png"));
+            img.save(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// `beaa keygen` + `beaa predict` against the running server, two clients at once.
+#[test]
+fn cli_predict_matches_plaintext_with_concurrent_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let server = Server::start(&zoo, &tmp.path().join("data"), true, &[]);
+    let info = model_info(&server);
+    let keys_dir = tmp.path().join("keys");
+    let out = Command::new(env!("CARGO_BIN_EXE_beaa"))
+        .args(["keygen", "--model", MODEL, "--server", &server.url, "--out"])
+        .arg(&keys_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(keys_dir.join("secret.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let meta = json_of(&std::fs::read(keys_dir.join("keys.json")).unwrap());
+    assert_eq!(meta["params_fingerprint"], info["params_fingerprint"]);
+
+    let spec = model.manifest.input.clone();
+    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
+    let files: Vec<Vec<PathBuf>> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| write_pngs(d, 3 + i, 12, 7 + i as u64))
+        .collect();
+    let children: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_beaa"));
+            cmd.args([
+                "predict",
+                "--server",
+                &server.url,
+                "--model",
+                MODEL,
+                "--json",
+            ]);
+            if i == 0 {
+                cmd.arg("--keys").arg(&keys_dir);
+            }
+            cmd.arg(d)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, files) in children.into_iter().zip(&files) {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = json_of(&out.stdout);
+        let preds = v["predictions"].as_array().unwrap();
+        assert_eq!(preds.len(), files.len());
+        for (p, f) in preds.iter().zip(files) {
+            let x = beaa_model::preprocess::preprocess(&std::fs::read(f).unwrap(), &spec).unwrap();
+            let want = model.forward_f32(&x, 1).unwrap();
+            let got: Vec<f64> = p["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_f64().unwrap())
+                .collect();
+            assert_eq!(
+                p["class_index"].as_u64().unwrap() as usize,
+                argmax(&want),
+                "{p} vs {want:?}"
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-3, "{got:?} vs {want:?}");
+            }
+            let probs: f64 = p["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .sum();
+            assert!((probs - 1.0).abs() < 1e-9);
+        }
+    }
+}

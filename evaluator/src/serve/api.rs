@@ -164,7 +164,10 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     if let Some(v) = headers.get(header::CONTENT_LENGTH) {
         match v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) {
             Some(n) if n <= JSON_LIMIT as u64 => {}
-            Some(_) => return Err(too_large()),
+            Some(_) => {
+                drain(headers, body, 0).await;
+                return Err(too_large());
+            }
             None => {
                 return Err(ApiError::bad_request(
                     "bad_length",

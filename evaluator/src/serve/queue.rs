@@ -94,12 +94,14 @@ pub async fn worker(st: Arc<AppState>, index: usize) {
                     Ok(true) => {
                         tracing::info!(job_id = %job_id, state, error = error.as_deref(), "job finished");
                         if state == db::DONE {
-                            // The inputs are no longer needed.
+                            // The inputs and checkpoints are no longer needed.
                             let _ = st.db.delete_inputs(&job_id);
-                            let dir = st.job_dir(&job_id).join("inputs");
-                            let freed = super::util::dir_size(&dir);
-                            if std::fs::remove_dir_all(&dir).is_ok() {
-                                st.sub_disk(freed);
+                            for sub in ["inputs", "work"] {
+                                let dir = st.job_dir(&job_id).join(sub);
+                                let freed = super::util::dir_size(&dir);
+                                if std::fs::remove_dir_all(&dir).is_ok() {
+                                    st.sub_disk(freed);
+                                }
                             }
                         }
                     }
@@ -150,7 +152,9 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
     let mut last: Option<Instant> = None;
     let db = &st.db;
     let control =
+        // Finished tiles are checkpoints: a restarted job skips them.
         RunControl::new()
+            .work_dir(st.job_dir(job_id).join("work"))
             .cancel_flag(flag)
             .on_progress(move |p: &beaa_engine::Progress| {
                 if last
