@@ -17,7 +17,7 @@
 use crate::exec::ExecError;
 use beaa_ckks::Params;
 use beaa_model::{Model, Op};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A value: element `elem` of layer `layer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,8 +73,10 @@ impl Form {
 pub enum LayerKind {
     /// The client's ciphertexts.
     Input,
-    /// `y = x~^2 + beta x~`, `x~` the rescaled form; `beta` per element.
-    Activation { beta: Vec<f64> },
+    /// `y = x~^2 + beta x~`, `x~` the rescaled form; `beta` per element. A `lazy` layer
+    /// leaves `y` unrelinearized and unrescaled (degree 2): its only reader sums many of them
+    /// and relinearizes once per sum, where fewer ciphertexts exist.
+    Activation { beta: Vec<f64>, lazy: bool },
     /// Plain sum of the form's values with weights +-1 (no rescale).
     Sum,
     /// The logits: the rescaled form.
@@ -101,6 +103,8 @@ pub struct Layer {
     /// Per element: the level the combination is computed at and its target scale (for
     /// activations and outputs; unused for inputs and sums).
     pub combine: Vec<Meta>,
+    /// The combination reads lazy (degree-2) values: rescale twice, then relinearize.
+    pub reads_lazy: bool,
     /// Per element: level and scale of the value itself.
     pub meta: Vec<Meta>,
 }
@@ -138,12 +142,18 @@ pub struct ValueGraph {
 }
 
 impl ValueGraph {
-    /// Builds the graph of `model` with inputs at the top level and default scale of `params`.
-    pub fn build(model: &Model, params: &Params) -> Result<Self, ExecError> {
+    /// Builds the graph of `model` with inputs at the top level and default scale of `params`;
+    /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]).
+    pub fn build(
+        model: &Model,
+        params: &Params,
+        lazy: &BTreeSet<String>,
+    ) -> Result<Self, ExecError> {
         Builder {
             model,
             q: params.q(),
             layers: Vec::new(),
+            lazy,
         }
         .run(params.max_level(), params.default_scale())
     }
@@ -170,6 +180,7 @@ struct Builder<'m> {
     model: &'m Model,
     q: &'m [u64],
     layers: Vec<Layer>,
+    lazy: &'m BTreeSet<String>,
 }
 
 fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m [f32], ExecError> {
@@ -213,6 +224,32 @@ impl Builder<'_> {
             level,
             scale: scale * self.prime(level),
         })
+    }
+
+    /// Whether a form reads lazy (degree-2) values.
+    fn reads_lazy(&self, form: &Form) -> bool {
+        form.terms.iter().any(|(v, _)| {
+            matches!(
+                self.layers[v.layer as usize].kind,
+                LayerKind::Activation { lazy: true, .. }
+            )
+        })
+    }
+
+    /// Level and scale after the rescale(s) following a combination; mirrors
+    /// `rescale_assign` (twice over lazy inputs).
+    fn after_combine(&self, cm: Meta, lazy: bool) -> Meta {
+        let mut m = Meta {
+            level: cm.level - 1,
+            scale: cm.scale / self.prime(cm.level),
+        };
+        if lazy {
+            m = Meta {
+                level: m.level - 1,
+                scale: m.scale / self.prime(m.level),
+            };
+        }
+        m
     }
 
     fn push(&mut self, layer: Layer) -> u32 {
@@ -259,6 +296,7 @@ impl Builder<'_> {
                         shape: node.shape,
                         forms: Vec::new(),
                         combine: Vec::new(),
+                        reads_lazy: false,
                         meta: vec![
                             Meta {
                                 level: top as isize,
@@ -422,13 +460,11 @@ impl Builder<'_> {
         let output_shape = [out.len(), 1, 1];
         let mut combine = Vec::with_capacity(out.len());
         let mut meta = Vec::with_capacity(out.len());
+        let reads_lazy = out.iter().any(|f| self.reads_lazy(f));
         for f in &out {
             let m = self.combine_meta(f)?;
             combine.push(m);
-            meta.push(Meta {
-                level: m.level - 1,
-                scale: m.scale / self.prime(m.level),
-            });
+            meta.push(self.after_combine(m, reads_lazy));
         }
         self.push(Layer {
             name: "logits".into(),
@@ -436,6 +472,7 @@ impl Builder<'_> {
             shape: output_shape,
             forms: out,
             combine,
+            reads_lazy,
             meta,
         });
         Ok(ValueGraph {
@@ -463,6 +500,8 @@ impl Builder<'_> {
             )));
         }
         let id = self.layers.len() as u32;
+        let lazy = self.lazy.contains(name);
+        let reads_lazy = x.iter().any(|f| self.reads_lazy(f));
         let mut forms = Vec::new();
         let mut combine = Vec::new();
         let mut meta = Vec::new();
@@ -483,13 +522,17 @@ impl Builder<'_> {
             let mut xs = Form::default();
             xs.add_scaled(&x[e], s);
             let cm = self.combine_meta(&xs)?;
-            let xt = Meta {
-                level: cm.level - 1,
-                scale: cm.scale / self.prime(cm.level),
-            };
-            let y = Meta {
-                level: xt.level - 1,
-                scale: xt.scale * xt.scale / self.prime(xt.level),
+            let xt = self.after_combine(cm, reads_lazy);
+            let y = if lazy {
+                Meta {
+                    level: xt.level,
+                    scale: xt.scale * xt.scale,
+                }
+            } else {
+                Meta {
+                    level: xt.level - 1,
+                    scale: xt.scale * xt.scale / self.prime(xt.level),
+                }
             };
             let elem = forms.len() as u32;
             forms.push(xs);
@@ -510,10 +553,11 @@ impl Builder<'_> {
         };
         self.push(Layer {
             name: name.to_string(),
-            kind: LayerKind::Activation { beta },
+            kind: LayerKind::Activation { beta, lazy },
             shape,
             forms,
             combine,
+            reads_lazy,
             meta,
         });
         Ok(out)
@@ -558,6 +602,7 @@ impl Builder<'_> {
             kind: LayerKind::Sum,
             shape,
             combine: Vec::new(),
+            reads_lazy: false,
             forms,
             meta,
         });

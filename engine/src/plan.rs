@@ -5,7 +5,7 @@ use crate::graph::{LayerKind, Meta, ValueGraph};
 use crate::schedule::Schedule;
 use beaa_ckks::{max_log_qp_128, ParamSpec, Params};
 use beaa_model::Model;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
@@ -42,10 +42,19 @@ impl Plan {
     /// `TooDeep` (saying how many levels it needs) when the chain is too short.
     pub fn new(model: &Model, params: &Params) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let graph = ValueGraph::build(model, params).map_err(|e| match e {
-            ExecError::Relu(n) => PlanError::Relu(n),
-            other => PlanError::Other(other.to_string()),
-        })?;
+        let build = |lazy: &BTreeSet<String>| {
+            ValueGraph::build(model, params, lazy).map_err(|e| match e {
+                ExecError::Relu(n) => PlanError::Relu(n),
+                other => PlanError::Other(other.to_string()),
+            })
+        };
+        let eager = build(&BTreeSet::new())?;
+        let lazy = lazy_layers(&eager, &Schedule::new(&eager));
+        let graph = if lazy.is_empty() {
+            eager
+        } else {
+            build(&lazy)?
+        };
         let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
         if lowest < 0 {
@@ -84,6 +93,31 @@ impl Plan {
         })
     }
 
+    /// Activation layers left unrelinearized (their reader relinearizes its sums).
+    pub fn lazy_layers(&self) -> Vec<&str> {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| matches!(l.kind, LayerKind::Activation { lazy: true, .. }))
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
+    /// Relinearizations (key switches) per batch.
+    pub fn relinearizations(&self) -> usize {
+        self.graph
+            .layers
+            .iter()
+            .map(|l| {
+                let own = match l.kind {
+                    LayerKind::Activation { lazy: false, .. } => l.len(),
+                    _ => 0,
+                };
+                own + if l.reads_lazy { l.len() } else { 0 }
+            })
+            .sum()
+    }
+
     /// Ciphertext squares per batch (one per quadratic activation element).
     pub fn squares(&self) -> usize {
         self.graph
@@ -93,6 +127,41 @@ impl Plan {
             .map(|l| l.len())
             .sum()
     }
+}
+
+/// Activation layers to leave unrelinearized: those recomputed inside a single reader (an
+/// activation or the output) that sums them into fewer ciphertexts than they are - conv1
+/// into fire1.squeeze (65,536 -> 8,192 relinearizations at CIFAR-10 width), the expand layers
+/// into the next squeeze, conv3 into the logits. Same levels; far fewer key switches.
+fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for reader in &g.layers {
+        if !matches!(
+            reader.kind,
+            LayerKind::Activation { .. } | LayerKind::Output
+        ) {
+            continue;
+        }
+        let read: BTreeSet<u32> = reader
+            .forms
+            .iter()
+            .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer))
+            .collect();
+        let all_inlined_activations = !read.is_empty()
+            && read.iter().all(|&l| {
+                schedule.inlined[l as usize]
+                    && matches!(g.layers[l as usize].kind, LayerKind::Activation { .. })
+            });
+        let fewer = read
+            .iter()
+            .map(|&l| g.layers[l as usize].len())
+            .sum::<usize>()
+            > reader.len();
+        if all_inlined_activations && fewer {
+            out.extend(read.iter().map(|&l| g.layers[l as usize].name.clone()));
+        }
+    }
+    out
 }
 
 /// How many bits P may fall short of the largest key-switching digit.

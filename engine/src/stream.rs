@@ -285,13 +285,21 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.ev.add_const_assign(&mut x, constant)?;
             }
             self.ev.rescale_assign(&mut x)?;
+            if layer.reads_lazy {
+                // A sum of unrelinearized squares: one more rescale, then one key switch at
+                // the lower level.
+                self.ev.rescale_assign(&mut x)?;
+                self.ev.relinearize_assign(&mut x, self.rlk)?;
+            }
             let y = match &layer.kind {
-                LayerKind::Activation { beta } => {
+                LayerKind::Activation { beta, lazy } => {
                     let mut y = self.ev.square(&x)?;
                     let s = x.scale();
                     self.ev.mul_const_assign(&mut x, beta[e], s)?;
                     self.ev.add_assign(&mut y, &x)?;
-                    self.ev.relinearize_rescale_assign(&mut y, self.rlk)?;
+                    if !lazy {
+                        self.ev.relinearize_rescale_assign(&mut y, self.rlk)?;
+                    }
                     y
                 }
                 _ => x,

@@ -39,6 +39,7 @@ struct Report {
     /// Seconds per stage (a stored layer with the layers computed inside it).
     per_layer_s: Vec<(String, f64)>,
     squares: usize,
+    relinearizations: usize,
     plan_s: f64,
     max_abs_error_vs_plaintext: f64,
     predictions_agree: usize,
@@ -126,6 +127,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         peak_rss_bytes: peak_rss_bytes(),
         per_layer_s: per_layer,
         squares: plan.squares(),
+        relinearizations: plan.relinearizations(),
         plan_s,
         max_abs_error_vs_plaintext: max_err,
         predictions_agree: agree,

@@ -48,6 +48,10 @@ struct Report {
     /// later tiles read them, with their size; every other layer is recomputed where read.
     stages: Vec<StageReport>,
     inlined: Vec<String>,
+    /// Activation layers whose squares are summed before one relinearization per sum.
+    lazy: Vec<String>,
+    squares_per_job: usize,
+    relinearizations_per_job: usize,
     input_ciphertexts: usize,
     output_ciphertexts: usize,
     relin_key_bytes: usize,
@@ -109,6 +113,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         squares,
         stages,
         inlined,
+        lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
+        squares_per_job: plan.squares(),
+        relinearizations_per_job: plan.relinearizations(),
         input_ciphertexts: inputs,
         output_ciphertexts: outputs,
         relin_key_bytes: RelinKey::serialized_len(&params),
@@ -140,6 +147,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         );
     }
     eprintln!("  inlined  {}", report.inlined.join(", "));
+    eprintln!(
+        "  lazy     {} ({} squares, {} relinearizations per job)",
+        report.lazy.join(", "),
+        report.squares_per_job,
+        report.relinearizations_per_job
+    );
     eprintln!(
         "sizes      relin key {:.1} MB, upload {} x {:.2} MB = {:.1} MB, download {:.2} MB",
         report.relin_key_bytes as f64 / 1e6,

@@ -263,6 +263,8 @@ impl Evaluator {
     /// in cache, so each input residue comes from memory once instead of once per output.
     /// Row `j` is computed at `rows[j].level` (at most its inputs' lowest level) with scale
     /// `rows[j].target_scale`; term weights are encoded as in [`Self::linear_combination`].
+    /// Inputs may be unrelinearized squares (degree 2): a row over them is of degree 2, so one
+    /// relinearization after the sum replaces one per input.
     pub fn linear_combinations(
         &self,
         inputs: &[&Ciphertext],
@@ -270,7 +272,7 @@ impl Evaluator {
     ) -> Result<Vec<Ciphertext>> {
         for ct in inputs {
             self.check(ct)?;
-            if ct.degree() != 1 {
+            if !(1..=2).contains(&ct.degree()) {
                 return Err(Error::WrongDegree(ct.degree(), 1));
             }
         }
@@ -304,9 +306,21 @@ impl Evaluator {
         }
         let ring = self.params.ring();
         let n = self.params.n();
-        let mut out: Vec<[RnsPoly; 2]> = rows
+        // A row is of degree 2 when any of its inputs is (unrelinearized squares).
+        let degrees: Vec<usize> = rows
             .iter()
-            .map(|r| [RnsPoly::zero(n, r.level + 1), RnsPoly::zero(n, r.level + 1)])
+            .map(|r| {
+                r.terms
+                    .iter()
+                    .map(|&(i, _)| inputs[i as usize].degree())
+                    .max()
+                    .unwrap_or(1)
+            })
+            .collect();
+        let mut out: Vec<Vec<RnsPoly>> = rows
+            .iter()
+            .zip(&degrees)
+            .map(|(r, &d)| (0..=d).map(|_| RnsPoly::zero(n, r.level + 1)).collect())
             .collect();
         // Block so that one block of every input of the widest row fits in ~192 KiB.
         let widest = rows.iter().map(|r| r.terms.len()).max().unwrap_or(1);
@@ -314,6 +328,7 @@ impl Evaluator {
         let top = rows.iter().map(|r| r.level).max().unwrap_or(0);
         let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); rows.len()];
         let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
+        let mut some_consts: Vec<ShoupConst> = Vec::with_capacity(widest);
         for i in 0..=top {
             let m = ring.modulus(i);
             for ((c, r), row) in consts.iter_mut().zip(&ints).zip(rows) {
@@ -331,12 +346,29 @@ impl Evaluator {
                     }
                     for (p, poly) in o.iter_mut().enumerate() {
                         slices.clear();
-                        slices.extend(
-                            row.terms
-                                .iter()
-                                .map(|&(t, _)| &inputs[t as usize].polys[p].limb(i)[start..end]),
-                        );
-                        kernels::dot_const(&mut poly.limb_mut(i)[start..end], &slices, c, m);
+                        if p < 2 {
+                            slices.extend(
+                                row.terms.iter().map(|&(t, _)| {
+                                    &inputs[t as usize].polys[p].limb(i)[start..end]
+                                }),
+                            );
+                            kernels::dot_const(&mut poly.limb_mut(i)[start..end], &slices, c, m);
+                        } else {
+                            // Only the degree-2 inputs have a third polynomial.
+                            some_consts.clear();
+                            for (&(t, _), ct) in row.terms.iter().zip(c) {
+                                if let Some(x) = inputs[t as usize].polys.get(2) {
+                                    slices.push(&x.limb(i)[start..end]);
+                                    some_consts.push(*ct);
+                                }
+                            }
+                            kernels::dot_const(
+                                &mut poly.limb_mut(i)[start..end],
+                                &slices,
+                                &some_consts,
+                                m,
+                            );
+                        }
                     }
                 }
                 start = end;
@@ -345,9 +377,9 @@ impl Evaluator {
         Ok(out
             .into_iter()
             .zip(rows)
-            .map(|([c0, c1], row)| Ciphertext {
+            .map(|(polys, row)| Ciphertext {
                 params: self.params.clone(),
-                polys: vec![c0, c1],
+                polys,
                 level: row.level,
                 scale: row.target_scale,
                 seed: None,
