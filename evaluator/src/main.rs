@@ -5,6 +5,7 @@ mod bench_inference;
 mod demo;
 mod eval_cmd;
 mod keygen;
+mod local_job;
 mod models;
 mod plan_cmd;
 mod predict;
