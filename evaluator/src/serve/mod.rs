@@ -207,6 +207,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     prepare_data_dir(&args.data_dir)?;
