@@ -128,10 +128,8 @@ pub fn run_encrypted(
             .iter()
             .map(|ct| Ok(encoder.decode(&decrypt(sk, ct)?)))
             .collect::<Result<_, beaa_ckks::Error>>()?;
-        for b in 0..batch {
-            out.logits
-                .push((0..classes).map(|c| decoded[c][b]).collect());
-        }
+        out.logits
+            .extend((0..batch).map(|b| decoded.iter().map(|slots| slots[b]).collect()));
         std::fs::remove_dir_all(work.join("tiles")).ok();
         std::fs::remove_dir_all(&input_dir).ok();
         first += batch;

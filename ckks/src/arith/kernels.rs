@@ -112,6 +112,13 @@ pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
 /// a linear layer over ciphertext residues.
 pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
     assert!(!x.is_empty() && x.len() == c.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() {
+        // SAFETY: the CPU supports avx512f + avx512ifma (checked above); the kernel folds
+        // every DOT_MAX_TERMS terms itself.
+        unsafe { ifma::dot_const(out, x, c, t) };
+        return;
+    }
     let first = x.len().min(DOT_MAX_TERMS);
     dot_const_chunk(out, &x[..first], &c[..first], t);
     let mut rest = vec![0u64; if x.len() > first { out.len() } else { 0 }];
@@ -367,20 +374,25 @@ mod ifma {
         let ws: Vec<__m512i> = c.iter().map(|ci| _mm512_set1_epi64(ci.w as i64)).collect();
         let mut k = 0;
         while k + 8 <= n {
-            let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for (row, &w) in x.iter().zip(&ws) {
-                // SAFETY: k + 8 <= n <= every row's length (asserted above).
-                let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(k) as *const _) };
-                lo = _mm512_madd52lo_epu64(lo, v, w);
-                hi = _mm512_madd52hi_epu64(hi, v, w);
+            // Fold every DOT_MAX_TERMS products (the lazy bound) into a reduced sum kept in
+            // registers: any number of terms, one store.
+            let mut acc = _mm512_setzero_si512();
+            for (rows, wc) in x
+                .chunks(super::DOT_MAX_TERMS)
+                .zip(ws.chunks(super::DOT_MAX_TERMS))
+            {
+                let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for (row, &w) in rows.iter().zip(wc) {
+                    // SAFETY: k + 8 <= n <= every row's length (asserted above).
+                    let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(k) as *const _) };
+                    lo = _mm512_madd52lo_epu64(lo, v, w);
+                    hi = _mm512_madd52hi_epu64(hi, v, w);
+                }
+                let s = _mm512_add_epi64(acc, lanes_fold(lo, hi, &k52, &one, tt));
+                acc = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
             }
             // SAFETY: as above.
-            unsafe {
-                _mm512_storeu_si512(
-                    out.as_mut_ptr().add(k) as *mut _,
-                    lanes_fold(lo, hi, &k52, &one, tt),
-                )
-            };
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(k) as *mut _, acc) };
             k += 8;
         }
         for kk in k..n {
