@@ -265,6 +265,7 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
     for (const [what, n] of needles) assert.ok(!contains(body, n), `${what} found in the body of ${where}`);
   }
 
+  if (process.env.BEAA_E2E_SCREENSHOT) await page.screenshot({ path: process.env.BEAA_E2E_SCREENSHOT, fullPage: true });
   const runLongTasks = await page.evaluate(() => window.__beaa.runLongTasks());
   const workers = await page.evaluate(() => window.__beaa.workers());
   const fmtTasks = (ts) => (ts.length ? `max ${Math.max(...ts)} ms (${ts.length} over 50 ms)` : 'none over 50 ms');
