@@ -311,7 +311,8 @@ async function preprocessImage(img) {
     img.error = e.message;
     img.el.className = 'thumb bad';
     img.el.title = `unreadable: ${e.message}`;
-    message(`Cannot read "${img.name}" as a PNG or JPEG image (${e.message}); it is left out.`, 'error', `img-${img.id}`);
+    const why = e.message.length > 120 ? `${e.message.slice(0, 117)}...` : e.message;
+    message(`Cannot read "${img.name}" as a PNG or JPEG image; it is left out (${why}).`, 'error', `img-${img.id}`);
   }
   refreshControls();
 }
