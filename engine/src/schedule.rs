@@ -127,27 +127,40 @@ fn visit(
     if matches!(layer.kind, LayerKind::Activation { .. }) {
         *work += layer.shape[0] as u64;
     }
-    let mut inner: Vec<TileRef> = Vec::new();
-    let mut outer: Vec<TileRef> = Vec::new();
-    for e in layer.tile_elems(t as usize) {
-        for (v, _) in &layer.forms[e].terms {
-            let src = &g.layers[v.layer as usize];
-            let r = (v.layer, src.tile_of(v.elem as usize) as u32);
-            if inlined[v.layer as usize] {
-                inner.push(r);
-            } else {
-                outer.push(r);
-            }
-        }
-    }
-    for list in [&mut inner, &mut outer] {
-        list.sort_unstable();
-        list.dedup();
-    }
+    let (outer, inner) = tile_sources(g, inlined, (l, t));
     for r in outer {
         stored(r);
     }
     for r in inner {
         visit(g, inlined, r, stored, work);
     }
+}
+
+/// The tiles a tile's forms read, deduplicated: `(stored, inlined)`. The executor reads them
+/// exactly so (once per computed tile), which is what the read counts rely on.
+pub fn tile_sources(
+    g: &ValueGraph,
+    inlined: &[bool],
+    (l, t): TileRef,
+) -> (Vec<TileRef>, Vec<TileRef>) {
+    let layer = &g.layers[l as usize];
+    let (mut stored, mut inner) = (Vec::new(), Vec::new());
+    for e in layer.tile_elems(t as usize) {
+        for (v, _) in &layer.forms[e].terms {
+            let r = (
+                v.layer,
+                g.layers[v.layer as usize].tile_of(v.elem as usize) as u32,
+            );
+            if inlined[v.layer as usize] {
+                inner.push(r);
+            } else {
+                stored.push(r);
+            }
+        }
+    }
+    for list in [&mut stored, &mut inner] {
+        list.sort_unstable();
+        list.dedup();
+    }
+    (stored, inner)
 }

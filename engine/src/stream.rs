@@ -5,7 +5,7 @@
 use crate::exec::ExecError;
 use crate::graph::{LayerKind, Meta, ValueGraph, ValueRef};
 use crate::job::InputSource;
-use crate::schedule::{Schedule, TileRef};
+use crate::schedule::{tile_sources, Schedule, TileRef};
 use crate::store::Store;
 use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
@@ -158,25 +158,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let layer = &self.g.layers[l as usize];
         let elems: Vec<usize> = layer.tile_elems(t as usize).collect();
         // Sources: all stored tiles as one chunk, then one chunk per inlined tile.
-        let mut stored: Vec<TileRef> = Vec::new();
-        let mut inlined: Vec<TileRef> = Vec::new();
-        for &e in &elems {
-            for (v, _) in &layer.forms[e].terms {
-                let r = (
-                    v.layer,
-                    self.g.layers[v.layer as usize].tile_of(v.elem as usize) as u32,
-                );
-                if self.schedule.inlined[v.layer as usize] {
-                    inlined.push(r);
-                } else {
-                    stored.push(r);
-                }
-            }
-        }
-        for list in [&mut stored, &mut inlined] {
-            list.sort_unstable();
-            list.dedup();
-        }
+        let (stored, inlined) = tile_sources(self.g, &self.schedule.inlined, (l, t));
         let mut chunks: Vec<Option<Vec<TileRef>>> = Vec::new();
         if !stored.is_empty() {
             chunks.push(Some(stored));

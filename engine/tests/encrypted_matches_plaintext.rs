@@ -18,6 +18,24 @@ fn images(n: usize, len: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
+/// Element-wise packing: ciphertext k holds feature k of every image, image b in slot b.
+fn pack_and_encrypt(
+    params: &Params,
+    sk: &beaa_ckks::SecretKey,
+    x: &[f64],
+    batch: usize,
+) -> Vec<beaa_ckks::Ciphertext> {
+    let per = x.len() / batch;
+    let mut enc = Encryptor::new(params);
+    (0..per)
+        .map(|k| {
+            let column: Vec<f64> = (0..batch).map(|b| x[b * per + k]).collect();
+            enc.encrypt_values_sk(sk, &column, params.default_scale(), params.max_level())
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn tiny_squeezenet_encrypted_equals_plaintext() {
     let spec = SqueezeNetSpec::tiny(3, 8, 4);
@@ -44,15 +62,7 @@ fn tiny_squeezenet_encrypted_equals_plaintext() {
     let batch = 37;
     let per = model.input_len();
     let x = images(batch, per, 5);
-    let mut enc = Encryptor::new(&params);
-    // Element-wise packing: ciphertext k holds feature k of every image, image b in slot b.
-    let inputs = (0..per)
-        .map(|k| {
-            let column: Vec<f64> = (0..batch).map(|b| x[b * per + k]).collect();
-            enc.encrypt_values_sk(&sk, &column, params.default_scale(), params.max_level())
-                .unwrap()
-        })
-        .collect::<Vec<_>>();
+    let inputs = pack_and_encrypt(&params, &sk, &x, batch);
     let ev = Evaluator::new(&params);
     let logits = run(&model, &ev, &rlk, &inputs).unwrap();
     assert_eq!(logits.len(), spec.classes);
@@ -105,15 +115,8 @@ fn run_job_reports_progress_and_can_be_cancelled() {
     let mut kg = KeyGenerator::new(&params);
     let sk = kg.secret_key();
     let rlk = kg.relin_key(&sk);
-    let mut enc = Encryptor::new(&params);
     let x = images(3, model.input_len(), 9);
-    let inputs: Vec<_> = (0..model.input_len())
-        .map(|k| {
-            let col: Vec<f64> = (0..3).map(|b| x[b * model.input_len() + k]).collect();
-            enc.encrypt_values_sk(&sk, &col, params.default_scale(), params.max_level())
-                .unwrap()
-        })
-        .collect();
+    let inputs = pack_and_encrypt(&params, &sk, &x, 3);
     let ev = Evaluator::new(&params);
 
     let mut seen = Vec::new();
@@ -178,16 +181,8 @@ fn work_directory_jobs_resume_after_cancellation() {
     let mut kg = KeyGenerator::new(&params);
     let sk = kg.secret_key();
     let rlk = kg.relin_key(&sk);
-    let mut enc = Encryptor::new(&params);
-    let per = model.input_len();
-    let x = images(4, per, 2);
-    let inputs: Vec<_> = (0..per)
-        .map(|k| {
-            let col: Vec<f64> = (0..4).map(|b| x[b * per + k]).collect();
-            enc.encrypt_values_sk(&sk, &col, params.default_scale(), params.max_level())
-                .unwrap()
-        })
-        .collect();
+    let x = images(4, model.input_len(), 2);
+    let inputs = pack_and_encrypt(&params, &sk, &x, 4);
     let ev = Evaluator::new(&params);
     let want = run_job(
         &model,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Directories searched for shipped models: `$BEAA_ZOO`, `./models/zoo`, and `models/zoo`
 /// above the executable (for `target/release/beaa` run from anywhere in a checkout).
-fn zoo_dirs() -> Vec<PathBuf> {
+pub fn zoo_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(z) = std::env::var_os("BEAA_ZOO") {
         dirs.push(PathBuf::from(z));

@@ -48,17 +48,7 @@ pub fn find_zoo(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(z) = explicit {
         return Some(z.to_path_buf());
     }
-    let mut dirs = Vec::new();
-    if let Some(z) = std::env::var_os("BEAA_ZOO") {
-        dirs.push(PathBuf::from(z));
-    }
-    dirs.push(PathBuf::from("models/zoo"));
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1) {
-            dirs.push(dir.join("models/zoo"));
-        }
-    }
-    dirs.into_iter().find(|d| d.is_dir())
+    crate::models::zoo_dirs().into_iter().find(|d| d.is_dir())
 }
 
 /// The web directory: `--web-dir`, else `./web` or `web` above the executable.
