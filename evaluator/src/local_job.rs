@@ -6,6 +6,7 @@
 use anyhow::{ensure, Context, Result};
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, Params, RelinKey, SecretKey};
 use beaa_engine::{run_job, FileInputs, Plan, RunControl};
+use beaa_model::packing::{feature_slots, image_logits};
 use beaa_model::Model;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,7 @@ pub fn run_encrypted(
             .par_iter()
             .enumerate()
             .try_for_each(|(k, path)| -> Result<()> {
-                let column: Vec<f64> = (0..batch).map(|b| images[(first + b) * per + k]).collect();
+                let column = feature_slots(&images[first * per..(first + batch) * per], per, k);
                 let ct = Encryptor::new(params).encrypt_values_sk(
                     sk,
                     &column,
@@ -128,8 +129,7 @@ pub fn run_encrypted(
             .iter()
             .map(|ct| Ok(encoder.decode(&decrypt(sk, ct)?)))
             .collect::<Result<_, beaa_ckks::Error>>()?;
-        out.logits
-            .extend((0..batch).map(|b| decoded.iter().map(|slots| slots[b]).collect()));
+        out.logits.extend(image_logits(&decoded, batch));
         std::fs::remove_dir_all(work.join("tiles")).ok();
         std::fs::remove_dir_all(&input_dir).ok();
         first += batch;

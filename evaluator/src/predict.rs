@@ -302,6 +302,14 @@ fn submit(
     let n = job["inputs"].as_u64().unwrap_or(0) as usize;
     let auth = format!("Bearer {token}");
     let (scale, level) = (params.default_scale(), params.max_level());
+    // Element-wise packing (beaa_model::packing): image-major features, one column per input.
+    let flat: Vec<f32> = images.concat();
+    if n == 0 || flat.len() != n * images.len() {
+        bail!(
+            "the server expects {n} inputs per job; the images have {} features",
+            flat.len() / images.len().max(1)
+        );
+    }
     let t = Instant::now();
     let mut sent = 0u64;
     for chunk in (0..n)
@@ -313,7 +321,7 @@ fn submit(
             .map_init(
                 || Encryptor::new(params),
                 |enc, &k| -> Result<Vec<u8>> {
-                    let column: Vec<f64> = images.iter().map(|img| img[k] as f64).collect();
+                    let column = beaa_model::packing::feature_slots(&flat, n, k);
                     Ok(enc
                         .encrypt_values_sk(&keys.sk, &column, scale, level)?
                         .to_bytes())

@@ -78,6 +78,7 @@ impl InputSpec {
 
 pub mod eval;
 pub mod graph;
+pub mod packing;
 pub mod testing;
 pub use testing::measure_ranges;
 

@@ -110,11 +110,11 @@ impl Batch {
                 self.features
             ));
         }
-        Ok(self
-            .data
-            .chunks_exact(self.features)
-            .map(|img| img[k] as f64)
-            .collect())
+        Ok(beaa_model::packing::feature_slots(
+            &self.data,
+            self.features,
+            k,
+        ))
     }
 
     /// The features of image `b`.
