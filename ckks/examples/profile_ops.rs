@@ -1,5 +1,6 @@
 //! Runs one operation in a loop, for `perf record`: `cargo run --release --example
-//! profile_ops -- relin|rescale|decrypt [reps]`.
+//! profile_ops -- relin|rescale|decrypt|mul|ntt|mrr|gemm [reps]`. `gemm`: the shape of one
+//! fire1.expand3 tile at CIFAR-10 width (64 outputs x 288 inputs, 12 limbs).
 
 use beaa_ckks::*;
 
@@ -20,6 +21,25 @@ fn main() {
     let a = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
     let d2 = ev.mul(&a, &a).unwrap();
     let d1 = ev.relinearize(&d2, &rlk).unwrap();
+    let mut low = a.clone();
+    ev.drop_to_level(&mut low, 11).unwrap();
+    let gemm_inputs: Vec<Ciphertext> = (0..288).map(|_| low.clone()).collect();
+    let gemm_refs: Vec<&Ciphertext> = gemm_inputs.iter().collect();
+    let gemm_terms: Vec<Vec<(u32, f64)>> = (0..64)
+        .map(|j| {
+            (0..288u32)
+                .map(|t| (t, ((t + j) % 13) as f64 * 0.01 - 0.06))
+                .collect()
+        })
+        .collect();
+    let gemm_rows: Vec<LinearRow> = gemm_terms
+        .iter()
+        .map(|t| LinearRow {
+            terms: t,
+            level: 11,
+            target_scale: low.scale() * params.q()[11] as f64,
+        })
+        .collect();
     let t = std::time::Instant::now();
     let mut best = f64::MAX;
     for _ in 0..reps {
@@ -39,6 +59,7 @@ fn main() {
                 params.ring().table(1).forward(&mut row);
                 std::hint::black_box(&row);
             }
+            "gemm" => drop(ev.linear_combinations(&gemm_refs, &gemm_rows).unwrap()),
             other => panic!("unknown op {other}"),
         }
         best = best.min(t1.elapsed().as_secs_f64() * 1e3);

@@ -373,6 +373,36 @@ mod ifma {
         let tt = _mm512_set1_epi64(tv as i64);
         let ws: Vec<__m512i> = c.iter().map(|ci| _mm512_set1_epi64(ci.w as i64)).collect();
         let mut k = 0;
+        // Four vectors of coefficients at a time: eight independent multiply-add chains hide
+        // the IFMA latency that a single lo/hi pair waits on.
+        while k + 32 <= n {
+            let mut acc = [_mm512_setzero_si512(); 4];
+            for (rows, wc) in x
+                .chunks(super::DOT_MAX_TERMS)
+                .zip(ws.chunks(super::DOT_MAX_TERMS))
+            {
+                let mut lo = [_mm512_setzero_si512(); 4];
+                let mut hi = [_mm512_setzero_si512(); 4];
+                for (row, &w) in rows.iter().zip(wc) {
+                    for u in 0..4 {
+                        // SAFETY: k + 32 <= n <= every row's length (asserted above).
+                        let v =
+                            unsafe { _mm512_loadu_si512(row.as_ptr().add(k + 8 * u) as *const _) };
+                        lo[u] = _mm512_madd52lo_epu64(lo[u], v, w);
+                        hi[u] = _mm512_madd52hi_epu64(hi[u], v, w);
+                    }
+                }
+                for u in 0..4 {
+                    let s = _mm512_add_epi64(acc[u], lanes_fold(lo[u], hi[u], &k52, &one, tt));
+                    acc[u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(k + 8 * u) as *mut _, *a) };
+            }
+            k += 32;
+        }
         while k + 8 <= n {
             // Fold every DOT_MAX_TERMS products (the lazy bound) into a reduced sum kept in
             // registers: any number of terms, one store.

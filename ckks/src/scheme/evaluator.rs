@@ -322,9 +322,11 @@ impl Evaluator {
             .zip(&degrees)
             .map(|(r, &d)| (0..=d).map(|_| RnsPoly::zero(n, r.level + 1)).collect())
             .collect();
-        // Block so that one block of every input of the widest row fits in ~192 KiB.
+        // Blocks of one polynomial of every input of the widest row of about 1 MiB: long
+        // enough runs for the unrolled kernel, short enough to be reread from cache by every
+        // output (measured best on the expand3 tile shape: `profile_ops gemm`).
         let widest = rows.iter().map(|r| r.terms.len()).max().unwrap_or(1);
-        let block = (192 * 1024 / (8 * widest)).clamp(16, n) / 16 * 16;
+        let block = (1024 * 1024 / (8 * widest)).clamp(16, n) / 16 * 16;
         let top = rows.iter().map(|r| r.level).max().unwrap_or(0);
         let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); rows.len()];
         let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
@@ -340,11 +342,14 @@ impl Evaluator {
             let mut start = 0;
             while start < n {
                 let end = (start + block).min(n);
-                for ((o, row), c) in out.iter_mut().zip(rows).zip(&consts) {
-                    if row.level < i {
-                        continue;
-                    }
-                    for (p, poly) in o.iter_mut().enumerate() {
+                // Polynomial by polynomial, so the block of inputs all outputs read is one
+                // polynomial's (stays in L2), not two or three interleaved.
+                for p in 0..3 {
+                    for ((o, row), c) in out.iter_mut().zip(rows).zip(&consts) {
+                        if row.level < i || p >= o.len() {
+                            continue;
+                        }
+                        let poly = &mut o[p];
                         slices.clear();
                         if p < 2 {
                             slices.extend(
