@@ -159,18 +159,17 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let elems: Vec<usize> = layer.tile_elems(t as usize).collect();
         // Sources: all stored tiles as one chunk, then one chunk per inlined tile.
         let (stored, inlined) = tile_sources(self.g, &self.schedule.inlined, (l, t));
-        let mut chunks: Vec<Option<Vec<TileRef>>> = Vec::new();
+        let mut chunks: Vec<Vec<TileRef>> = Vec::new();
         if !stored.is_empty() {
-            chunks.push(Some(stored));
+            chunks.push(stored);
         }
-        chunks.extend(inlined.into_iter().map(|r| Some(vec![r])));
+        chunks.extend(inlined.into_iter().map(|r| vec![r]));
 
         if layer.kind == LayerKind::Sum {
             return self.sum_tile(cache, l, &elems, chunks);
         }
         // Partial sums of every output of the tile over one chunk of sources.
-        let partial = |chunk: &Option<Vec<TileRef>>| -> Result<Vec<Option<Ciphertext>>, ExecError> {
-            let refs = chunk.as_ref().expect("chunk");
+        let partial = |refs: &Vec<TileRef>| -> Result<Vec<Option<Ciphertext>>, ExecError> {
             let mut held: Vec<(TileRef, Tile)> = Vec::with_capacity(refs.len());
             for &r in refs {
                 let tile = if self.schedule.inlined[r.0 as usize] {
@@ -302,11 +301,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         cache: &Cache,
         l: u32,
         elems: &[usize],
-        chunks: Vec<Option<Vec<TileRef>>>,
+        chunks: Vec<Vec<TileRef>>,
     ) -> Result<Vec<Ciphertext>, ExecError> {
         let layer = &self.g.layers[l as usize];
         let mut values: HashMap<ValueRef, Ciphertext> = HashMap::new();
-        for r in chunks.into_iter().flatten().flatten() {
+        for r in chunks.into_iter().flatten() {
             let tile = if self.schedule.inlined[r.0 as usize] {
                 Arc::new(self.tile(cache, r, false)?)
             } else {

@@ -135,14 +135,10 @@ pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
     }
 }
 
+/// The portable path of [`dot_const`] for at most `DOT_MAX_TERMS` terms (IFMA CPUs never get
+/// here).
 fn dot_const_chunk(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
     debug_assert!(x.len() <= DOT_MAX_TERMS);
-    #[cfg(target_arch = "x86_64")]
-    if has_ifma() {
-        // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
-        unsafe { ifma::dot_const(out, x, c, t) };
-        return;
-    }
     for (k, o) in out.iter_mut().enumerate() {
         let s: u128 = x
             .iter()
@@ -354,6 +350,48 @@ mod ifma {
         }
     }
 
+    /// `out[k..k + 8U]` of [`dot_const`]: `U` vectors of coefficients, every `DOT_MAX_TERMS`
+    /// lazy products folded into a reduced sum kept in registers, one store per vector.
+    ///
+    /// # Safety
+    /// Needs avx512f and avx512ifma; `out` and every row at least `k + 8U` long.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    unsafe fn dot_vectors<const U: usize>(
+        out: &mut [u64],
+        x: &[&[u64]],
+        ws: &[__m512i],
+        k: usize,
+        k52: &ShoupConst,
+        one: &ShoupConst,
+        tt: __m512i,
+    ) {
+        let mut acc = [_mm512_setzero_si512(); U];
+        for (rows, wc) in x
+            .chunks(super::DOT_MAX_TERMS)
+            .zip(ws.chunks(super::DOT_MAX_TERMS))
+        {
+            let mut lo = [_mm512_setzero_si512(); U];
+            let mut hi = [_mm512_setzero_si512(); U];
+            for (row, &w) in rows.iter().zip(wc) {
+                for u in 0..U {
+                    // SAFETY: k + 8U <= the row's length (the caller's contract).
+                    let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(k + 8 * u) as *const _) };
+                    lo[u] = _mm512_madd52lo_epu64(lo[u], v, w);
+                    hi[u] = _mm512_madd52hi_epu64(hi[u], v, w);
+                }
+            }
+            for u in 0..U {
+                let s = _mm512_add_epi64(acc[u], lanes_fold(lo[u], hi[u], k52, one, tt));
+                acc[u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            // SAFETY: k + 8U <= out.len() (the caller's contract).
+            unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(k + 8 * u) as *mut _, *a) };
+        }
+    }
+
     /// # Safety
     /// Needs avx512f and avx512ifma.
     #[target_feature(enable = "avx512f,avx512ifma")]
@@ -374,55 +412,15 @@ mod ifma {
         let ws: Vec<__m512i> = c.iter().map(|ci| _mm512_set1_epi64(ci.w as i64)).collect();
         let mut k = 0;
         // Four vectors of coefficients at a time: eight independent multiply-add chains hide
-        // the IFMA latency that a single lo/hi pair waits on.
+        // the IFMA latency that a single lo/hi pair waits on. Then single vectors.
         while k + 32 <= n {
-            let mut acc = [_mm512_setzero_si512(); 4];
-            for (rows, wc) in x
-                .chunks(super::DOT_MAX_TERMS)
-                .zip(ws.chunks(super::DOT_MAX_TERMS))
-            {
-                let mut lo = [_mm512_setzero_si512(); 4];
-                let mut hi = [_mm512_setzero_si512(); 4];
-                for (row, &w) in rows.iter().zip(wc) {
-                    for u in 0..4 {
-                        // SAFETY: k + 32 <= n <= every row's length (asserted above).
-                        let v =
-                            unsafe { _mm512_loadu_si512(row.as_ptr().add(k + 8 * u) as *const _) };
-                        lo[u] = _mm512_madd52lo_epu64(lo[u], v, w);
-                        hi[u] = _mm512_madd52hi_epu64(hi[u], v, w);
-                    }
-                }
-                for u in 0..4 {
-                    let s = _mm512_add_epi64(acc[u], lanes_fold(lo[u], hi[u], &k52, &one, tt));
-                    acc[u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
-                }
-            }
-            for (u, a) in acc.iter().enumerate() {
-                // SAFETY: as above.
-                unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(k + 8 * u) as *mut _, *a) };
-            }
+            // SAFETY: k + 32 <= n <= every row's length (asserted above).
+            unsafe { dot_vectors::<4>(out, x, &ws, k, &k52, &one, tt) };
             k += 32;
         }
         while k + 8 <= n {
-            // Fold every DOT_MAX_TERMS products (the lazy bound) into a reduced sum kept in
-            // registers: any number of terms, one store.
-            let mut acc = _mm512_setzero_si512();
-            for (rows, wc) in x
-                .chunks(super::DOT_MAX_TERMS)
-                .zip(ws.chunks(super::DOT_MAX_TERMS))
-            {
-                let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for (row, &w) in rows.iter().zip(wc) {
-                    // SAFETY: k + 8 <= n <= every row's length (asserted above).
-                    let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(k) as *const _) };
-                    lo = _mm512_madd52lo_epu64(lo, v, w);
-                    hi = _mm512_madd52hi_epu64(hi, v, w);
-                }
-                let s = _mm512_add_epi64(acc, lanes_fold(lo, hi, &k52, &one, tt));
-                acc = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
-            }
-            // SAFETY: as above.
-            unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(k) as *mut _, acc) };
+            // SAFETY: k + 8 <= n <= every row's length (asserted above).
+            unsafe { dot_vectors::<1>(out, x, &ws, k, &k52, &one, tt) };
             k += 8;
         }
         for kk in k..n {
