@@ -42,18 +42,12 @@ impl Plan {
     /// `TooDeep` (saying how many levels it needs) when the chain is too short.
     pub fn new(model: &Model, params: &Params) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let build = |lazy: &BTreeSet<String>| {
-            ValueGraph::build(model, params, lazy).map_err(|e| match e {
-                ExecError::Relu(n) => PlanError::Relu(n),
-                other => PlanError::Other(other.to_string()),
-            })
-        };
-        let eager = build(&BTreeSet::new())?;
+        let eager = build_graph(model, params, &BTreeSet::new())?;
         let lazy = lazy_layers(&eager, &Schedule::new(&eager));
         let graph = if lazy.is_empty() {
             eager
         } else {
-            build(&lazy)?
+            build_graph(model, params, &lazy)?
         };
         let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
@@ -127,6 +121,17 @@ impl Plan {
             .map(|l| l.len())
             .sum()
     }
+}
+
+fn build_graph(
+    model: &Model,
+    params: &Params,
+    lazy: &BTreeSet<String>,
+) -> Result<ValueGraph, PlanError> {
+    ValueGraph::build(model, params, lazy).map_err(|e| match e {
+        ExecError::Relu(n) => PlanError::Relu(n),
+        other => PlanError::Other(other.to_string()),
+    })
 }
 
 /// Activation layers to leave unrelinearized: those recomputed inside a single reader (an
@@ -207,7 +212,11 @@ impl Plan {
     pub fn depth_of(model: &Model) -> Result<usize, PlanError> {
         let probe = Params::insecure_for_tests(ParamSpec::chain(10, 64, 40, 16))
             .map_err(|e| PlanError::Other(e.to_string()))?;
-        Ok(Plan::new(model, &probe)?.depth)
+        // Lazy relinearization keeps every level, so the plain graph gives the depth; no
+        // schedule or second graph is needed just to choose parameters.
+        let graph = build_graph(model, &probe, &BTreeSet::new())?;
+        let top = probe.max_level() as isize;
+        Ok((top - graph.lowest_level().min(top)) as usize)
     }
 
     /// Chooses a 128-bit parameter set for `model` (see [`choose_spec`]) and plans on it.
