@@ -198,11 +198,15 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             let terms: Vec<Vec<(u32, f64)>> = elems
                 .iter()
                 .map(|&e| {
-                    layer.forms[e]
+                    let mut t: Vec<(u32, f64)> = layer.forms[e]
                         .terms
                         .iter()
                         .filter_map(|(v, w)| index.get(v).map(|&i| (i, *w)))
-                        .collect()
+                        .collect();
+                    // In input order, so the outputs of one position (same inputs) are
+                    // recognised as a group by the GEMM, and inputs are read in memory order.
+                    t.sort_unstable_by_key(|&(i, _)| i);
+                    t
                 })
                 .collect();
             let which: Vec<usize> = (0..elems.len()).filter(|&j| !terms[j].is_empty()).collect();

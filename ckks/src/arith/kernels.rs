@@ -135,6 +135,40 @@ pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
     }
 }
 
+/// Most outputs [`dot_const_rows`] computes in one pass over its inputs.
+pub const DOT_ROWS: usize = 4;
+
+/// `outs[r][k] = sum_i x_i[k] * c[i * R + r] mod t` for `R = outs.len()` outputs over the
+/// same inputs (constants term-major, `R` per input): the outputs of one convolution position
+/// share their inputs, so each input vector loaded feeds `R` outputs' multiply-adds instead of
+/// one. Any `R`; the IFMA path works `DOT_ROWS` at a time.
+pub fn dot_const_rows(outs: &mut [&mut [u64]], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
+    let r = outs.len();
+    assert!(r > 0 && !x.is_empty() && c.len() == x.len() * r);
+    #[cfg(target_arch = "x86_64")]
+    if has_ifma() && r > 1 {
+        let mut done = 0;
+        while done < r {
+            let take = (r - done).min(DOT_ROWS);
+            let part: Vec<ShoupConst> = c
+                .chunks(r)
+                .flat_map(|per_term| per_term[done..done + take].iter().copied())
+                .collect();
+            // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
+            // checked by the kernel.
+            unsafe { ifma::dot_const_rows(&mut outs[done..done + take], x, &part, t) };
+            done += take;
+        }
+        return;
+    }
+    let mut own: Vec<ShoupConst> = Vec::with_capacity(x.len());
+    for (j, out) in outs.iter_mut().enumerate() {
+        own.clear();
+        own.extend(c.iter().skip(j).step_by(r).copied());
+        dot_const(out, x, &own, t);
+    }
+}
+
 /// The portable path of [`dot_const`] for at most `DOT_MAX_TERMS` terms (IFMA CPUs never get
 /// here).
 fn dot_const_chunk(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
@@ -433,6 +467,126 @@ mod ifma {
         }
     }
 
+    /// `out_r[k..k + 8U]` of [`dot_const_rows`] for `R` outputs: each input vector is loaded
+    /// once and multiplied by `R` broadcast constants; lazy sums folded every
+    /// `DOT_MAX_TERMS` terms, as in [`dot_vectors`].
+    ///
+    /// # Safety
+    /// Needs avx512f and avx512ifma; every `outs[r]` and every row at least `k + 8U` long.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    unsafe fn dot_rows_vectors<const R: usize, const U: usize>(
+        outs: &[*mut u64; R],
+        x: &[&[u64]],
+        ws: &[u64],
+        k: usize,
+        k52: &ShoupConst,
+        one: &ShoupConst,
+        tt: __m512i,
+    ) {
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[zero; U]; R];
+        for (rows, wc) in x
+            .chunks(super::DOT_MAX_TERMS)
+            .zip(ws.chunks(super::DOT_MAX_TERMS * R))
+        {
+            let mut lo = [[zero; U]; R];
+            let mut hi = [[zero; U]; R];
+            for (row, w) in rows.iter().zip(wc.chunks_exact(R)) {
+                let mut v = [zero; U];
+                for (u, vu) in v.iter_mut().enumerate() {
+                    // SAFETY: k + 8U <= the row's length (the caller's contract).
+                    *vu = unsafe { _mm512_loadu_si512(row.as_ptr().add(k + 8 * u) as *const _) };
+                }
+                for r in 0..R {
+                    let wr = _mm512_set1_epi64(w[r] as i64);
+                    for u in 0..U {
+                        lo[r][u] = _mm512_madd52lo_epu64(lo[r][u], v[u], wr);
+                        hi[r][u] = _mm512_madd52hi_epu64(hi[r][u], v[u], wr);
+                    }
+                }
+            }
+            for r in 0..R {
+                for u in 0..U {
+                    let s =
+                        _mm512_add_epi64(acc[r][u], lanes_fold(lo[r][u], hi[r][u], k52, one, tt));
+                    acc[r][u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
+                }
+            }
+        }
+        for (out, acc_r) in outs.iter().zip(&acc) {
+            for (u, a) in acc_r.iter().enumerate() {
+                // SAFETY: k + 8U <= every output's length (the caller's contract).
+                unsafe { _mm512_storeu_si512(out.add(k + 8 * u) as *mut _, *a) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// Needs avx512f and avx512ifma; at most `DOT_ROWS` outputs.
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    pub unsafe fn dot_const_rows(
+        outs: &mut [&mut [u64]],
+        x: &[&[u64]],
+        c: &[ShoupConst],
+        t: &crate::arith::Modulus,
+    ) {
+        match outs.len() {
+            1 => unsafe { dot_const(outs[0], x, c, t) },
+            2 => unsafe { rows_impl::<2>(outs, x, c, t) },
+            3 => unsafe { rows_impl::<3>(outs, x, c, t) },
+            4 => unsafe { rows_impl::<4>(outs, x, c, t) },
+            r => panic!("dot_const_rows: {r} outputs in one pass"),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    unsafe fn rows_impl<const R: usize>(
+        outs: &mut [&mut [u64]],
+        x: &[&[u64]],
+        c: &[ShoupConst],
+        t: &crate::arith::Modulus,
+    ) {
+        let n = outs[0].len();
+        for o in outs.iter() {
+            assert_eq!(o.len(), n);
+        }
+        for row in x {
+            assert!(row.len() >= n);
+        }
+        assert_eq!(c.len(), x.len() * R);
+        let tv = t.value();
+        let k52 = ShoupConst::new(((1u128 << 52) % tv as u128) as u64, t);
+        let one = ShoupConst::new(1, t);
+        let tt = _mm512_set1_epi64(tv as i64);
+        let ws: Vec<u64> = c.iter().map(|ci| ci.w).collect();
+        let ptrs: [*mut u64; R] = std::array::from_fn(|r| outs[r].as_mut_ptr());
+        let mut k = 0;
+        while k + 8 * ROWS_UNROLL <= n {
+            // SAFETY: k + 8 ROWS_UNROLL <= n <= every row's and output's length (asserted).
+            unsafe { dot_rows_vectors::<R, ROWS_UNROLL>(&ptrs, x, &ws, k, &k52, &one, tt) };
+            k += 8 * ROWS_UNROLL;
+        }
+        while k + 8 <= n {
+            // SAFETY: as above.
+            unsafe { dot_rows_vectors::<R, 1>(&ptrs, x, &ws, k, &k52, &one, tt) };
+            k += 8;
+        }
+        for kk in k..n {
+            for (r, o) in outs.iter_mut().enumerate() {
+                let s: u128 = x
+                    .iter()
+                    .enumerate()
+                    .map(|(j, row)| row[kk] as u128 * c[j * R + r].w as u128)
+                    .sum();
+                o[kk] = t.reduce_u128(s);
+            }
+        }
+    }
+
+    /// Vectors of coefficients per pass in [`dot_const_rows`]: `R x U` lo/hi chains.
+    const ROWS_UNROLL: usize = 2;
+
     /// # Safety
     /// Needs avx512f and avx512ifma; all rows at least `out0.len()` long.
     #[target_feature(enable = "avx512f,avx512ifma")]
@@ -636,6 +790,32 @@ mod tests {
                 let s1: u128 = (0..terms).map(|j| x[j][k] as u128 * a[j][k] as u128 % t.value() as u128).sum();
                 prop_assert_eq!(o0[k] as u128, s0 % t.value() as u128);
                 prop_assert_eq!(o1[k] as u128, s1 % t.value() as u128);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Every output count (several passes of DOT_ROWS and a remainder), term counts across
+        /// the lazy-fold boundary, lengths covering the 16- and 8-wide bodies and the tail,
+        /// inputs up to 2^50 (the lazy sums' worst case).
+        #[test]
+        fn dot_const_rows_matches_u128(bits in 20u32..=50, outputs in 1usize..=2 * DOT_ROWS + 1, terms in 1usize..=2 * DOT_MAX_TERMS + 3, len in 1usize..60, seed in any::<u64>()) {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let tv = t.value() as u128;
+            let mut state = seed;
+            let mut next = || { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); state >> 14 };
+            let x: Vec<Vec<u64>> = (0..terms).map(|_| (0..len).map(|_| next() & ((1u64 << 50) - 1)).collect()).collect();
+            let c: Vec<ShoupConst> = (0..terms * outputs).map(|_| ShoupConst::new(next() % t.value(), &t)).collect();
+            let rows: Vec<&[u64]> = x.iter().map(|r| r.as_slice()).collect();
+            let mut outs = vec![vec![0u64; len]; outputs];
+            let mut refs: Vec<&mut [u64]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            dot_const_rows(&mut refs, &rows, &c, &t);
+            for (r, o) in outs.iter().enumerate() {
+                for k in 0..len {
+                    let s: u128 = (0..terms).map(|j| x[j][k] as u128 * c[j * outputs + r].w as u128 % tv).sum();
+                    prop_assert_eq!(o[k] as u128, s % tv);
+                }
             }
         }
     }

@@ -31,6 +31,9 @@ pub struct Evaluator {
     params: Params,
 }
 
+/// Bytes of input residues per block of [`Evaluator::linear_combinations`].
+const GEMM_BLOCK_BYTES: usize = 512 * 1024;
+
 impl Evaluator {
     pub fn new(params: &Params) -> Self {
         Self {
@@ -322,21 +325,58 @@ impl Evaluator {
             .zip(&degrees)
             .map(|(r, &d)| (0..=d).map(|_| RnsPoly::zero(n, r.level + 1)).collect())
             .collect();
-        // Blocks of one polynomial of every input of the widest row of about 1 MiB: long
-        // enough runs for the unrolled kernel, short enough to be reread from cache by every
-        // output (measured best on the expand3 tile shape: `profile_ops gemm`).
+        // Consecutive rows over the same inputs at the same level (the output channels of one
+        // convolution position) form a group: one pass over the inputs computes up to
+        // DOT_ROWS of them.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut j = 0;
+        while j < rows.len() {
+            let same = |e: usize| {
+                rows[e].level == rows[j].level
+                    && degrees[e] == degrees[j]
+                    && rows[e].terms.len() == rows[j].terms.len()
+                    && rows[e]
+                        .terms
+                        .iter()
+                        .zip(rows[j].terms)
+                        .all(|(a, b)| a.0 == b.0)
+            };
+            let mut e = j + 1;
+            while e < rows.len() && e - j < kernels::DOT_ROWS && same(e) {
+                e += 1;
+            }
+            groups.push(j..e);
+            j = e;
+        }
+        // Blocks of one polynomial of every input of the widest row of about 512 KiB: long
+        // enough runs for the unrolled kernel, short enough to be reread from L2 by every
+        // group (measured best on the expand3 tile shape: `gemm_kernel`, `profile_ops gemm`).
         let widest = rows.iter().map(|r| r.terms.len()).max().unwrap_or(1);
-        let block = (1024 * 1024 / (8 * widest)).clamp(16, n) / 16 * 16;
+        let block = (GEMM_BLOCK_BYTES / (8 * widest)).clamp(16, n) / 16 * 16;
         let top = rows.iter().map(|r| r.level).max().unwrap_or(0);
-        let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); rows.len()];
+        // Per group, the constants of all its rows, term-major (the kernel's layout), for the
+        // whole terms and for the degree-2 inputs only.
+        let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
+        let mut consts2: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
         let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
-        let mut some_consts: Vec<ShoupConst> = Vec::with_capacity(widest);
         for i in 0..=top {
             let m = ring.modulus(i);
-            for ((c, r), row) in consts.iter_mut().zip(&ints).zip(rows) {
+            for ((c, c2), g) in consts.iter_mut().zip(consts2.iter_mut()).zip(&groups) {
                 c.clear();
-                if row.level >= i {
-                    c.extend(r.iter().map(|&v| ShoupConst::new(m.reduce_i128(v), m)));
+                c2.clear();
+                let lead = &rows[g.start];
+                if lead.level < i {
+                    continue;
+                }
+                for (t, &(input, _)) in lead.terms.iter().enumerate() {
+                    let second = inputs[input as usize].degree() == 2;
+                    for r in g.clone() {
+                        let k = ShoupConst::new(m.reduce_i128(ints[r][t]), m);
+                        c.push(k);
+                        if second {
+                            c2.push(k);
+                        }
+                    }
                 }
             }
             let mut start = 0;
@@ -345,35 +385,25 @@ impl Evaluator {
                 // Polynomial by polynomial, so the block of inputs all outputs read is one
                 // polynomial's (stays in L2), not two or three interleaved.
                 for p in 0..3 {
-                    for ((o, row), c) in out.iter_mut().zip(rows).zip(&consts) {
-                        if row.level < i || p >= o.len() {
+                    for ((g, c), c2) in groups.iter().zip(&consts).zip(&consts2) {
+                        let lead = &rows[g.start];
+                        if lead.level < i || p > degrees[g.start] {
                             continue;
                         }
-                        let poly = &mut o[p];
                         slices.clear();
-                        if p < 2 {
-                            slices.extend(
-                                row.terms.iter().map(|&(t, _)| {
-                                    &inputs[t as usize].polys[p].limb(i)[start..end]
-                                }),
-                            );
-                            kernels::dot_const(&mut poly.limb_mut(i)[start..end], &slices, c, m);
-                        } else {
-                            // Only the degree-2 inputs have a third polynomial.
-                            some_consts.clear();
-                            for (&(t, _), ct) in row.terms.iter().zip(c) {
-                                if let Some(x) = inputs[t as usize].polys.get(2) {
-                                    slices.push(&x.limb(i)[start..end]);
-                                    some_consts.push(*ct);
-                                }
-                            }
-                            kernels::dot_const(
-                                &mut poly.limb_mut(i)[start..end],
-                                &slices,
-                                &some_consts,
-                                m,
-                            );
-                        }
+                        // Only the degree-2 inputs have a third polynomial.
+                        slices.extend(lead.terms.iter().filter_map(|&(t, _)| {
+                            inputs[t as usize]
+                                .polys
+                                .get(p)
+                                .map(|x| &x.limb(i)[start..end])
+                        }));
+                        let mut outs: Vec<&mut [u64]> = out[g.clone()]
+                            .iter_mut()
+                            .map(|o| &mut o[p].limb_mut(i)[start..end])
+                            .collect();
+                        let c = if p < 2 { c } else { c2 };
+                        kernels::dot_const_rows(&mut outs, &slices, c, m);
                     }
                 }
                 start = end;

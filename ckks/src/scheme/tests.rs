@@ -213,6 +213,60 @@ fn linear_combinations_equal_single_combinations() {
     assert!(f.ev.linear_combinations(&inputs, &bad).is_err());
 }
 
+/// Rows over the same inputs are computed several per pass (`dot_const_rows`); the result
+/// must be bit-identical to each row computed alone, for degree-1 and degree-2 inputs mixed.
+#[test]
+fn grouped_rows_equal_rows_alone() {
+    let mut f = small();
+    let xs: Vec<Ciphertext> = (0..20)
+        .map(|i| f.encrypt(&[i as f64 * 0.1, 0.5 - i as f64 * 0.03]))
+        .collect();
+    // Every third input an unrelinearized square (degree 2, squared scale), at one level
+    // below the fresh inputs after a rescale-free drop.
+    let level = xs[0].level() - 1;
+    let mut ins: Vec<Ciphertext> = Vec::new();
+    for (i, x) in xs.iter().enumerate() {
+        let mut y = if i % 3 == 0 {
+            f.ev.mul(x, x).unwrap()
+        } else {
+            x.clone()
+        };
+        f.ev.drop_to_level(&mut y, level).unwrap();
+        ins.push(y);
+    }
+    let inputs: Vec<&Ciphertext> = ins.iter().collect();
+    let target = xs[0].scale() * xs[0].scale();
+    // Seven rows over the same 20 inputs (a group of DOT_ROWS, then three), then one over a
+    // different set, then two more over the first set.
+    let mut terms: Vec<Vec<(u32, f64)>> = (0..7)
+        .map(|r| {
+            (0..20u32)
+                .map(|i| (i, ((i + 3 * r) % 11) as f64 * 0.05 - 0.2))
+                .collect()
+        })
+        .collect();
+    terms.push(vec![(1, 0.5), (4, -0.25)]);
+    terms.extend((0..2).map(|r| (0..20u32).map(|i| (i, 0.01 * (i + r) as f64)).collect()));
+    let rows: Vec<LinearRow> = terms
+        .iter()
+        .map(|t| LinearRow {
+            terms: t,
+            level,
+            target_scale: target,
+        })
+        .collect();
+    let together = f.ev.linear_combinations(&inputs, &rows).unwrap();
+    for (row, y) in rows.iter().zip(&together) {
+        let alone =
+            f.ev.linear_combinations(&inputs, std::slice::from_ref(row))
+                .unwrap();
+        assert_eq!(y.degree(), alone[0].degree());
+        assert_eq!(y.polys, alone[0].polys);
+    }
+    assert_eq!(together[0].degree(), 2);
+    assert_eq!(together[7].degree(), 1);
+}
+
 #[test]
 fn rescale_by_several_primes() {
     let mut f = small();
