@@ -3,6 +3,7 @@
 use super::db::{self, Db, JobRow};
 use super::error::{ApiError, ApiResult};
 use super::util::{ct_eq, fsync_dir, hex, is_hex, random_hex, sha256};
+use super::validate::{InputValidator, Invalid};
 use super::AppState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -17,7 +18,6 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
 
 /// Largest JSON request body.
 pub const JSON_LIMIT: usize = 16 * 1024;
@@ -75,14 +75,49 @@ async fn drain(headers: &HeaderMap, body: Body, expected: usize) {
     .await;
 }
 
-/// Streams a body of exactly `expected` bytes to a temporary file under `tmp/`, hashing it.
-/// The declared length is checked before anything is read.
+/// Bytes gathered from the body before they are hashed and written in one blocking call.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// The blocking half of [`receive`]: the file and the running hash travel together.
+struct Sink {
+    file: std::fs::File,
+    hasher: Sha256,
+    validator: Option<InputValidator>,
+}
+
+impl Sink {
+    fn write(mut self, chunks: Vec<axum::body::Bytes>) -> std::io::Result<Self> {
+        use std::io::Write;
+        for c in &chunks {
+            self.hasher.update(c);
+            if let Some(v) = &mut self.validator {
+                v.feed(c);
+            }
+            self.file.write_all(c)?;
+        }
+        Ok(self)
+    }
+}
+
+/// What [`receive`] stored: the file, its SHA-256 and, when asked for, the validator's verdict.
+struct Received {
+    tmp: TempFile,
+    digest: [u8; 32],
+    verdict: Option<Result<(), Invalid>>,
+}
+
+/// Streams a body of exactly `expected` bytes to a temporary file under `tmp/`, hashing it
+/// (and validating it when given a validator) on the way. The declared length is checked before anything is read. Nothing is fsynced here: a file
+/// that is complete when renamed into place survives a crash of the server process (the
+/// page cache belongs to the kernel); durability against power loss is the caller's choice
+/// (a key is synced at once, a job's inputs when the job starts).
 async fn receive(
     st: &AppState,
     headers: &HeaderMap,
     body: Body,
     expected: usize,
-) -> ApiResult<(TempFile, [u8; 32])> {
+    validator: Option<InputValidator>,
+) -> ApiResult<Received> {
     if let Some(v) = headers.get(header::CONTENT_LENGTH) {
         let declared: u64 = v
             .to_str()
@@ -110,28 +145,49 @@ async fn receive(
         )),
         keep: false,
     };
-    let file = tokio::fs::File::create(&tmp.path)
-        .await
-        .map_err(|e| ApiError::internal("creating an upload file", e))?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = Sha256::new();
+    let write_error = |e: std::io::Error| ApiError::internal("writing an upload", e);
+    let joined = |e: tokio::task::JoinError| ApiError::internal("writing an upload", e);
+    let file = std::fs::File::create(&tmp.path).map_err(write_error)?;
+    let mut sink = Some(Sink {
+        file,
+        hasher: Sha256::new(),
+        validator,
+    });
+    let mut batch: Vec<axum::body::Bytes> = Vec::new();
+    let mut batch_len = 0usize;
     let mut count = 0usize;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk =
-            chunk.map_err(|_| ApiError::bad_request("body_error", "the body was cut off"))?;
-        count += chunk.len();
-        if count > expected {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the body must be exactly {expected} bytes"),
-            ));
+    loop {
+        let next = stream.next().await;
+        if let Some(chunk) = next.as_ref() {
+            let chunk = chunk
+                .as_ref()
+                .map_err(|_| ApiError::bad_request("body_error", "the body was cut off"))?;
+            count += chunk.len();
+            if count > expected {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body must be exactly {expected} bytes"),
+                ));
+            }
+            batch_len += chunk.len();
+            batch.push(chunk.clone());
         }
-        hasher.update(&chunk);
-        out.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::internal("writing an upload", e))?;
+        if batch_len >= WRITE_BATCH || (next.is_none() && batch_len > 0) {
+            let s = sink.take().expect("the sink comes back after every batch");
+            let chunks = std::mem::take(&mut batch);
+            batch_len = 0;
+            sink = Some(
+                tokio::task::spawn_blocking(move || s.write(chunks))
+                    .await
+                    .map_err(joined)?
+                    .map_err(write_error)?,
+            );
+        }
+        if next.is_none() {
+            break;
+        }
     }
     if count != expected {
         return Err(ApiError::bad_request(
@@ -139,14 +195,12 @@ async fn receive(
             format!("the body is {count} bytes, expected exactly {expected}"),
         ));
     }
-    out.flush()
-        .await
-        .map_err(|e| ApiError::internal("writing an upload", e))?;
-    let file = out.into_inner();
-    file.sync_all()
-        .await
-        .map_err(|e| ApiError::internal("syncing an upload", e))?;
-    Ok((tmp, hasher.finalize().into()))
+    let sink = sink.expect("the sink comes back after every batch");
+    Ok(Received {
+        tmp,
+        digest: sink.hasher.finalize().into(),
+        verdict: sink.validator.map(InputValidator::finish),
+    })
 }
 
 /// Reads a JSON body of at most [`JSON_LIMIT`] bytes.
@@ -231,7 +285,9 @@ async fn upload_key_inner(
     let body = body
         .take()
         .ok_or_else(|| ApiError::internal("upload", "no body"))?;
-    let (mut tmp, digest) = receive(st, headers, body, m.rlk_len).await?;
+    let Received {
+        mut tmp, digest, ..
+    } = receive(st, headers, body, m.rlk_len, None).await?;
     let key_id = hex(&digest);
     let dest = st.data_dir.join("keys").join(format!("{key_id}.rlk"));
     {
@@ -246,6 +302,10 @@ async fn upload_key_inner(
             let bytes = std::fs::read(&path).map_err(|e| ApiError::internal("reading a key", e))?;
             RelinKey::from_bytes(&params, &bytes)
                 .map_err(|e| validation_error("relinearization key", e))?;
+            // Keys are durable as soon as they are acknowledged (one per client session).
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ApiError::internal("syncing a key", e))?;
             Ok(())
         })
         .await
@@ -394,7 +454,7 @@ async fn put_input_inner(
         .ok_or_else(|| {
             ApiError::bad_request("bad_index", format!("k must be in 0..{}", row.inputs_total))
         })?;
-    if row.state != db::UPLOADING {
+    if row.state != db::UPLOADING || st.is_starting(&row.job_id) {
         return Err(ApiError::conflict(
             "job_started",
             "inputs cannot change once the job has started",
@@ -417,7 +477,13 @@ async fn put_input_inner(
     let body = body
         .take()
         .ok_or_else(|| ApiError::internal("upload", "no body"))?;
-    let (mut tmp, digest) = receive(st, headers, body, m.input_ct_len).await?;
+    let validator = InputValidator::new(&m.params);
+    debug_assert_eq!(validator.len(), m.input_ct_len);
+    let Received {
+        mut tmp,
+        digest,
+        verdict,
+    } = receive(st, headers, body, m.input_ct_len, Some(validator)).await?;
     let sum = hex(&digest);
     if want_sum.is_some_and(|w| w != sum) {
         return Err(ApiError::bad_request(
@@ -425,21 +491,21 @@ async fn put_input_inner(
             "the body does not match X-Checksum-Sha256",
         ));
     }
-    {
-        let _permit = st
-            .ct_permits
-            .acquire()
-            .await
-            .map_err(|e| ApiError::internal("semaphore", e))?;
-        let path = tmp.path.clone();
-        let m2 = m.clone();
-        tokio::task::spawn_blocking(move || -> ApiResult<()> {
-            let bytes =
-                std::fs::read(&path).map_err(|e| ApiError::internal("reading an input", e))?;
-            check_input(&m2.params, &bytes)
-        })
-        .await
-        .map_err(|e| ApiError::internal("input validation", e))??;
+    match verdict {
+        Some(Ok(())) => {}
+        Some(Err(Invalid::ParamsMismatch)) => {
+            return Err(validation_error(
+                "ciphertext",
+                beaa_ckks::Error::ParamsMismatch,
+            ))
+        }
+        Some(Err(Invalid::Malformed(why))) => {
+            return Err(ApiError::bad_request(
+                "invalid_object",
+                format!("invalid ciphertext: {why}"),
+            ))
+        }
+        None => return Err(ApiError::internal("input validation", "no verdict")),
     }
     let inputs = st.job_dir(&row.job_id).join("inputs");
     let dest = inputs.join(format!("{k}.ct"));
@@ -455,10 +521,17 @@ async fn put_input_inner(
         }
         None => return Err(ApiError::job_not_found()),
     }
+    if st.is_starting(&row.job_id) {
+        return Err(ApiError::conflict(
+            "job_started",
+            "inputs cannot change once the job has started",
+        ));
+    }
+    // No fsync: the rename of a complete file survives a crash of this process, and
+    // `start` makes every input durable before the job is queued.
     let existed = dest.exists();
     std::fs::rename(&tmp.path, &dest).map_err(|e| ApiError::internal("storing an input", e))?;
     tmp.keep = true;
-    fsync_dir(&inputs).map_err(|e| ApiError::internal("storing an input", e))?;
     Db::record_input(&c, &row.job_id, k, &sum)?;
     if !existed {
         st.disk_used
@@ -468,7 +541,7 @@ async fn put_input_inner(
 }
 
 /// An input must be a seeded ciphertext at the top level, degree 1, default scale.
-pub fn check_input(params: &beaa_ckks::Params, bytes: &[u8]) -> ApiResult<()> {
+pub fn check_input(params: &beaa_ckks::Params, bytes: &[u8]) -> ApiResult<Ciphertext> {
     let ct =
         Ciphertext::from_bytes(params, bytes).map_err(|e| validation_error("ciphertext", e))?;
     if ct.level() != params.max_level() || ct.degree() != 1 || !ct.is_seeded() {
@@ -483,7 +556,7 @@ pub fn check_input(params: &beaa_ckks::Params, bytes: &[u8]) -> ApiResult<()> {
             "inputs are at the default scale",
         ));
     }
-    Ok(())
+    Ok(ct)
 }
 
 pub async fn list_inputs(
@@ -507,25 +580,23 @@ pub async fn start_job(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let row = authorize(&st, &headers, &id)?;
-    {
+    let queued = || (StatusCode::ACCEPTED, Json(json!({"state": "queued"}))).into_response();
+    let m = st.model(&row.model)?;
+    // 1. Under the lock: every input is there, and no upload may replace one from now on.
+    let guard = {
         let c = st.db.lock();
         let row = Db::job_in(&c, &row.job_id)?.ok_or_else(ApiError::job_not_found)?;
         match row.state.as_str() {
             db::UPLOADING => {
                 let present = Db::inputs_present(&c, &row.job_id)?;
                 if present != row.inputs_total {
-                    return Err(ApiError::conflict(
-                        "inputs_missing",
-                        format!(
-                            "{} of {} inputs are missing",
-                            row.inputs_total - present,
-                            row.inputs_total
-                        ),
-                    ));
+                    return Err(inputs_missing(row.inputs_total - present, row.inputs_total));
                 }
-                Db::set_state(&c, &row.job_id, db::UPLOADING, db::QUEUED)?;
+                st.begin_start(&row.job_id).ok_or_else(|| {
+                    ApiError::conflict("job_starting", "the job is being started; retry shortly")
+                })?
             }
-            db::QUEUED | db::RUNNING => {}
+            db::QUEUED | db::RUNNING => return Ok(queued()),
             other => {
                 return Err(ApiError::conflict(
                     "job_finished",
@@ -533,10 +604,99 @@ pub async fn start_job(
                 ));
             }
         }
+    };
+    // 2. Without the lock: make every input durable (uploads were not fsynced). A file that
+    // is missing or short (lost in a power failure before this point) is forgotten, and the
+    // client is told to upload it again.
+    let dir = st.job_dir(&row.job_id);
+    let (n, len) = (row.inputs_total, m.input_ct_len as u64);
+    let t = std::time::Instant::now();
+    let lost = tokio::task::spawn_blocking(move || sync_inputs(&dir, n, len))
+        .await
+        .map_err(|e| ApiError::internal("syncing inputs", e))?
+        .map_err(|e| ApiError::internal("syncing inputs", e))?;
+    // 3. Under the lock: queue the job (a synchronous commit, which also makes the earlier
+    // input records durable).
+    {
+        let c = st.db.lock();
+        if Db::job_in(&c, &row.job_id)?.is_none() {
+            return Err(ApiError::job_not_found());
+        }
+        if !lost.is_empty() {
+            for &k in &lost {
+                Db::forget_input(&c, &row.job_id, k)?;
+            }
+            tracing::warn!(job_id = %row.job_id, lost = lost.len(), "inputs lost before start");
+            return Err(inputs_missing(lost.len() as i64, n));
+        }
+        if !Db::set_state(&c, &row.job_id, db::UPLOADING, db::QUEUED)? {
+            return Err(ApiError::conflict(
+                "job_started",
+                "the job changed meanwhile",
+            ));
+        }
     }
-    tracing::info!(job_id = %row.job_id, "job queued");
+    drop(guard);
+    tracing::info!(
+        job_id = %row.job_id,
+        sync_ms = (t.elapsed().as_secs_f64() * 1e3) as u64,
+        "job queued"
+    );
     st.queue.notify_one();
-    Ok((StatusCode::ACCEPTED, Json(json!({"state": "queued"}))).into_response())
+    Ok(queued())
+}
+
+fn inputs_missing(missing: i64, total: i64) -> ApiError {
+    ApiError::conflict(
+        "inputs_missing",
+        format!("{missing} of {total} inputs are missing"),
+    )
+}
+
+/// fsyncs the inputs `0..n` of a job directory (several at a time, so that the device can
+/// merge the flushes) and the directories above them; returns the indices whose file is
+/// missing or not `len` bytes long.
+fn sync_inputs(job_dir: &std::path::Path, n: i64, len: u64) -> std::io::Result<Vec<i64>> {
+    const THREADS: i64 = 8;
+    let inputs = job_dir.join("inputs");
+    let results: Vec<std::io::Result<Vec<i64>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let inputs = &inputs;
+                s.spawn(move || -> std::io::Result<Vec<i64>> {
+                    let mut lost = Vec::new();
+                    for k in (t..n).step_by(THREADS as usize) {
+                        // The name comes from a parsed integer only.
+                        match std::fs::File::open(inputs.join(format!("{k}.ct"))) {
+                            Ok(f) if f.metadata()?.len() == len => f.sync_data()?,
+                            Ok(_) => lost.push(k),
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => lost.push(k),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(lost)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("panic")))
+            })
+            .collect()
+    });
+    let mut lost = Vec::new();
+    for r in results {
+        lost.extend(r?);
+    }
+    lost.sort_unstable();
+    fsync_dir(&inputs)?;
+    fsync_dir(job_dir)?;
+    if let Some(jobs) = job_dir.parent() {
+        fsync_dir(jobs)?;
+    }
+    Ok(lost)
 }
 
 pub async fn job_status(

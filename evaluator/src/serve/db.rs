@@ -223,14 +223,41 @@ impl Db {
         Ok(missing)
     }
 
+    /// Records an uploaded input. The commit is not synchronous (no fsync: it survives a
+    /// crash of the process, not a power loss); the synchronous commit of `start` makes it
+    /// durable with everything before it in the log.
     pub fn record_input(c: &Connection, job_id: &str, k: i64, sha: &str) -> rusqlite::Result<()> {
+        c.pragma_update(None, "synchronous", "NORMAL")?;
+        let r = (|| {
+            c.execute_batch("BEGIN")?;
+            let r = c
+                .execute(
+                    "INSERT OR REPLACE INTO inputs (job_id, k, sha256) VALUES (?1, ?2, ?3)",
+                    params![job_id, k, sha],
+                )
+                .and_then(|_| {
+                    c.execute(
+                        "UPDATE jobs SET updated_at = ?2 WHERE job_id = ?1",
+                        params![job_id, now_ms()],
+                    )
+                });
+            match r {
+                Ok(_) => c.execute_batch("COMMIT"),
+                Err(e) => {
+                    let _ = c.execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })();
+        c.pragma_update(None, "synchronous", "FULL")?;
+        r
+    }
+
+    /// Forgets an input whose file did not survive (see `start`).
+    pub fn forget_input(c: &Connection, job_id: &str, k: i64) -> rusqlite::Result<()> {
         c.execute(
-            "INSERT OR REPLACE INTO inputs (job_id, k, sha256) VALUES (?1, ?2, ?3)",
-            params![job_id, k, sha],
-        )?;
-        c.execute(
-            "UPDATE jobs SET updated_at = ?2 WHERE job_id = ?1",
-            params![job_id, now_ms()],
+            "DELETE FROM inputs WHERE job_id = ?1 AND k = ?2",
+            params![job_id, k],
         )?;
         Ok(())
     }

@@ -3,7 +3,10 @@
 //! Job and key metadata live in SQLite (WAL) in the data directory; ciphertexts are files
 //! whose names are built only from server-generated ids and parsed integers:
 //! `keys/<sha256>.rlk`, `jobs/<job_id>/inputs/<k>.ct`, `jobs/<job_id>/result.bin`. Uploads
-//! stream to `tmp/` and are renamed into place once complete, fsynced and validated. A queue
+//! stream to `tmp/` and are renamed into place once complete and validated: an acknowledged
+//! upload survives a crash of the server (kill -9). Keys are fsynced before they are
+//! acknowledged; a job's inputs are fsynced together when the job starts, so an acknowledged
+//! start survives a power loss too (see `evaluator/API.md`, Durability). A queue
 //! runs jobs one at a time (`--workers`) on all cores; a restart puts queued and running jobs
 //! back into the queue.
 
@@ -15,6 +18,7 @@ mod queue;
 mod registry;
 mod static_files;
 pub mod util;
+pub mod validate;
 
 use anyhow::{Context, Result};
 use axum::extract::{MatchedPath, Request};
@@ -24,7 +28,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use error::{ApiError, ApiResult};
 use registry::{ReadyModel, Registry};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,7 +52,8 @@ pub struct ServeArgs {
     /// Serve small NOT SECURE parameter sets (tests and CI only).
     #[arg(long)]
     pub insecure_test_params: bool,
-    /// Jobs run at the same time (each on all cores).
+    /// Jobs run at the same time (each on all cores); 0 accepts jobs but runs none
+    /// (upload benchmarks).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Jobs, their files and unused keys are removed this long after creation.
@@ -71,13 +76,14 @@ pub struct AppState {
     pub registry: Registry,
     pub web_dir: Option<PathBuf>,
     pub cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Jobs between `POST .../start` and the queue (their inputs are being synced).
+    pub starting: Mutex<HashSet<String>>,
     pub queue: tokio::sync::Notify,
     pub disk_used: AtomicU64,
     pub max_disk: u64,
     pub ttl_ms: i64,
     pub progress_interval_ms: u64,
-    /// Bounds the memory of concurrent validations.
-    pub ct_permits: tokio::sync::Semaphore,
+    /// Bounds the memory of concurrent key validations (inputs are validated as they stream).
     pub key_permits: tokio::sync::Semaphore,
 }
 
@@ -101,6 +107,22 @@ impl AppState {
     pub fn job_dir(&self, job_id: &str) -> PathBuf {
         debug_assert!(util::is_hex(job_id, 32));
         self.data_dir.join("jobs").join(job_id)
+    }
+
+    /// Marks a job as starting; None when it already is. The mark goes with the guard.
+    pub fn begin_start(&self, job_id: &str) -> Option<StartGuard<'_>> {
+        let mut set = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(job_id.to_owned()).then(|| StartGuard {
+            st: self,
+            job_id: job_id.to_owned(),
+        })
+    }
+
+    pub fn is_starting(&self, job_id: &str) -> bool {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(job_id)
     }
 
     pub fn check_quota(&self, extra: u64) -> ApiResult<()> {
@@ -132,6 +154,22 @@ impl AppState {
         if std::fs::remove_dir_all(&dir).is_ok() {
             self.sub_disk(size);
         }
+    }
+}
+
+/// Removes a job from [`AppState::starting`] when dropped.
+pub struct StartGuard<'a> {
+    st: &'a AppState,
+    job_id: String,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        self.st
+            .starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.job_id);
     }
 }
 
@@ -209,7 +247,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     prepare_data_dir(&args.data_dir)?;
     let db = db::Db::open(&args.data_dir.join("beaa.sqlite")).context("opening the database")?;
     let requeued = db.requeue_running()?;
@@ -232,12 +269,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         registry: Registry::default(),
         web_dir,
         cancels: Mutex::new(HashMap::new()),
+        starting: Mutex::new(HashSet::new()),
         queue: tokio::sync::Notify::new(),
         disk_used: AtomicU64::new(util::dir_size(&args.data_dir)),
         max_disk: (args.max_disk_gb.max(0.0) * 1e9) as u64,
         ttl_ms: (args.job_ttl_hours.max(0.0) * 3.6e6) as i64,
         progress_interval_ms: args.progress_interval_ms,
-        ct_permits: tokio::sync::Semaphore::new(8),
         key_permits: tokio::sync::Semaphore::new(2),
     });
 

@@ -81,7 +81,7 @@ pub fn spec() -> Value {
                         "409": err("the job has started"), "413": err("too large"), "507": err("disk quota")}}},
             "/api/jobs/{id}/start": {
                 "parameters": [job_id],
-                "post": {"summary": "queue the job", "security": auth, "responses": {"202": ok_json("queued", json!({"type": "object", "properties": {"state": {"type": "string"}}})), "404": err("unknown job or wrong token"), "409": err("inputs missing or job finished")}}},
+                "post": {"summary": "queue the job", "security": auth, "responses": {"202": ok_json("queued", json!({"type": "object", "properties": {"state": {"type": "string"}}})), "404": err("unknown job or wrong token"), "409": err("inputs missing (inputs_missing), another start in progress (job_starting) or job finished")}}},
             "/api/jobs/{id}/result": {
                 "parameters": [job_id],
                 "get": {"summary": "the output ciphertexts: u32 LE count, then per logit a u64 LE length and the ciphertext bytes", "security": auth,
