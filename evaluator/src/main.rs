@@ -2,6 +2,7 @@
 
 mod bench_ckks;
 mod bench_inference;
+mod bench_upload;
 mod demo;
 mod eval_cmd;
 mod keygen;
@@ -52,6 +53,8 @@ enum BenchCommand {
     Ckks(bench_ckks::CkksBenchArgs),
     /// Encrypted inference on random inputs: total and amortized time, peak RSS, per layer.
     Inference(bench_inference::InferenceBenchArgs),
+    /// Upload throughput of `beaa serve` on loopback and the server's peak RSS.
+    Upload(bench_upload::UploadBenchArgs),
 }
 
 /// Keeps freed memory in the process instead of returning it to the kernel after every
@@ -76,6 +79,9 @@ fn main() {
         Command::Bench {
             what: BenchCommand::Inference(args),
         } => bench_inference::run(args),
+        Command::Bench {
+            what: BenchCommand::Upload(args),
+        } => bench_upload::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Plan(args) => plan_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
