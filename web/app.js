@@ -2,8 +2,9 @@
 // decryption run in Web Workers (worker.js, wasm); this thread moves messages and bytes, talks
 // to the evaluator API (evaluator/API.md) and draws. What goes to the network: the
 // relinearization key, the job request {model, key_id, batch}, and ciphertexts. Never pixels,
-// never the secret key.
+// never the secret key (which, only if the user asks, is kept in this browser: keystore.js).
 import { Pool, workerCount } from './pool.js';
+import * as keystore from './keystore.js';
 
 const $ = (sel) => document.querySelector(sel);
 const API = new URL('api/', document.baseURI).href;
@@ -12,19 +13,27 @@ const MAX_WORKERS = 4;
 const UPLOAD_CONCURRENCY = 4;
 const PUT_RETRIES = 3;
 const POLL_MS = 1000;
+const ADD_CHUNK = 512; // files recorded per main-thread task when adding
+const PREPROCESS_CHUNK = 32; // files per preprocessing message to a worker
+const THUMB_CHUNK = 16; // files per thumbnail message to a worker
+const THUMB_PX = 80; // longer side of a thumbnail
+const THUMBS_PER_PAGE = 120;
+const RESULTS_PER_PAGE = 50;
 
 const state = {
   models: [],
   model: null,
-  images: [], // {id, file, name, url, features: Float32Array|null, error: string|null, el}
+  images: [], // {id, file, name, features: Float32Array|null, error: string|null, el, gen, queued, removed}
   nextImageId: 1,
+  thumbPage: 0,
+  shownThumbs: [], // the images whose thumbnails are on the page shown
+  results: null, // {model, entries: [{name, img}], probs, top, page}
   pool: null,
   running: false,
+  rememberTouched: false, // the user set "remember key" in this page
   cancelled: false,
   job: null, // {id, token}
   secret: null, // Uint8Array: stays in this page and its workers
-  longTasks: [], // {start, ms} of main-thread tasks over 50 ms
-  runWindow: [0, 0],
 };
 
 // ---------------------------------------------------------------- messages and helpers
@@ -206,6 +215,7 @@ async function loadModels() {
   if (!state.models.length) message('The server offers no models.', 'error', 'server');
   if (previous && state.models.some((m) => m.name === previous)) sel.value = previous;
   selectModel(sel.value);
+  resumeStoredJob();
 }
 
 function selectModel(name) {
@@ -222,11 +232,19 @@ function selectModel(name) {
   } else {
     $('#model-info').textContent = '';
   }
-  if (changedInput) for (const img of state.images) preprocessImage(img);
+  if (changedInput) queuePreprocess(state.images);
   refreshControls();
 }
 
 // ---------------------------------------------------------------- images
+//
+// Thousands of files (up to a full batch, 16384) keep every main-thread task short: adding
+// only records the File handles (in chunks, yielding between them); the page reads the bytes
+// asynchronously and hands them (transferred, not copied) to the workers, several files per
+// message, where they are decoded and preprocessed (wasm) and, for the thumbnails shown,
+// decoded by the browser into small ImageBitmaps (createImageBitmap in the worker). Thumbnails
+// are a page of THUMBS_PER_PAGE at a time, drawn into canvases; counters and messages are
+// redrawn at most once per frame.
 
 function ensurePool() {
   if (!state.pool) state.pool = new Pool(workerCount(MAX_WORKERS));
@@ -235,43 +253,86 @@ function ensurePool() {
 
 async function addFiles(fileList) {
   const files = Array.from(fileList);
-  for (let s = 0; s < files.length; s += 64) {
-    addFileChunk(files.slice(s, s + 64));
-    await yieldToBrowser();
+  const added = [];
+  for (let s = 0; s < files.length; s += ADD_CHUNK) {
+    for (const file of files.slice(s, s + ADD_CHUNK)) {
+      const img = {
+        id: state.nextImageId,
+        file,
+        name: file.name || `image ${state.nextImageId}`,
+        features: null,
+        error: null,
+        el: null, // thumbnail element while on the page shown
+        gen: 0,
+        queued: false,
+        removed: false,
+      };
+      state.nextImageId++;
+      state.images.push(img);
+      added.push(img);
+    }
+    refreshControls();
+    if (s + ADD_CHUNK < files.length) await yieldToBrowser();
+  }
+  for (const img of added) {
+    img.queued = true;
+    prep.queue.push(img);
+  }
+  renderThumbsNow(); // before sending: the files of the page shown get their thumbnails with it
+  refreshControls();
+  pumpPreprocess();
+}
+
+// The bytes of some files, read asynchronously (an unreadable file gives null).
+async function readFiles(imgs) {
+  const r = await Promise.allSettled(imgs.map((img) => img.file.arrayBuffer()));
+  return r.map((x) => (x.status === 'fulfilled' ? x.value : null));
+}
+
+function drawThumb(canvas, bitmap) {
+  if (!bitmap) return;
+  if (!canvas || !canvas.isConnected) {
+    bitmap.close();
+    return;
+  }
+  canvas.width = bitmap.width;
+  canvas.height = bitmap.height;
+  canvas.getContext('bitmaprenderer').transferFromImageBitmap(bitmap);
+}
+
+// Thumbnails of images not being preprocessed, THUMB_CHUNK files per worker message;
+// canvasOf(img) is where each goes (if still shown when it arrives).
+async function requestThumbs(imgs, canvasOf) {
+  const pool = ensurePool();
+  for (let s = 0; s < imgs.length; s += THUMB_CHUNK) {
+    const chunk = imgs.slice(s, s + THUMB_CHUNK).filter((img) => canvasOf(img));
+    if (!chunk.length) continue;
+    const items = await readFiles(chunk);
+    let bitmaps;
+    try {
+      bitmaps = await pool.run('thumbs', { items, thumbSize: THUMB_PX }, items.filter(Boolean));
+    } catch (_) {
+      continue; // thumbnails are display only
+    }
+    chunk.forEach((img, j) => drawThumb(canvasOf(img), bitmaps[j]));
   }
 }
 
-function addFileChunk(files) {
-  if (!files.length) return;
-  const frag = document.createDocumentFragment();
-  for (const file of files) {
-    const img = {
-      id: state.nextImageId++,
-      file,
-      name: file.name || `image ${state.nextImageId}`,
-      url: URL.createObjectURL(file),
-      features: null,
-      error: null,
-      el: null,
-      gen: 0,
-    };
-    state.images.push(img);
-    img.el = thumbElement(img);
-    frag.append(img.el);
-    preprocessImage(img);
-  }
-  $('#thumbs').append(frag);
-  refreshControls();
+function thumbClass(img) {
+  return img.error ? 'thumb bad' : img.features ? 'thumb' : 'thumb pending';
+}
+function updateThumb(img) {
+  if (!img.el) return;
+  img.el.className = thumbClass(img);
+  img.el.title = img.error ? `unreadable: ${img.error}` : '';
 }
 
 function thumbElement(img) {
   const div = document.createElement('div');
-  div.className = 'thumb pending';
   div.dataset.name = img.name;
-  const im = document.createElement('img');
-  im.alt = img.name;
-  im.src = img.url;
-  im.onerror = () => im.removeAttribute('src');
+  const pic = document.createElement('canvas');
+  pic.className = 'pic';
+  pic.width = pic.height = 1;
   const name = document.createElement('div');
   name.className = 'name';
   name.textContent = img.name;
@@ -281,40 +342,124 @@ function thumbElement(img) {
   rm.textContent = '\u00d7';
   rm.title = 'remove';
   rm.onclick = () => removeImage(img);
-  div.append(im, name, rm);
+  div.append(pic, name, rm);
+  img.el = div;
+  updateThumb(img);
   return div;
+}
+const thumbCanvas = (img) => (img.el ? img.el.querySelector('canvas') : null);
+
+// The page of thumbnails shown (state.thumbPage), built in one DocumentFragment.
+let thumbsQueued = false;
+function renderThumbs() {
+  if (thumbsQueued) return;
+  thumbsQueued = true;
+  requestAnimationFrame(() => {
+    thumbsQueued = false;
+    renderThumbsNow();
+  });
+}
+function renderThumbsNow() {
+  const total = state.images.length;
+  const pages = Math.max(1, Math.ceil(total / THUMBS_PER_PAGE));
+  state.thumbPage = Math.min(Math.max(0, state.thumbPage), pages - 1);
+  const start = state.thumbPage * THUMBS_PER_PAGE;
+  const shown = state.images.slice(start, start + THUMBS_PER_PAGE);
+  const keep = new Set(shown);
+  for (const img of state.shownThumbs) if (!keep.has(img)) img.el = null;
+  const frag = document.createDocumentFragment();
+  const fresh = [];
+  for (const img of shown) {
+    if (!img.el) {
+      thumbElement(img);
+      if (!img.queued) fresh.push(img); // queued ones get theirs with the preprocessing
+    }
+    frag.append(img.el);
+  }
+  $('#thumbs').replaceChildren(frag);
+  state.shownThumbs = shown;
+  $('#thumbs-pager').hidden = total <= THUMBS_PER_PAGE;
+  $('#thumbs-range').textContent = total ? `images ${start + 1}-${start + shown.length} of ${total}` : '';
+  $('#thumbs-prev').disabled = state.thumbPage === 0;
+  $('#thumbs-next').disabled = state.thumbPage >= pages - 1;
+  if (fresh.length) requestThumbs(fresh, thumbCanvas);
 }
 
 function removeImage(img) {
   if (state.running) return;
-  state.images = state.images.filter((x) => x !== img);
-  img.el.remove();
-  URL.revokeObjectURL(img.url);
+  const i = state.images.indexOf(img);
+  if (i < 0) return;
+  state.images.splice(i, 1);
+  img.removed = true;
+  img.gen++; // a preprocessing result still under way is dropped
+  img.el = null;
+  renderThumbs();
   refreshControls();
 }
 
-// Preprocessing (decode, resize, normalize) in a worker, so a bad file is reported at once.
-async function preprocessImage(img) {
-  if (!state.model) return;
-  const gen = ++img.gen;
-  img.features = null;
-  img.error = null;
-  img.el.className = 'thumb pending';
-  try {
-    const f = await ensurePool().run('preprocess', { file: img.file, inputSpec: JSON.stringify(state.model.input) });
-    if (gen !== img.gen) return;
-    img.features = f;
-    img.el.className = 'thumb';
-    img.el.title = '';
-  } catch (e) {
-    if (gen !== img.gen) return;
-    img.error = e.message;
-    img.el.className = 'thumb bad';
-    img.el.title = `unreadable: ${e.message}`;
-    const why = e.message.length > 120 ? `${e.message.slice(0, 117)}...` : e.message;
-    message(`Cannot read "${img.name}" as a PNG or JPEG image; it is left out (${why}).`, 'error', `img-${img.id}`);
+// Preprocessing (decode, resize, normalize) in the workers, PREPROCESS_CHUNK files per
+// message, at most one message per worker at a time; a bad file is reported at once.
+const prep = { queue: [], inFlight: 0 };
+
+function queuePreprocess(imgs) {
+  for (const img of imgs) {
+    img.gen++; // a result still under way for this image is dropped
+    img.features = null;
+    img.error = null;
+    updateThumb(img);
+    if (!img.queued) prep.queue.push(img);
+    img.queued = true;
   }
   refreshControls();
+  pumpPreprocess();
+}
+
+function pumpPreprocess() {
+  if (!state.model) return;
+  const pool = ensurePool();
+  while (prep.inFlight < pool.size && prep.queue.length) {
+    const chunk = [];
+    while (chunk.length < PREPROCESS_CHUNK && prep.queue.length) {
+      const img = prep.queue.shift();
+      img.queued = false;
+      if (!img.removed && !img.features && !img.error) chunk.push(img);
+    }
+    if (!chunk.length) break;
+    prep.inFlight++;
+    preprocessChunk(pool, chunk).finally(() => {
+      prep.inFlight--;
+      refreshControls();
+      pumpPreprocess();
+    });
+  }
+}
+
+async function preprocessChunk(pool, chunk) {
+  const gens = chunk.map((img) => img.gen);
+  const inputSpec = JSON.stringify(state.model.input);
+  // Thumbnails for the images shown now (the canvases they go to, as of sending).
+  const canvases = chunk.map(thumbCanvas);
+  try {
+    const items = await readFiles(chunk);
+    const results = await pool.run(
+      'preprocess',
+      { items, inputSpec, thumbs: canvases.map(Boolean), thumbSize: THUMB_PX },
+      items.filter(Boolean),
+    );
+    chunk.forEach((img, j) => {
+      drawThumb(canvases[j], results[j].thumb);
+      settle(img, gens[j], results[j]);
+    });
+  } catch (e) {
+    chunk.forEach((img, j) => settle(img, gens[j], { error: e.message }));
+  }
+}
+
+function settle(img, gen, r) {
+  if (gen !== img.gen) return; // removed, cleared or re-queued since
+  if (r && r.features) img.features = r.features;
+  else img.error = (r && r.error) || 'no result';
+  updateThumb(img);
 }
 
 function readyImages() {
@@ -334,15 +479,36 @@ function refreshControls() {
 }
 
 let lastTooMany = null;
+let lastUnreadable = null;
 function refreshNow() {
   const m = state.model;
-  const ready = readyImages().length;
-  const pending = state.images.filter((i) => !i.features && !i.error).length;
-  const bad = state.images.filter((i) => i.error).length;
+  let ready = 0;
+  let pending = 0;
+  const bad = [];
+  for (const i of state.images) {
+    if (i.features) ready++;
+    else if (i.error) bad.push(i);
+    else pending++;
+  }
   const parts = [`${state.images.length} image(s)`];
   if (pending) parts.push(`${pending} being read`);
-  if (bad) parts.push(`${bad} unreadable`);
+  if (bad.length) parts.push(`${bad.length} unreadable`);
   $('#image-count').textContent = state.images.length ? parts.join(', ') : 'No images yet.';
+  // One message for all unreadable files (not one per file).
+  let unreadable = null;
+  if (bad.length === 1) {
+    const e = bad[0].error;
+    const why = e.length > 120 ? `${e.slice(0, 117)}...` : e;
+    unreadable = `Cannot read "${bad[0].name}" as a PNG or JPEG image; it is left out (${why}).`;
+  } else if (bad.length > 1) {
+    const names = bad.slice(0, 5).map((i) => `"${i.name}"`).join(', ');
+    unreadable = `Cannot read ${bad.length} files as PNG or JPEG images; they are left out: ${names}${bad.length > 5 ? ', ...' : ''}.`;
+  }
+  if (unreadable !== lastUnreadable) {
+    if (unreadable) message(unreadable, 'error', 'unreadable');
+    else clearMessages('unreadable');
+    lastUnreadable = unreadable;
+  }
   let tooMany = false;
   if (m) {
     const limit = Math.min(m.max_batch, Number.MAX_SAFE_INTEGER);
@@ -362,6 +528,86 @@ function refreshNow() {
   $('#model-select').disabled = state.running || state.models.length === 0;
 }
 
+// ---------------------------------------------------------------- the key on this device
+//
+// Off by default: the secret lives in the workers' memory (and this page's) only. With
+// "remember key on this device" it is also put in this browser's IndexedDB (keystore.js),
+// reused for the next jobs of the same parameters, and the job under way is noted there so
+// that a reload can fetch and decrypt its result. "Forget key" deletes all of it.
+
+async function refreshKeyControls() {
+  const box = $('#remember-key');
+  const forget = $('#forget-key');
+  const status = $('#key-status');
+  if (!keystore.available()) {
+    box.checked = false;
+    box.disabled = true;
+    forget.disabled = true;
+    status.textContent = 'This browser offers no storage here: the key is kept in memory only.';
+    return;
+  }
+  let keysStored = [];
+  let job = null;
+  try {
+    keysStored = await keystore.listKeys();
+    job = await keystore.getJob();
+  } catch (e) {
+    status.textContent = `The key store cannot be read (${e.message}).`;
+    return;
+  }
+  if (keysStored.length && !state.rememberTouched) box.checked = true;
+  forget.disabled = keysStored.length === 0 && !job;
+  if (keysStored.length) {
+    const when = keysStored.map((k) => k.saved).sort().pop();
+    status.textContent =
+      `${keysStored.length === 1 ? 'A key is' : `${keysStored.length} keys are`} stored in this browser only (saved ${new Date(when).toLocaleString()}), ` +
+      'unencrypted, as site data of this page; it is never sent anywhere.';
+  } else {
+    status.textContent = box.checked
+      ? 'The next key will be stored in this browser only (never sent anywhere).'
+      : 'The secret key is kept in memory only and is gone when this page closes.';
+  }
+}
+
+async function forgetKey() {
+  try {
+    await keystore.forget();
+    $('#remember-key').checked = false;
+    state.rememberTouched = true;
+    message('The stored key (and any stored job) was deleted from this device.', 'info', 'key');
+  } catch (e) {
+    message(`Cannot delete the stored key: ${e.message}`, 'error', 'key');
+  }
+  refreshKeyControls();
+}
+
+// Keys for a run: the stored key of these parameters when remembering (else fresh ones, stored
+// when remembering). Every worker gets the secret; returns {secret, relinKey, slots, ms, stored}.
+async function keysForRun(pool, model, remember) {
+  const spec = JSON.stringify(model.params);
+  const insecure = !!model.insecure_test_params;
+  const fingerprint = model.params_fingerprint;
+  let kg;
+  let fromStore = false;
+  const rec = remember ? await keystore.getKey(fingerprint) : null;
+  if (rec) {
+    try {
+      kg = await pool.call(0, 'useKey', { spec, insecure, fingerprint, secret: rec.secret });
+    } catch (e) {
+      throw new Error(`the stored key does not match the parameters of model "${model.name}" (${e.message}); use "forget key" to delete it`);
+    }
+    kg.secret = rec.secret;
+    fromStore = true;
+  } else {
+    kg = await pool.call(0, 'keygen', { spec, insecure, fingerprint });
+    if (remember) await keystore.putKey(fingerprint, kg.secret);
+  }
+  await Promise.all(
+    pool.workers.map((_, i) => (i === 0 ? null : pool.call(i, 'setKey', { spec, insecure, fingerprint, secret: kg.secret }))),
+  );
+  return { ...kg, fromStore };
+}
+
 // ---------------------------------------------------------------- the run
 
 function checkCancelled() {
@@ -376,45 +622,34 @@ async function run() {
     message(`Too many images: ${images.length} > ${model.max_batch}.`, 'error', 'too-many');
     return;
   }
-  state.running = true;
-  state.cancelled = false;
-  state.job = null;
-  refreshControls();
-  clearMessages('run');
-  $('#progress').hidden = false;
-  $('#results').hidden = true;
-  $('#results-table tbody').innerHTML = '';
-  resetSteps();
-  setRunState('running');
+  const remember = $('#remember-key').checked && keystore.available();
+  beginRun();
   const pool = ensurePool();
   const t0 = performance.now();
-  state.runWindow = [t0, Infinity];
+  let started = false; // the server has every input and runs the job
   try {
     await api('health');
-    const spec = JSON.stringify(model.params);
-    const insecure = !!model.insecure_test_params;
-    const fingerprint = model.params_fingerprint;
     const n = images.length;
     const F = model.input_ciphertexts;
     if (images[0].features.length !== F) {
       throw new Error(`the model expects ${F} features per image, preprocessing gave ${images[0].features.length}`);
     }
 
-    // 1. Keys, in a worker; the secret goes to our other workers only.
-    step('keys', { status: 'active', detail: 'generating keys in a worker...' });
-    const kg = await pool.call(0, 'keygen', { spec, insecure, fingerprint });
+    // 1. Keys, in a worker; the secret goes to our other workers only (and, when remembering,
+    //    to this browser's IndexedDB).
+    step('keys', { status: 'active', detail: remember ? 'looking for a stored key...' : 'generating keys in a worker...' });
+    const kg = await keysForRun(pool, model, remember);
     checkCancelled();
     state.secret = kg.secret;
+    if (remember) refreshKeyControls();
     if (n > kg.slots) throw new Error(`${n} images do not fit in ${kg.slots} slots`);
-    await Promise.all(
-      pool.workers.map((_, i) => (i === 0 ? null : pool.call(i, 'setKey', { spec, insecure, fingerprint, secret: kg.secret }))),
-    );
-    step('keys', { detail: `keys in ${(kg.totalMs / 1000).toFixed(2)} s; uploading evaluation key (${fmtBytes(kg.relinKey.length)})` });
+    const how = kg.fromStore ? `stored key loaded in ${(kg.totalMs / 1000).toFixed(2)} s` : `keys in ${(kg.totalMs / 1000).toFixed(2)} s`;
+    step('keys', { detail: `${how}; uploading evaluation key (${fmtBytes(kg.relinKey.length)})` });
     const keyProgress = throttled((sent) => step('keys', { value: sent, max: kg.relinKey.length }));
     const { key_id } = await sendBytes('POST', `keys?model=${encodeURIComponent(model.name)}`, kg.relinKey, {
       onProgress: keyProgress,
     });
-    step('keys', { value: 1, max: 1, status: 'done', detail: `keys in ${(kg.totalMs / 1000).toFixed(2)} s; evaluation key uploaded (${fmtBytes(kg.relinKey.length)})` });
+    step('keys', { value: 1, max: 1, status: 'done', detail: `${how}; evaluation key uploaded (${fmtBytes(kg.relinKey.length)})` });
     checkCancelled();
 
     // 2. The job.
@@ -435,40 +670,149 @@ async function run() {
     // 4. Encrypt and upload, streamed: at most a few ciphertexts wait in memory.
     await encryptAndUpload(pool, model, state.job, F);
 
-    // 5. Run and wait.
+    // 5. Run; when remembering, note the job on this device so that a reload can finish it.
     await api(`jobs/${state.job.id}/start`, { method: 'POST', token: state.job.token });
+    started = true;
+    if (remember) {
+      await keystore.putJob({
+        id: state.job.id,
+        token: state.job.token,
+        model: model.name,
+        fingerprint: model.params_fingerprint,
+        names: images.map((i) => i.name),
+        created: new Date().toISOString(),
+      });
+    }
     await pool.all('newBatch', { features: F }); // drop the images from the workers
-    const status = await waitForJob(state.job);
-    if (status.state !== 'done') throw new Error(`the job ${status.state}${status.error ? `: ${status.error}` : ''}`);
 
-    // 6. Download, decrypt, show.
-    const result = await download(state.job);
-    step('decrypt', { status: 'active', detail: `decrypting ${model.classes.length} logit ciphertexts...` });
-    const probs = await pool.call(0, 'decrypt', { result, nImages: n, classes: model.classes.length }, [result]);
-    step('decrypt', { value: 1, max: 1, status: 'done', detail: `${n} image(s)` });
-    showResults(model, images, probs);
-    api(`jobs/${state.job.id}`, { method: 'DELETE', token: state.job.token }).catch(() => {});
+    // 6. Wait, download, decrypt, show.
+    await finishJob(pool, model, state.job, images.map((i) => ({ name: i.name, img: i })));
     const secs = (performance.now() - t0) / 1000;
     setRunState('done', `done in ${secs.toFixed(1)} s`);
     message(`Done: ${n} image(s) diagnosed in ${fmtSecs(secs)}.`, 'info', 'run');
   } catch (e) {
-    setRunState('failed', e.message);
-    if (state.cancelled) {
-      message('Cancelled.', 'info', 'run');
-    } else if (e instanceof ServerDown) {
-      message(`The evaluator server is down or unreachable: ${e.message}.`, 'error', 'run');
-      $('#server-status').textContent = 'server down';
-      $('#server-status').className = 'pill down';
-    } else if (e instanceof ApiError) {
-      message(`The server refused the request: ${e.message} (${e.code}).`, 'error', 'run');
-    } else {
-      message(`The run failed: ${e.message}`, 'error', 'run');
-    }
-    if (state.job) api(`jobs/${state.job.id}`, { method: 'DELETE', token: state.job.token }).catch(() => {});
+    runFailed(e, remember && started);
   } finally {
-    state.running = false;
-    state.runWindow[1] = performance.now();
-    refreshControls();
+    endRun();
+  }
+}
+
+function beginRun() {
+  state.running = true;
+  state.cancelled = false;
+  state.job = null;
+  refreshControls();
+  clearMessages('run');
+  $('#progress').hidden = false;
+  $('#results').hidden = true;
+  $('#results-table tbody').replaceChildren();
+  resetSteps();
+  setRunState('running');
+}
+
+function endRun() {
+  state.running = false;
+  refreshControls();
+  refreshKeyControls();
+}
+
+// keepStored: the job runs on the server and is noted on this device; when only the server
+// went away it stays noted, for a reload to pick up.
+function runFailed(e, keepStored) {
+  setRunState('failed', e.message);
+  const down = e instanceof ServerDown;
+  if (state.cancelled) {
+    message('Cancelled.', 'info', 'run');
+  } else if (down) {
+    const later = keepStored ? ' The job is noted on this device: reload this page when the server is back to fetch its result.' : '';
+    message(`The evaluator server is down or unreachable: ${e.message}.${later}`, 'error', 'run');
+    $('#server-status').textContent = 'server down';
+    $('#server-status').className = 'pill down';
+  } else if (e instanceof ApiError) {
+    message(`The server refused the request: ${e.message} (${e.code}).`, 'error', 'run');
+  } else {
+    message(`The run failed: ${e.message}`, 'error', 'run');
+  }
+  if (!(keepStored && down)) {
+    if (state.job) {
+      api(`jobs/${state.job.id}`, { method: 'DELETE', token: state.job.token }).catch(() => {});
+      keystore.deleteJob(state.job.id).catch(() => {});
+    }
+  }
+}
+
+// Waits for the job, downloads and decrypts its result in worker 0 (which holds the key),
+// shows it, deletes the job on the server and its note on this device.
+async function finishJob(pool, model, job, entries) {
+  const status = await waitForJob(job);
+  if (status.state !== 'done') throw new Error(`the job ${status.state}${status.error ? `: ${status.error}` : ''}`);
+  const result = await download(job);
+  step('decrypt', { status: 'active', detail: `decrypting ${model.classes.length} logit ciphertexts...` });
+  const probs = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length }, [result]);
+  step('decrypt', { value: 1, max: 1, status: 'done', detail: `${entries.length} image(s)` });
+  showResults(model, entries, probs);
+  api(`jobs/${job.id}`, { method: 'DELETE', token: job.token }).catch(() => {});
+  if (keystore.available()) await keystore.deleteJob(job.id).catch(() => {});
+}
+
+// On load: a job noted on this device (remembered key) is fetched and decrypted with the
+// stored key. The images themselves are not stored: the results list the file names.
+async function resumeStoredJob() {
+  if (!keystore.available() || state.running) return;
+  let rec;
+  try {
+    rec = await keystore.getJob();
+  } catch (_) {
+    return;
+  }
+  if (!rec) return;
+  const model = state.models.find((m) => m.name === rec.model);
+  if (!model || model.params_fingerprint !== rec.fingerprint) {
+    message(
+      `A job stored on this device (model "${rec.model}", ${rec.names.length} image(s)) cannot be finished now: the server ` +
+        'does not offer that model with the same parameters. "Forget key" deletes the note (and the key).',
+      'error',
+      'resume',
+    );
+    return;
+  }
+  const keyRec = await keystore.getKey(rec.fingerprint);
+  if (!keyRec) {
+    await keystore.deleteJob(rec.id).catch(() => {});
+    return;
+  }
+  beginRun();
+  const t0 = performance.now();
+  const job = { id: rec.id, token: rec.token };
+  state.job = job;
+  message(`Fetching the result of a job stored on this device (${rec.names.length} image(s), model "${model.name}").`, 'info', 'run');
+  step('keys', { status: 'active', detail: 'loading the stored key...' });
+  step('encrypt', { value: 1, max: 1, status: 'done', detail: 'before the reload' });
+  step('upload', { value: 1, max: 1, status: 'done', detail: 'before the reload' });
+  try {
+    const pool = ensurePool();
+    const spec = JSON.stringify(model.params);
+    try {
+      await pool.call(0, 'setKey', { spec, insecure: !!model.insecure_test_params, fingerprint: model.params_fingerprint, secret: keyRec.secret });
+    } catch (e) {
+      throw new Error(`the stored key does not match the parameters of model "${model.name}" (${e.message})`);
+    }
+    state.secret = keyRec.secret;
+    step('keys', { value: 1, max: 1, status: 'done', detail: 'stored key' });
+    await finishJob(pool, model, job, rec.names.map((name) => ({ name, img: null })));
+    const secs = (performance.now() - t0) / 1000;
+    setRunState('done', `stored job finished in ${secs.toFixed(1)} s`);
+    message(`Done: the stored job's ${rec.names.length} image(s) decrypted on this device.`, 'info', 'run');
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) {
+      setRunState('failed', e.message);
+      message('The job stored on this device is no longer on the server (deleted or expired); its note was removed.', 'error', 'run');
+      await keystore.deleteJob(rec.id).catch(() => {});
+    } else {
+      runFailed(e, true);
+    }
+  } finally {
+    endRun();
   }
 }
 
@@ -633,29 +977,65 @@ async function download(job) {
   return out.buffer;
 }
 
-function showResults(model, images, probs) {
+// The results: a summary per class, a CSV of all, and the table a page of RESULTS_PER_PAGE rows
+// at a time (16384 rows of bars at once would be one long main-thread task).
+function showResults(model, entries, probs) {
   const C = model.classes.length;
-  const tbody = $('#results-table tbody');
-  tbody.innerHTML = '';
+  const top = new Uint16Array(entries.length);
+  const counts = new Array(C).fill(0);
+  for (let b = 0; b < entries.length; b++) {
+    let best = 0;
+    for (let c = 1; c < C; c++) if (probs[b * C + c] > probs[b * C + best]) best = c;
+    top[b] = best;
+    counts[best]++;
+  }
+  state.results = { model, entries, probs, top, page: 0 };
+  $('#results-summary').textContent =
+    `${entries.length} image(s): ` +
+    model.classes
+      .map((c, i) => [c, counts[i]])
+      .filter(([, k]) => k > 0)
+      .map(([c, k]) => `${c} ${k}`)
+      .join(', ');
+  $('#results').dataset.count = String(entries.length);
+  renderResultsPage();
+  $('#results').hidden = false;
+}
+
+function renderResultsPage() {
+  const r = state.results;
+  if (!r) return;
+  const { model, entries, probs, top } = r;
+  const C = model.classes.length;
+  const pages = Math.max(1, Math.ceil(entries.length / RESULTS_PER_PAGE));
+  r.page = Math.min(Math.max(0, r.page), pages - 1);
+  const start = r.page * RESULTS_PER_PAGE;
+  const end = Math.min(entries.length, start + RESULTS_PER_PAGE);
   const show = Math.min(C, 5);
-  images.forEach((img, b) => {
+  const frag = document.createDocumentFragment();
+  const pics = new Map(); // image -> the canvas of its row
+  for (let b = start; b < end; b++) {
+    const { name, img } = entries[b];
     const p = Array.from(probs.subarray(b * C, (b + 1) * C));
     const order = p.map((v, c) => [v, c]).sort((x, y) => y[0] - x[0]);
-    const top = order[0][1];
+    const t = top[b];
     const tr = document.createElement('tr');
-    tr.dataset.name = img.name;
-    tr.dataset.class = model.classes[top];
-    tr.dataset.classIndex = String(top);
+    tr.dataset.name = name;
+    tr.dataset.class = model.classes[t];
+    tr.dataset.classIndex = String(t);
     const tdImg = document.createElement('td');
-    const im = document.createElement('img');
-    im.src = img.url;
-    im.alt = img.name;
-    tdImg.append(im);
+    if (img && !img.removed) {
+      const pic = document.createElement('canvas');
+      pic.className = 'pic';
+      pic.width = pic.height = 1;
+      tdImg.append(pic);
+      pics.set(img, pic);
+    }
     const tdName = document.createElement('td');
-    tdName.textContent = img.name;
+    tdName.textContent = name;
     const tdCls = document.createElement('td');
     tdCls.className = 'cls';
-    tdCls.textContent = `${model.classes[top]} (${(p[top] * 100).toFixed(1)}%)`;
+    tdCls.textContent = `${model.classes[t]} (${(p[t] * 100).toFixed(1)}%)`;
     const tdBars = document.createElement('td');
     const bars = document.createElement('div');
     bars.className = 'bars';
@@ -663,7 +1043,7 @@ function showResults(model, images, probs) {
       const label = document.createElement('span');
       label.textContent = model.classes[c];
       const bar = document.createElement('div');
-      bar.className = c === top ? 'bar top' : 'bar';
+      bar.className = c === t ? 'bar top' : 'bar';
       const fill = document.createElement('span');
       fill.style.width = `${(v * 100).toFixed(1)}%`;
       bar.append(fill);
@@ -673,9 +1053,43 @@ function showResults(model, images, probs) {
     }
     tdBars.append(bars);
     tr.append(tdImg, tdName, tdCls, tdBars);
-    tbody.append(tr);
-  });
-  $('#results').hidden = false;
+    frag.append(tr);
+  }
+  $('#results-table tbody').replaceChildren(frag);
+  $('#results-pager').hidden = entries.length <= RESULTS_PER_PAGE;
+  $('#results-range').textContent = `results ${start + 1}-${end} of ${entries.length}`;
+  $('#results-prev').disabled = r.page === 0;
+  $('#results-next').disabled = r.page >= pages - 1;
+  if (pics.size) requestThumbs([...pics.keys()], (img) => pics.get(img));
+}
+
+// All results as CSV (file, predicted class, one probability column per class); made on click,
+// in chunks that yield to the browser.
+async function downloadCsv() {
+  const r = state.results;
+  if (!r) return;
+  const { model, entries, probs, top } = r;
+  const C = model.classes.length;
+  const q = (s) => `"${String(s).replace(/"/g, '""')}"`;
+  const parts = [[q('file'), q('predicted'), ...model.classes.map(q)].join(',') + '\n'];
+  for (let s = 0; s < entries.length; s += 2048) {
+    const lines = [];
+    for (let b = s; b < Math.min(entries.length, s + 2048); b++) {
+      const p = [];
+      for (let c = 0; c < C; c++) p.push(probs[b * C + c].toFixed(6));
+      lines.push(`${q(entries[b].name)},${q(model.classes[top[b]])},${p.join(',')}\n`);
+    }
+    parts.push(lines.join(''));
+    await yieldToBrowser();
+  }
+  const url = URL.createObjectURL(new Blob(parts, { type: 'text/csv' }));
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = 'beaa-results.csv';
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 // ---------------------------------------------------------------- wiring
@@ -705,37 +1119,55 @@ function wire() {
   $('#clear-button').onclick = () => {
     if (state.running) return;
     for (const img of state.images) {
+      img.removed = true;
       img.gen++; // results of preprocessing still under way are dropped
-      URL.revokeObjectURL(img.url);
+      img.el = null;
     }
     state.images = [];
-    $('#thumbs').replaceChildren();
+    state.shownThumbs = [];
+    state.thumbPage = 0;
+    prep.queue = [];
+    if (state.results) for (const e of state.results.entries) e.img = null;
+    renderResultsPage();
+    renderThumbsNow();
     clearMessages();
     lastTooMany = null;
+    lastUnreadable = null;
     refreshControls();
   };
-  if ('PerformanceObserver' in window) {
-    try {
-      new PerformanceObserver((list) => {
-        for (const e of list.getEntries()) state.longTasks.push({ start: e.startTime, ms: Math.round(e.duration) });
-      }).observe({ type: 'longtask', buffered: true });
-    } catch (_) {
-      /* longtask not supported */
-    }
-  }
+  $('#thumbs-prev').onclick = () => {
+    state.thumbPage--;
+    renderThumbsNow();
+  };
+  $('#thumbs-next').onclick = () => {
+    state.thumbPage++;
+    renderThumbsNow();
+  };
+  $('#results-prev').onclick = () => {
+    state.results.page--;
+    renderResultsPage();
+  };
+  $('#results-next').onclick = () => {
+    state.results.page++;
+    renderResultsPage();
+  };
+  $('#results-csv').onclick = () => downloadCsv();
+  $('#remember-key').onchange = () => {
+    state.rememberTouched = true;
+    refreshKeyControls();
+  };
+  $('#forget-key').onclick = () => forgetKey();
   if (TEST_HOOKS) {
     // For the end-to-end test only (?test-hooks): lets the test read, inside this page, the
     // secret it must then look for in every request. Nothing here touches the network.
     window.__beaa = {
       secretKey: () => (state.secret ? Array.from(state.secret) : null),
       features: () => readyImages().map((i) => ({ name: i.name, features: Array.from(i.features) })),
-      longTasks: () => state.longTasks.map((t) => t.ms),
-      // Long main-thread tasks between the click on run and the results.
-      runLongTasks: () => state.longTasks.filter((t) => t.start >= state.runWindow[0] && t.start <= state.runWindow[1]).map((t) => t.ms),
       workers: () => (state.pool ? state.pool.size : 0),
     };
   }
 }
 
 wire();
+refreshKeyControls();
 loadModels();

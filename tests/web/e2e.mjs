@@ -1,15 +1,24 @@
-// End-to-end test of the web page against the real evaluator (`beaa serve`), in Debian's
-// headless Chromium:
+// End-to-end tests of the web page against the real evaluator (`beaa serve`), in Debian's
+// headless Chromium. One server for all tests:
 //   fixtures (beaa-fixtures: a small random model, synthetic PNG/JPEG images, plaintext
-//   reference predictions) -> `beaa serve --insecure-test-params` on a free loopback port ->
-//   the page adds the images, encrypts in workers, uploads, waits, downloads, decrypts ->
-//   the predicted classes shown must equal the plaintext reference, and no request the page
-//   sent may carry image bytes, preprocessed pixels or the secret key.
+//   reference predictions) -> `beaa serve --insecure-test-params` on a free loopback port.
+// Tests, in order:
+//   1. the page adds the images, encrypts in workers, uploads, waits, downloads, decrypts ->
+//      the predicted classes shown equal the plaintext reference, and no request the page
+//      sent carries image bytes, preprocessed pixels or the secret key;
+//   2. max_batch + 1 (1025) image files through the real file input: the too-many message,
+//      one removed, a run of the full batch (1024 images, every slot) whose predictions all
+//      equal the reference, and no main-thread task over 100 ms while adding and running
+//      (PerformanceObserver 'longtask', installed by the test before the page's own code);
+//   3. "remember key on this device": the secret goes to this browser's IndexedDB only, a
+//      reload resumes the stored job and decrypts its result with the stored key, a stored
+//      key of other parameters is refused, "forget key" deletes it;
+//   4. the server goes away: a run says so clearly.
 //
 // Run by scripts/test.sh (stage web), which builds web/pkg, beaa and beaa-fixtures first:
 //   node --import scripts/node/register.mjs tests/web/e2e.mjs
 // Binaries come from ${CARGO_TARGET_DIR:-$BEAA_ROOT/target}/release/.
-import test from 'node:test';
+import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -24,6 +33,8 @@ const TARGET = path.resolve(ROOT, process.env.CARGO_TARGET_DIR || 'target');
 const BEAA = path.join(TARGET, 'release', 'beaa');
 const FIXTURES = path.join(TARGET, 'release', 'beaa-fixtures');
 const RUN_TIMEOUT_MS = Number(process.env.BEAA_E2E_RUN_TIMEOUT_MS || 150_000);
+// Issue 6: no main-thread task over 100 ms while images are added and encrypted.
+const MAX_TASK_MS = 100;
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -67,7 +78,163 @@ function f64le(values) {
   return b;
 }
 
-test('page: encrypted diagnosis equals the plaintext reference; no pixels or secret on the wire', { timeout: 240_000 }, async (t) => {
+// Installed in every page before its own scripts: records every main-thread task over 50 ms
+// (the page's own code is not trusted for the check), and when each 'change' event of a file
+// input starts and ends (capturing listener on window: before the page's handler; bubbling
+// listener on window: after it).
+function installLongTaskObserver() {
+  window.__e2eLongTasks = [];
+  window.__e2eLongTaskObserver = false;
+  window.__e2eFileChanges = [];
+  const isFile = (e) => e.target instanceof HTMLInputElement && e.target.type === 'file';
+  window.addEventListener(
+    'change',
+    (e) => {
+      if (isFile(e)) window.__e2eFileChanges.push({ start: performance.now(), end: null });
+    },
+    true,
+  );
+  window.addEventListener('change', (e) => {
+    const c = window.__e2eFileChanges[window.__e2eFileChanges.length - 1];
+    if (isFile(e) && c && c.end === null) c.end = performance.now();
+  });
+  try {
+    new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) window.__e2eLongTasks.push({ start: e.startTime, ms: Math.round(e.duration) });
+    }).observe({ type: 'longtask', buffered: true });
+    window.__e2eLongTaskObserver = true;
+  } catch (_) {
+    /* reported by the test */
+  }
+}
+const pageNow = (page) => page.evaluate(() => performance.now());
+const longTasksBetween = (page, t0, t1) =>
+  page.evaluate(([a, b]) => window.__e2eLongTasks.filter((t) => t.start >= a && t.start <= b).map((t) => t.ms), [t0, t1]);
+// Main-thread tasks over 50 ms between t0 and t1, split into the browser's own task that
+// delivers a file selection - Chromium builds the File objects of an <input type=file> in the
+// task that dispatches 'change', with one synchronous MIME-type lookup per file
+// (MimeRegistry::GetMimeTypeFromExtension), whatever the page does - and all others. The
+// page's part of a delivery task is its 'change' handler, measured separately.
+async function tasksBetween(page, t0, t1) {
+  const { tasks, changes } = await page.evaluate(
+    ([a, b]) => ({
+      tasks: window.__e2eLongTasks.filter((t) => t.start >= a && t.start <= b),
+      changes: window.__e2eFileChanges.filter((c) => c.start >= a && c.start <= b),
+    }),
+    [t0, t1],
+  );
+  const isDelivery = (t) => changes.some((c) => c.start >= t.start && c.start <= t.start + t.ms);
+  return {
+    page: tasks.filter((t) => !isDelivery(t)).map((t) => t.ms),
+    delivery: tasks.filter(isDelivery).map((t) => t.ms),
+    handlers: changes.map((c) => (c.end === null ? Infinity : Math.round(c.end - c.start))),
+  };
+}
+const fmtTasks = (ts) => (ts.length ? `max ${Math.max(...ts)} ms (${ts.length} over 50 ms)` : 'none over 50 ms');
+
+// The observer can fail: a deliberate 150 ms busy task on the main thread is recorded.
+async function assertObserverSeesLongTask(page) {
+  assert.equal(await page.evaluate(() => window.__e2eLongTaskObserver), true, 'PerformanceObserver longtask is supported');
+  const t0 = await pageNow(page);
+  await page.evaluate(
+    () =>
+      new Promise((resolve) =>
+        // A task of the page (a timer), not of the test's protocol call.
+        setTimeout(() => {
+          const end = performance.now() + 150;
+          while (performance.now() < end);
+          resolve();
+        }, 0),
+      ),
+  );
+  let seen = [];
+  for (let i = 0; i < 50 && !seen.some((ms) => ms >= 140); i++) {
+    await sleep(20);
+    seen = await longTasksBetween(page, t0, Infinity);
+  }
+  assert.ok(seen.some((ms) => ms >= 140), `the observer missed a deliberate 150 ms task (saw ${seen})`);
+}
+
+// "N image(s)" with none still being read (the page's image counter).
+async function waitImagesRead(page, n, timeout) {
+  await page.waitForFunction(
+    (n) => {
+      const t = document.querySelector('#image-count').textContent;
+      return t.startsWith(`${n} image(s)`) && !t.includes('being read');
+    },
+    n,
+    { timeout, polling: 100 },
+  );
+}
+
+async function waitRunEnd(page, env, pageErrors) {
+  try {
+    await page.waitForFunction(() => ['done', 'failed'].includes(document.querySelector('#run-status').dataset.state), null, {
+      timeout: RUN_TIMEOUT_MS,
+      polling: 100,
+    });
+  } catch (e) {
+    const progress = await page.$$eval('.step', (els) =>
+      els.map((e) => `${e.querySelector('.label').textContent}: ${e.querySelector('.detail').textContent}`).join(' | '),
+    );
+    assert.fail(
+      `the run did not finish in ${RUN_TIMEOUT_MS / 1000} s: ${progress} | messages: ${await page.textContent('#messages')} | page errors: ${pageErrors.join(' | ')}${env.dumpServer()}`,
+    );
+  }
+  const state = await page.getAttribute('#run-status', 'data-state');
+  const detail = await page.textContent('#run-status');
+  return { state, detail };
+}
+
+// Every result row, page by page through the results table's pager.
+async function allResultRows(page) {
+  const rows = [];
+  for (let guard = 0; guard < 1000; guard++) {
+    rows.push(
+      ...(await page.$$eval('#results-table tbody tr', (trs) =>
+        trs.map((tr) => ({ name: tr.dataset.name, cls: tr.dataset.class, text: tr.querySelector('td.cls').textContent })),
+      )),
+    );
+    const next = page.locator('#results-next');
+    if ((await next.count()) === 0 || (await next.isDisabled()) || !(await next.isVisible())) break;
+    const first = await page.getAttribute('#results-table tbody tr', 'data-name');
+    await next.click();
+    await page.waitForFunction((f) => document.querySelector('#results-table tbody tr')?.dataset.name !== f, first);
+  }
+  return rows;
+}
+
+// The page's IndexedDB: every record of every object store (read by the test, not the page).
+function readIndexedDb(page) {
+  return page.evaluate(async () => {
+    const dbs = indexedDB.databases ? await indexedDB.databases() : [];
+    const out = {};
+    for (const { name } of dbs) {
+      const db = await new Promise((res, rej) => {
+        const r = indexedDB.open(name);
+        r.onsuccess = () => res(r.result);
+        r.onerror = () => rej(r.error);
+      });
+      out[name] = {};
+      for (const store of db.objectStoreNames) {
+        out[name][store] = await new Promise((res, rej) => {
+          const r = db.transaction(store).objectStore(store).getAll();
+          r.onsuccess = () =>
+            res(r.result.map((v) => JSON.parse(JSON.stringify(v, (k, x) => (x instanceof Uint8Array ? { u8: Array.from(x) } : x)))));
+          r.onerror = () => rej(r.error);
+        });
+      }
+      db.close();
+    }
+    return out;
+  });
+}
+
+// ------------------------------------------------------------------ shared server
+
+const env = { skip: null };
+
+before(async () => {
   for (const [what, p] of [
     ['beaa', BEAA],
     ['beaa-fixtures', FIXTURES],
@@ -77,58 +244,67 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   }
   const help = spawnSync(BEAA, ['serve', '--help'], { encoding: 'utf8' });
   if (help.status !== 0) {
-    console.log(`SKIP: ${BEAA} has no working \`serve\` subcommand yet (beaa serve --help failed); the end-to-end page test needs the real server`);
-    t.skip('beaa serve is not available');
+    env.skip = `${BEAA} has no working \`serve\` subcommand yet (beaa serve --help failed); the page tests need the real server`;
+    console.log(`SKIP: ${env.skip}`);
     return;
   }
 
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'beaa-e2e-'));
-  t.after(() => fs.rmSync(tmp, { recursive: true, force: true }));
-  const fx = path.join(tmp, 'fixtures');
+  env.tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'beaa-e2e-'));
+  const fx = path.join(env.tmp, 'fixtures');
+  env.fx = fx;
   const made = spawnSync(FIXTURES, [fx], { encoding: 'utf8' });
   assert.equal(made.status, 0, `beaa-fixtures failed: ${made.stderr}`);
-  const expected = JSON.parse(fs.readFileSync(path.join(fx, 'expected.json'), 'utf8'));
-  const imagePaths = expected.images.map((i) => path.join(fx, 'images', i.file));
-  const badPath = path.join(fx, 'images-bad', 'broken.png');
+  env.expected = JSON.parse(fs.readFileSync(path.join(fx, 'expected.json'), 'utf8'));
+  env.imagePaths = env.expected.images.map((i) => path.join(fx, 'images', i.file));
+  env.badPath = path.join(fx, 'images-bad', 'broken.png');
 
   // The real server, insecure test parameters, on a free loopback port.
   const port = await freePort();
-  const base = `http://127.0.0.1:${port}`;
-  const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', path.join(tmp, 'data'), '--zoo', path.join(fx, 'zoo'), '--insecure-test-params'];
+  env.base = `http://127.0.0.1:${port}`;
+  const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', path.join(env.tmp, 'data'), '--zoo', path.join(fx, 'zoo'), '--insecure-test-params'];
   if (help.stdout.includes('--web-dir')) args.push('--web-dir', path.join(ROOT, 'web'));
   const server = spawn(BEAA, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  let serverLog = '';
-  server.stdout.on('data', (d) => (serverLog += d));
-  server.stderr.on('data', (d) => (serverLog += d));
-  let serverExited = null;
-  server.on('exit', (code, sig) => (serverExited = `exit ${code ?? sig}`));
-  t.after(async () => {
-    if (serverExited === null) {
-      server.kill('SIGTERM');
-      await new Promise((r) => server.once('exit', r));
-    }
-  });
-  const dumpServer = () => `\n--- server log (tail) ---\n${serverLog.slice(-4000)}`;
+  env.server = server;
+  env.serverLog = '';
+  server.stdout.on('data', (d) => (env.serverLog += d));
+  server.stderr.on('data', (d) => (env.serverLog += d));
+  env.serverExited = null;
+  server.on('exit', (code, sig) => (env.serverExited = `exit ${code ?? sig}`));
+  env.dumpServer = () => `\n--- server log (tail) ---\n${env.serverLog.slice(-4000)}`;
 
   // Wait until the model is planned and listed.
   let model = null;
   for (let i = 0; i < 600 && !model; i++) {
-    assert.equal(serverExited, null, `beaa serve exited early (${serverExited})${dumpServer()}`);
+    assert.equal(env.serverExited, null, `beaa serve exited early (${env.serverExited})${env.dumpServer()}`);
     try {
-      const r = await fetch(`${base}/api/models`);
-      if (r.ok) model = (await r.json()).models.find((m) => m.name === expected.model) || null;
+      const r = await fetch(`${env.base}/api/models`);
+      if (r.ok) model = (await r.json()).models.find((m) => m.name === env.expected.model) || null;
     } catch (_) {
       /* not listening yet */
     }
     if (!model) await sleep(100);
   }
-  assert.ok(model, `the server never listed model ${expected.model}${dumpServer()}`);
+  assert.ok(model, `the server never listed model ${env.expected.model}${env.dumpServer()}`);
   assert.equal(model.insecure_test_params, true);
-  assert.deepEqual(model.input, expected.input, 'the server announces the fixture model input spec');
+  assert.deepEqual(model.input, env.expected.input, 'the server announces the fixture model input spec');
+  env.model = model;
+  env.browser = await launchChromium();
+});
 
-  const browser = await launchChromium();
-  t.after(() => browser.close());
-  const context = await browser.newContext();
+after(async () => {
+  if (env.browser) await env.browser.close();
+  if (env.server && env.serverExited === null) {
+    env.server.kill('SIGTERM');
+    await new Promise((r) => env.server.once('exit', r));
+  }
+  if (env.tmp) fs.rmSync(env.tmp, { recursive: true, force: true });
+});
+
+// A fresh browser context (own IndexedDB) and page on the server, model selected.
+async function openPage(t) {
+  const context = await env.browser.newContext();
+  t.after(() => context.close());
+  await context.addInitScript(installLongTaskObserver);
   const page = await context.newPage();
   const requests = [];
   context.on('request', (r) => requests.push(r));
@@ -137,60 +313,44 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   page.on('console', (m) => {
     if (m.type() === 'error') pageErrors.push(m.text());
   });
+  await page.goto(`${env.base}/?test-hooks`);
+  await selectModel(page);
+  return { context, page, requests, pageErrors };
+}
+async function selectModel(page) {
+  await page.waitForSelector(`#model-select option[value="${env.expected.model}"]`, { state: 'attached', timeout: 30_000 });
+  await page.selectOption('#model-select', env.expected.model);
+}
+const realErrors = (errs) => errs.filter((e) => !/Failed to load resource/.test(e));
 
-  await page.goto(`${base}/?test-hooks`);
-  await page.waitForSelector(`#model-select option[value="${expected.model}"]`, { state: 'attached', timeout: 30_000 });
-  await page.selectOption('#model-select', expected.model);
+// ------------------------------------------------------------------ 1. the main path
+
+test('page: encrypted diagnosis equals the plaintext reference; no pixels or secret on the wire', { timeout: 240_000 }, async (t) => {
+  if (env.skip) return t.skip(env.skip);
+  const { expected, model, imagePaths, badPath, fx, base } = env;
+  const { page, requests, pageErrors } = await openPage(t);
   assert.equal(await page.isVisible('#insecure-banner'), true, 'red banner for insecure test parameters');
-
-  // More images than one job takes: a clear message, and no run.
-  const png = fs.readFileSync(imagePaths.find((p) => p.endsWith('.png')));
-  const many = Array.from({ length: model.max_batch + 1 }, (_, i) => ({ name: `many-${i}.png`, mimeType: 'image/png', buffer: png }));
-  await page.setInputFiles('#file-input', many);
-  await page.waitForFunction(() => !document.querySelector('.thumb.pending') && document.querySelectorAll('.thumb').length > 0, null, {
-    timeout: 60_000,
-  });
-  const tooMany = `Too many images: ${model.max_batch + 1} selected`;
-  await page.waitForFunction((t) => document.querySelector('#messages').textContent.includes(t), tooMany, { timeout: 10_000 });
-  assert.match(await page.textContent('#messages'), new RegExp(`${tooMany}.*at most ${model.max_batch}`));
-  assert.equal(await page.isDisabled('#run-button'), true, 'no run with too many images');
-  await page.click('#clear-button');
-  assert.equal(await page.locator('.thumb').count(), 0);
-  const addLongTasks = await page.evaluate(() => window.__beaa.longTasks());
 
   // Add the images and one unreadable file.
   await page.setInputFiles('#file-input', [...imagePaths, badPath]);
-  await page.waitForFunction(
-    (n) => document.querySelectorAll('.thumb').length === n && !document.querySelector('.thumb.pending'),
-    imagePaths.length + 1,
-    { timeout: 30_000 },
-  );
+  await waitImagesRead(page, imagePaths.length + 1, 30_000);
+  assert.equal(await page.locator('.thumb').count(), imagePaths.length + 1, 'one thumbnail per file');
   assert.equal(await page.locator('.thumb.bad').count(), 1, 'the broken file is flagged');
   assert.equal(await page.locator('.thumb.bad').getAttribute('data-name'), 'broken.png');
   assert.match(await page.textContent('#messages'), /Cannot read "broken\.png"/);
 
   // Run.
   const t0 = Date.now();
+  const pt0 = await pageNow(page);
   await page.click('#run-button');
-  const progressText = () =>
-    page.$$eval('.step', (els) => els.map((e) => `${e.querySelector('.label').textContent}: ${e.querySelector('.detail').textContent}`).join(' | '));
-  try {
-    await page.waitForFunction(() => ['done', 'failed'].includes(document.querySelector('#run-status').dataset.state), null, {
-      timeout: RUN_TIMEOUT_MS,
-    });
-  } catch (e) {
-    assert.fail(`the run did not finish in ${RUN_TIMEOUT_MS / 1000} s: ${await progressText()} | messages: ${await page.textContent('#messages')} | page errors: ${pageErrors.join(' | ')}${dumpServer()}`);
-  }
-  const runState = await page.getAttribute('#run-status', 'data-state');
-  const runMsg = await page.textContent('#run-status');
+  const run = await waitRunEnd(page, env, pageErrors);
   const messages = await page.textContent('#messages');
-  assert.equal(runState, 'done', `run failed: ${runMsg} | messages: ${messages} | page errors: ${pageErrors.join(' | ')}${dumpServer()}`);
+  assert.equal(run.state, 'done', `run failed: ${run.detail} | messages: ${messages} | page errors: ${pageErrors.join(' | ')}${env.dumpServer()}`);
   const runSeconds = (Date.now() - t0) / 1000;
+  const runLongTasks = await longTasksBetween(page, pt0, await pageNow(page));
 
   // Predictions shown equal the plaintext reference.
-  const rows = await page.$$eval('#results-table tbody tr', (trs) =>
-    trs.map((tr) => ({ name: tr.dataset.name, cls: tr.dataset.class, text: tr.querySelector('td.cls').textContent })),
-  );
+  const rows = await allResultRows(page);
   assert.equal(rows.length, expected.images.length, 'one result row per readable image');
   for (const img of expected.images) {
     const row = rows.find((r) => r.name === img.file);
@@ -235,6 +395,7 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   const bodies = [];
   for (const r of requests) {
     const url = new URL(r.url());
+    if (url.protocol === 'blob:') continue; // thumbnails of local files (never leave the browser)
     assert.equal(url.origin, base, `request to another origin: ${r.url()}`);
     const body = r.postDataBuffer();
     const p = url.pathname;
@@ -264,23 +425,207 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   for (const [where, body] of bodies) {
     for (const [what, n] of needles) assert.ok(!contains(body, n), `${what} found in the body of ${where}`);
   }
+  // Nothing was stored on the device: "remember key" is off by default.
+  assert.equal(await page.isChecked('#remember-key'), false, '"remember key" is off by default');
+  const idb = await readIndexedDb(page);
+  assert.ok(Object.values(idb).every((db) => Object.values(db).every((s) => s.length === 0)), `nothing in IndexedDB: ${JSON.stringify(idb).slice(0, 200)}`);
 
   if (process.env.BEAA_E2E_SCREENSHOT) await page.screenshot({ path: process.env.BEAA_E2E_SCREENSHOT, fullPage: true });
-  const runLongTasks = await page.evaluate(() => window.__beaa.runLongTasks());
   const workers = await page.evaluate(() => window.__beaa.workers());
-  const fmtTasks = (ts) => (ts.length ? `max ${Math.max(...ts)} ms (${ts.length} over 50 ms)` : 'none over 50 ms');
   console.log(
     `e2e: ${expected.images.length} images, ${model.input_ciphertexts} ciphertexts, ${workers} workers, run ${runSeconds.toFixed(1)} s; ` +
-      `${requests.length} requests checked (${bodies.length} with bodies, ${needles.length} needles); ` +
-      `main-thread tasks while adding ${model.max_batch + 1} images: ${fmtTasks(addLongTasks)}; during the run: ${fmtTasks(runLongTasks)}`,
+      `${requests.length} requests checked (${bodies.length} with bodies, ${needles.length} needles); main-thread tasks during the run: ${fmtTasks(runLongTasks)}`,
   );
-  // The main thread only orchestrates (loose bound: this machine is shared).
-  assert.ok(runLongTasks.every((ms) => ms <= 250), `main-thread task over 250 ms during the run: ${runLongTasks}`);
-  assert.deepEqual(pageErrors.filter((e) => !/Failed to load resource/.test(e)), [], 'no page errors');
+  assert.ok(runLongTasks.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms during the run: ${runLongTasks}`);
+  assert.deepEqual(realErrors(pageErrors), [], 'no page errors');
+});
 
-  // The server goes away: a new run says so clearly.
-  server.kill('SIGTERM');
-  await new Promise((r) => (serverExited === null ? server.once('exit', r) : r()));
+// ------------------------------------------------------------------ 2. a full batch of files
+
+test(`page: max_batch + 1 files through the file input, a full-batch run, no main-thread task over ${MAX_TASK_MS} ms`, { timeout: 300_000 }, async (t) => {
+  if (env.skip) return t.skip(env.skip);
+  const { expected, model } = env;
+  const { page, pageErrors } = await openPage(t);
+
+  // max_batch + 1 files on disk, the fixture images cycled (each keeps its reference class).
+  const dir = path.join(env.tmp, 'many');
+  fs.mkdirSync(dir, { recursive: true });
+  const n = model.max_batch + 1;
+  assert.ok(n > 1000, `the fixture model takes ${model.max_batch} images per job; this test wants over 1000 files`);
+  const classOf = new Map();
+  const files = [];
+  for (let i = 0; i < n; i++) {
+    const src = expected.images[i % expected.images.length];
+    const name = `g${String(i).padStart(5, '0')}-${src.file}`;
+    fs.copyFileSync(path.join(env.fx, 'images', src.file), path.join(dir, name));
+    files.push(path.join(dir, name));
+    classOf.set(name, src.class);
+  }
+
+  const tAdd = await pageNow(page);
+  const wall0 = Date.now();
+  await page.setInputFiles('#file-input', files);
+  await waitImagesRead(page, n, 120_000);
+  const tooMany = `Too many images: ${n} selected`;
+  await page.waitForFunction((t) => document.querySelector('#messages').textContent.includes(t), tooMany, { timeout: 10_000 });
+  const addSeconds = (Date.now() - wall0) / 1000;
+  // Checked right after adding, before anything else of the page is used.
+  const add = await tasksBetween(page, tAdd, await pageNow(page));
+  assert.equal(add.handlers.length, 1, 'one change event for the selection');
+  assert.ok(add.handlers[0] <= 50, `the page's change handler took ${add.handlers[0]} ms for ${n} files`);
+  assert.ok(add.page.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms while adding ${n} files: ${add.page}`);
+  assert.match(await page.textContent('#messages'), new RegExp(`${tooMany}.*at most ${model.max_batch}`));
+  assert.equal(await page.isDisabled('#run-button'), true, 'no run with too many images');
+  assert.ok((await page.locator('.thumb').count()) <= 500, 'thumbnails are shown a page at a time');
+
+  // Remove one (the first shown): a full batch remains, and the run is allowed.
+  const removed = await page.getAttribute('.thumb', 'data-name');
+  await page.click('.thumb .remove');
+  await waitImagesRead(page, n - 1, 10_000);
+  await page.waitForFunction(() => !document.querySelector('#run-button').disabled, null, { timeout: 10_000 });
+  assert.doesNotMatch(await page.textContent('#messages'), /Too many images/);
+  classOf.delete(removed);
+
+  const wall1 = Date.now();
+  await page.click('#run-button');
+  const run = await waitRunEnd(page, env, pageErrors);
+  assert.equal(run.state, 'done', `run failed: ${run.detail} | messages: ${await page.textContent('#messages')}${env.dumpServer()}`);
+  const runSeconds = (Date.now() - wall1) / 1000;
+  const all = await tasksBetween(page, tAdd, await pageNow(page));
+
+  // Every slot of the batch: the prediction of each file equals its source's reference.
+  const rows = await allResultRows(page);
+  assert.equal(rows.length, classOf.size, 'one result row per image, over all result pages');
+  assert.equal(new Set(rows.map((r) => r.name)).size, rows.length, 'no image shown twice');
+  const wrong = rows.filter((r) => classOf.get(r.name) !== r.cls);
+  assert.deepEqual(wrong.slice(0, 5), [], `${wrong.length} of ${rows.length} predictions differ from the plaintext reference`);
+
+  console.log(
+    `e2e: ${n} files added in ${addSeconds.toFixed(1)} s: the browser's file-input task ${add.delivery.length ? `${Math.max(...add.delivery)} ms` : 'under 50 ms'}, ` +
+      `the page's change handler ${add.handlers[0]} ms, other main-thread tasks ${fmtTasks(add.page)}; ` +
+      `${rows.length} images run in ${runSeconds.toFixed(1)} s; main-thread tasks from adding to the results (but the file-input task): ${fmtTasks(all.page)}`,
+  );
+  assert.ok(all.page.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms while adding and running: ${all.page}`);
+  await assertObserverSeesLongTask(page);
+  assert.deepEqual(realErrors(pageErrors), [], 'no page errors');
+});
+
+// ------------------------------------------------------------------ 3. remember key (IndexedDB)
+
+test('page: "remember key" keeps the secret in IndexedDB only; a reload decrypts the stored job; forget key', { timeout: 240_000 }, async (t) => {
+  if (env.skip) return t.skip(env.skip);
+  const { expected, model, imagePaths } = env;
+  const { page, requests, pageErrors } = await openPage(t);
+  assert.equal(await page.isChecked('#remember-key'), false, 'off by default');
+
+  await page.setInputFiles('#file-input', imagePaths);
+  await waitImagesRead(page, imagePaths.length, 30_000);
+  await page.check('#remember-key');
+
+  // Hold the first result download (never answered): the job finishes on the server while
+  // this page waits; the reloaded page's download goes through.
+  const resultUrl = /\/api\/jobs\/[^/]+\/result$/;
+  let held = null;
+  let resolveHit;
+  const hit = new Promise((resolve) => (resolveHit = resolve));
+  await page.route(resultUrl, (route) => {
+    if (held) return route.continue();
+    held = route;
+    resolveHit();
+  });
+  await page.click('#run-button');
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no result download in ${RUN_TIMEOUT_MS / 1000} s${env.dumpServer()}`)), RUN_TIMEOUT_MS);
+  });
+  try {
+    await Promise.race([hit, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+  assert.ok(held);
+
+  // The secret is in IndexedDB, byte for byte, under the model's parameter fingerprint.
+  const secret = Buffer.from(await page.evaluate(() => window.__beaa.secretKey()));
+  let idb = await readIndexedDb(page);
+  const keyRecords = Object.values(idb).flatMap((db) => db.keys || []);
+  assert.equal(keyRecords.length, 1, `one stored key: ${JSON.stringify(idb).slice(0, 300)}`);
+  assert.equal(keyRecords[0].fingerprint, model.params_fingerprint);
+  assert.deepEqual(Buffer.from(keyRecords[0].secret.u8), secret, 'the stored secret is the one the page used');
+  const jobRecords = Object.values(idb).flatMap((db) => db.jobs || []);
+  assert.equal(jobRecords.length, 1, 'the running job is stored');
+
+  // Reload while the download is held: the page finds the job and the key, and decrypts.
+  await page.reload();
+  await page.waitForSelector(`#model-select option[value="${env.expected.model}"]`, { state: 'attached', timeout: 30_000 });
+  const resumed = await waitRunEnd(page, env, pageErrors);
+  assert.equal(resumed.state, 'done', `resume failed: ${resumed.detail} | messages: ${await page.textContent('#messages')}${env.dumpServer()}`);
+  assert.match(await page.textContent('#messages'), new RegExp(`stored job's ${expected.images.length} image\\(s\\) decrypted on this device`));
+  const rows = await allResultRows(page);
+  assert.equal(rows.length, expected.images.length, 'the stored job has one result per image');
+  for (const img of expected.images) {
+    const row = rows.find((r) => r.name === img.file);
+    assert.ok(row, `no resumed result row for ${img.file}`);
+    assert.equal(row.cls, img.class, `${img.file}: resumed result ${row.cls}, plaintext reference ${img.class}`);
+  }
+  assert.equal(await page.isChecked('#remember-key'), true, 'after the reload the box shows that a key is remembered');
+  idb = await readIndexedDb(page);
+  assert.equal(Object.values(idb).flatMap((db) => db.jobs || []).length, 0, 'the finished job is no longer stored');
+  assert.equal(Object.values(idb).flatMap((db) => db.keys || []).length, 1, 'the key is kept');
+
+  // Never on the network.
+  const body = secret.subarray(40);
+  const needles = windows(body, 24, 16);
+  for (const r of requests) {
+    const data = Buffer.concat([Buffer.from(JSON.stringify(r.headers()) + r.url()), r.postDataBuffer() || Buffer.alloc(0)]);
+    for (const nd of needles) assert.ok(!contains(data, nd), `the stored secret in ${r.method()} ${r.url()}`);
+  }
+
+  // A stored key of other parameters is refused on import (its fingerprint differs).
+  const tampered = Buffer.from(secret);
+  tampered[39] ^= 0xff; // the last byte of the header's parameter fingerprint
+  await page.evaluate(async ([fp, bytes]) => {
+    const dbs = await indexedDB.databases();
+    const db = await new Promise((res, rej) => {
+      const r = indexedDB.open(dbs[0].name);
+      r.onsuccess = () => res(r.result);
+      r.onerror = () => rej(r.error);
+    });
+    await new Promise((res, rej) => {
+      const tx = db.transaction('keys', 'readwrite');
+      const store = tx.objectStore('keys');
+      const g = store.get(fp);
+      g.onsuccess = () => store.put({ ...g.result, secret: new Uint8Array(bytes) });
+      tx.oncomplete = res;
+      tx.onerror = () => rej(tx.error);
+    });
+    db.close();
+  }, [model.params_fingerprint, Array.from(tampered)]);
+  await page.setInputFiles('#file-input', imagePaths);
+  await waitImagesRead(page, imagePaths.length, 30_000);
+  await page.click('#run-button');
+  const refused = await waitRunEnd(page, env, pageErrors);
+  assert.equal(refused.state, 'failed', 'a run with a key of other parameters fails');
+  assert.match(await page.textContent('#messages'), /stored key.*(does not match|other parameters)/i);
+
+  // Forget key: nothing stays in IndexedDB.
+  assert.equal(await page.isDisabled('#forget-key'), false);
+  await page.click('#forget-key');
+  await page.waitForFunction(() => !document.querySelector('#remember-key').checked, null, { timeout: 10_000 });
+  idb = await readIndexedDb(page);
+  assert.equal(Object.values(idb).flatMap((db) => Object.values(db).flat()).length, 0, `IndexedDB empty after "forget key": ${JSON.stringify(idb).slice(0, 200)}`);
+  assert.deepEqual(realErrors(pageErrors), [], 'no page errors');
+});
+
+// ------------------------------------------------------------------ 4. server down (last)
+
+test('page: the server goes away; a run says so clearly', { timeout: 120_000 }, async (t) => {
+  if (env.skip) return t.skip(env.skip);
+  const { page } = await openPage(t);
+  await page.setInputFiles('#file-input', env.imagePaths);
+  await waitImagesRead(page, env.imagePaths.length, 30_000);
+  env.server.kill('SIGTERM');
+  await new Promise((r) => (env.serverExited === null ? env.server.once('exit', r) : r()));
   await page.click('#run-button');
   await page.waitForFunction(() => document.querySelector('#run-status').dataset.state === 'failed', null, { timeout: 20_000 });
   assert.match(await page.textContent('#messages'), /evaluator server is down or unreachable/);
