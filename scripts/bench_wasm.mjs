@@ -2,13 +2,17 @@
 // relinearization key, encryption and decryption, at a parameter preset; then the page's own
 // Web Workers (web/worker.js via web/pool.js): keygen in a worker, and encryption throughput of
 // a full batch (one image per slot, packed element-wise) with 1 and with several workers.
-// Peak memory is the summed RSS of Chromium's processes, sampled every 100 ms. Prints one
-// JSON object on stdout. Build the package first (scripts/bench_wasm.sh does both).
+// Peak memory is the summed RSS of Chromium's processes, sampled every 100 ms. Main-thread tasks
+// over 50 ms are reported overall and by phase (keygen, batch_fill - where this script makes
+// the synthetic features on the main thread - and encrypt). Prints one JSON object on stdout,
+// with the 1-, 5- and 15-minute load averages before and after. Build the package first
+// (scripts/bench_wasm.sh does both).
 //
 //   node scripts/bench_wasm.mjs [--preset n32768] [--reps 5] [--workers 1,2] [--cts 64]
 //                               [--features 3072]
 import http from 'node:http';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { launchChromium } from './node/browser.mjs';
@@ -51,12 +55,18 @@ window.run = async (preset, reps) => {
 // Encryption throughput through the page's workers: each worker holds the key (imported from
 // the exported secret) and the whole batch; ciphertexts are handed out one at a time.
 import { Pool } from './pool.js';
+// Main-thread tasks over 50 ms, by phase (keygen, batch fill, encryption): each task is put in
+// the phase during which it started.
 const longTasks = [];
-new PerformanceObserver((l) => { for (const e of l.getEntries()) longTasks.push(e.duration); })
-  .observe({ type: 'longtask' });
+const phases = [];
+const phase = (name) => phases.push({ name, start: performance.now() });
+const observer = new PerformanceObserver((l) => { for (const e of l.getEntries()) longTasks.push(e); });
+observer.observe({ type: 'longtask' });
 window.runWorkers = async (preset, counts, cts, nFeatures) => {
   await init();
   longTasks.length = 0;
+  phases.length = 0;
+  phase('other');
   const spec = presetSpec(preset);
   const fingerprint = specFingerprint(spec, preset.startsWith('insecure'));
   const insecure = preset.startsWith('insecure');
@@ -65,15 +75,18 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
   for (const w of counts) {
     const pool = new Pool(w);
     const t = () => performance.now();
+    phase('keygen');
     let t0 = t();
     const kg = await pool.call(0, 'keygen', { spec, insecure, fingerprint });
     const keygenWallMs = t() - t0;
     secret = kg.secret;
     await Promise.all(pool.workers.map((_, i) => (i ? pool.call(i, 'setKey', { spec, insecure, fingerprint, secret }) : null)));
     const slots = kg.slots;
-    // A full batch: one image per slot, nFeatures features each (sent in chunks, as the page does).
+    // A full batch: one image per slot, nFeatures features each (sent in chunks, as the page does;
+    // the synthetic features are made here on the main thread, 64 images per task).
+    phase('batch_fill');
     await pool.all('newBatch', { features: nFeatures });
-    const chunk = 256;
+    const chunk = 64;
     t0 = t();
     for (let s = 0; s < slots; s += chunk) {
       const imgs = [];
@@ -86,6 +99,7 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
     }
     const batchMs = t() - t0;
     let next = 0, bytes = 0;
+    phase('encrypt');
     t0 = t();
     await Promise.all(pool.workers.map(async (_, i) => {
       while (next < cts) {
@@ -95,6 +109,7 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
       }
     }));
     const encMs = t() - t0;
+    phase('other');
     out.runs.push({ workers: w, keygen_in_worker_ms: kg.totalMs, keygen_wall_ms: keygenWallMs,
                     batch_images: slots, batch_fill_ms: batchMs, encrypt_ms: encMs,
                     ciphertexts_per_s: cts / (encMs / 1000), mb_per_s: bytes / 1e6 / (encMs / 1000),
@@ -104,8 +119,16 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
   }
   out.hardware_concurrency = navigator.hardwareConcurrency;
   // Main-thread tasks over 50 ms while the workers ran (the main thread only orchestrates).
+  await new Promise((r) => setTimeout(r, 100));
+  longTasks.push(...observer.takeRecords());
   out.main_thread_long_tasks = longTasks.length;
-  out.main_thread_longest_task_ms = longTasks.length ? Math.max(...longTasks) : 0;
+  out.main_thread_longest_task_ms = longTasks.length ? Math.max(...longTasks.map((e) => e.duration)) : 0;
+  out.main_thread_longest_task_ms_by_phase = {};
+  for (const e of longTasks) {
+    const p = phases.filter((x) => x.start <= e.startTime).pop();
+    const name = p ? p.name : 'other';
+    out.main_thread_longest_task_ms_by_phase[name] = Math.max(e.duration, out.main_thread_longest_task_ms_by_phase[name] || 0);
+  }
   return out;
 };
 window.ready = true;
@@ -164,6 +187,7 @@ function rssSampler() {
   };
 }
 const { port } = server.address();
+const loadBefore = os.loadavg();
 const browser = await launchChromium();
 try {
   const p = await browser.newPage();
@@ -173,11 +197,16 @@ try {
   const result = await p.evaluate(([pr, n]) => window.run(pr, n), [preset, reps]);
   result.peak_rss_single_thread_bytes = sampler.takePeak();
   if (workerCounts.length) {
+    const w0 = Date.now();
     result.workers = await p.evaluate(([pr, c, n, f]) => window.runWorkers(pr, c, n, f), [preset, workerCounts, cts, features]);
+    result.workers.wall_s = (Date.now() - w0) / 1000;
     result.workers.peak_rss_bytes = sampler.takePeak();
   }
   sampler.stop();
   result.chromium = browser.version();
+  result.loadavg_before = loadBefore;
+  result.loadavg_after = os.loadavg();
+  result.cpus = os.cpus().length;
   console.log(JSON.stringify(result));
 } finally {
   await browser.close();

@@ -582,7 +582,7 @@ async function forgetKey() {
 }
 
 // Keys for a run: the stored key of these parameters when remembering (else fresh ones, stored
-// when remembering). Every worker gets the secret; returns {secret, relinKey, slots, ms, stored}.
+// when remembering). Every worker gets the secret; returns {secret, relinKey, slots, totalMs, fromStore}.
 async function keysForRun(pool, model, remember) {
   const spec = JSON.stringify(model.params);
   const insecure = !!model.insecure_test_params;
