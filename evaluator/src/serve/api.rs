@@ -21,6 +21,9 @@ use std::sync::Arc;
 
 /// Largest JSON request body.
 pub const JSON_LIMIT: usize = 16 * 1024;
+/// A body that sends nothing for this long is cut off (`408`): a client cannot hold a
+/// connection, a temporary file and a task forever by declaring more than it sends.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Most missing indices listed by `GET .../inputs`.
 const MISSING_LIST: usize = 1000;
 
@@ -73,6 +76,21 @@ async fn drain(headers: &HeaderMap, body: Body, expected: usize) {
         }
     })
     .await;
+}
+
+/// The next piece of a body, or `408` after [`BODY_IDLE`] without one.
+async fn next_chunk(
+    stream: &mut axum::body::BodyDataStream,
+) -> ApiResult<Option<Result<axum::body::Bytes, axum::Error>>> {
+    tokio::time::timeout(BODY_IDLE, stream.next())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("no body data for {} s", BODY_IDLE.as_secs()),
+            )
+        })
 }
 
 /// Bytes gathered from the body before they are hashed and written in one blocking call.
@@ -158,7 +176,7 @@ async fn receive(
     let mut count = 0usize;
     let mut stream = body.into_data_stream();
     loop {
-        let next = stream.next().await;
+        let next = next_chunk(&mut stream).await?;
         if let Some(chunk) = next.as_ref() {
             let chunk = chunk
                 .as_ref()
@@ -232,7 +250,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     }
     let mut buf = Vec::new();
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    while let Some(chunk) = next_chunk(&mut stream).await? {
         let chunk =
             chunk.map_err(|_| ApiError::bad_request("body_error", "the body was cut off"))?;
         if buf.len() + chunk.len() > JSON_LIMIT {
