@@ -795,7 +795,7 @@ fn main() {
     let workers: Vec<_> = (0..o.threads)
         .map(|t| {
             let (ctx, stats) = (ctx.clone(), stats.clone());
-            let seed = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t as u64 + 1) * 0x2545_F491;
+            let seed = o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((t as u64 + 1) * 0x2545_F491);
             std::thread::spawn(move || {
                 let mut rng = Rng(std::cell::Cell::new(seed | 1));
                 let agent = ureq::AgentBuilder::new()

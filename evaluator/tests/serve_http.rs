@@ -884,3 +884,184 @@ fn cli_predict_matches_plaintext_with_concurrent_clients() {
         }
     }
 }
+
+/// Uploads past `--max-disk-gb` get `507 disk_quota` and store nothing; deleting a job gives
+/// the space back.
+#[test]
+fn disk_quota_refuses_uploads_with_507_until_space_is_freed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    // Measure the sizes first (an unlimited server), then size the quota for the key and
+    // about three inputs.
+    let probe = Server::start(&zoo, &tmp.path().join("probe"), true, &[]);
+    let info = model_info(&probe);
+    drop(probe);
+    let ct_len = info["input_ciphertext_bytes"].as_u64().unwrap();
+    let rlk_len = info["relin_key_bytes"].as_u64().unwrap();
+    let quota = rlk_len + 3 * ct_len + ct_len / 2;
+    let quota_gb = format!("{}", quota as f64 / 1e9);
+    let data = tmp.path().join("data");
+    let server = Server::start(&zoo, &data, true, &["--max-disk-gb", &quota_gb]);
+    let info = model_info(&server);
+    let keys = client_keys(&info);
+    let key_id = upload_key(&server, &keys);
+    let imgs = images(2, model.input_len(), 5);
+    let cts = encrypt_inputs(&keys, &imgs);
+    let job = create_job(&server, &key_id, 2);
+    let put = |job: &Job, k: usize| {
+        call(
+            authed(
+                ureq::put(&format!("{}/api/jobs/{}/inputs/{k}", server.url, job.id)),
+                &job.token,
+            ),
+            Some(&cts[k]),
+        )
+    };
+    let mut stored = 0;
+    let refused = loop {
+        let (s, b) = put(&job, stored);
+        if s != 200 {
+            break (s, error_code(&b));
+        }
+        stored += 1;
+        assert!(stored < 10, "the quota of {quota} bytes was never enforced");
+    };
+    assert_eq!(refused, (507, "disk_quota".to_owned()));
+    // Within the quota (the database files count too), and at least two inputs fit.
+    assert!((2..=3).contains(&stored), "{stored} inputs stored");
+    let st = status(&server, &job);
+    assert_eq!(st["inputs_present"].as_u64().unwrap() as usize, stored);
+    let files = std::fs::read_dir(data.join("jobs").join(&job.id).join("inputs"))
+        .unwrap()
+        .count();
+    assert_eq!(files, stored, "a refused upload left a file behind");
+    assert_eq!(std::fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+    // Deleting the job frees its inputs: another job can upload again.
+    let (s, _) = call(
+        authed(
+            ureq::delete(&format!("{}/api/jobs/{}", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200);
+    let job2 = create_job(&server, &key_id, 2);
+    assert_eq!(put(&job2, 0).0, 200);
+}
+
+/// Jobs and then their unused key disappear after `--job-ttl-hours`: files, status and all.
+#[test]
+fn expired_jobs_and_keys_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let data = tmp.path().join("data");
+    // 0.002 h = 7.2 s; a sweep every second.
+    let server = Server::start(
+        &zoo,
+        &data,
+        true,
+        &["--job-ttl-hours", "0.002", "--sweep-interval-s", "1"],
+    );
+    let info = model_info(&server);
+    let keys = client_keys(&info);
+    let key_id = upload_key(&server, &keys);
+    let job = create_job(&server, &key_id, 2);
+    let cts = encrypt_inputs(&keys, &images(2, model.input_len(), 6));
+    upload_inputs(&server, &job, &cts[..2], 0);
+    assert_eq!(status(&server, &job)["inputs_present"], 2);
+    let job_dir = data.join("jobs").join(&job.id);
+    assert!(job_dir.join("inputs").join("1.ct").is_file());
+    let t = Instant::now();
+    loop {
+        let (s, b) = call(
+            authed(
+                ureq::get(&format!("{}/api/jobs/{}", server.url, job.id)),
+                &job.token,
+            ),
+            None,
+        );
+        if s == 404 {
+            assert_eq!(error_code(&b), "job_not_found");
+            break;
+        }
+        assert_eq!(s, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the job never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        t.elapsed() > Duration::from_secs(2),
+        "expired long before its TTL"
+    );
+    assert!(!job_dir.exists(), "the expired job's files are still there");
+    // The key, unused and referred to by no job, goes too; a new job then needs it again.
+    let key_file = data.join("keys").join(format!("{key_id}.rlk"));
+    while key_file.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the key never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (s, b) = call(
+        ureq::post(&format!("{}/api/jobs", server.url)),
+        Some(
+            json!({"model": MODEL, "key_id": key_id, "batch": 2})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!((s, error_code(&b).as_str()), (404, "key_not_found"));
+}
+
+/// Inputs are fsynced at the start, not at upload: inputs lost before the start (here
+/// truncated and removed on disk, as a power loss may leave them) are reported as missing,
+/// and the job starts once they are uploaded again.
+#[test]
+fn start_reports_inputs_lost_since_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let data = tmp.path().join("data");
+    let server = Server::start(&zoo, &data, true, &[]);
+    let info = model_info(&server);
+    let keys = client_keys(&info);
+    let key_id = upload_key(&server, &keys);
+    let batch = 2;
+    let imgs = images(batch, model.input_len(), 8);
+    let cts = encrypt_inputs(&keys, &imgs);
+    let job = create_job(&server, &key_id, batch);
+    upload_inputs(&server, &job, &cts, 0);
+    let inputs = data.join("jobs").join(&job.id).join("inputs");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(inputs.join("3.ct"))
+        .unwrap();
+    f.set_len(cts[3].len() as u64 / 2).unwrap();
+    drop(f);
+    std::fs::remove_file(inputs.join("5.ct")).unwrap();
+    let start_url = format!("{}/api/jobs/{}/start", server.url, job.id);
+    let (s, b) = call(authed(ureq::post(&start_url), &job.token), Some(b""));
+    assert_eq!(
+        (s, error_code(&b).as_str()),
+        (409, "inputs_missing"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (s, b) = call(
+        authed(
+            ureq::get(&format!("{}/api/jobs/{}/inputs", server.url, job.id)),
+            &job.token,
+        ),
+        None,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(json_of(&b)["missing"], json!([3, 5]));
+    assert_eq!(status(&server, &job)["state"], "uploading");
+    upload_inputs(&server, &job, &cts[3..4], 3);
+    upload_inputs(&server, &job, &cts[5..6], 5);
+    start(&server, &job);
+    wait_done(&server, &job, Duration::from_secs(120));
+    check_against_plaintext(&model, &imgs, &result(&server, &job, &keys, batch));
+}
