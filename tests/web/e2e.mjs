@@ -491,7 +491,6 @@ test(`page: max_batch + 1 files through the file input, a full-batch run, no mai
   const run = await waitRunEnd(page, env, pageErrors);
   assert.equal(run.state, 'done', `run failed: ${run.detail} | messages: ${await page.textContent('#messages')}${env.dumpServer()}`);
   const runSeconds = (Date.now() - wall1) / 1000;
-  const all = await tasksBetween(page, tAdd, await pageNow(page));
 
   // Every slot of the batch: the prediction of each file equals its source's reference.
   const rows = await allResultRows(page);
@@ -499,11 +498,23 @@ test(`page: max_batch + 1 files through the file input, a full-batch run, no mai
   assert.equal(new Set(rows.map((r) => r.name)).size, rows.length, 'no image shown twice');
   const wrong = rows.filter((r) => classOf.get(r.name) !== r.cls);
   assert.deepEqual(wrong.slice(0, 5), [], `${wrong.length} of ${rows.length} predictions differ from the plaintext reference`);
+  // The CSV of all results says the same.
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#results-csv')]);
+  const csv = fs.readFileSync(await download.path(), 'utf8').trim().split('\n');
+  assert.equal(csv.length, rows.length + 1, 'CSV: a header and one line per image');
+  assert.deepEqual(csv[0].split(',').slice(0, 2), ['"file"', '"predicted"']);
+  const csvWrong = csv.slice(1).filter((line) => {
+    const [file, cls] = line.split(',').map((x) => x.replace(/^"|"$/g, ''));
+    return classOf.get(file) !== cls;
+  });
+  assert.deepEqual(csvWrong.slice(0, 5), [], 'CSV predictions equal the reference');
+  // From adding the files to the results, paged through, and their CSV.
+  const all = await tasksBetween(page, tAdd, await pageNow(page));
 
   console.log(
     `e2e: ${n} files added in ${addSeconds.toFixed(1)} s: the browser's file-input task ${add.delivery.length ? `${Math.max(...add.delivery)} ms` : 'under 50 ms'}, ` +
       `the page's change handler ${add.handlers[0]} ms, other main-thread tasks ${fmtTasks(add.page)}; ` +
-      `${rows.length} images run in ${runSeconds.toFixed(1)} s; main-thread tasks from adding to the results (but the file-input task): ${fmtTasks(all.page)}`,
+      `${rows.length} images run in ${runSeconds.toFixed(1)} s; main-thread tasks from adding to the results and their CSV (but the file-input task): ${fmtTasks(all.page)}`,
   );
   assert.ok(all.page.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms while adding and running: ${all.page}`);
   await assertObserverSeesLongTask(page);
