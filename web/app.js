@@ -398,7 +398,8 @@ function removeImage(img) {
 }
 
 // Preprocessing (decode, resize, normalize) in the workers, PREPROCESS_CHUNK files per
-// message, at most one message per worker at a time; a bad file is reported at once.
+// message, one message per worker at a time and one worker fewer than there are (a core stays
+// free for this thread: drawing and input); a bad file is reported at once.
 const prep = { queue: [], inFlight: 0 };
 
 function queuePreprocess(imgs) {
@@ -417,7 +418,8 @@ function queuePreprocess(imgs) {
 function pumpPreprocess() {
   if (!state.model) return;
   const pool = ensurePool();
-  while (prep.inFlight < pool.size && prep.queue.length) {
+  const parallel = Math.max(1, pool.size - 1);
+  while (prep.inFlight < parallel && prep.queue.length) {
     const chunk = [];
     while (chunk.length < PREPROCESS_CHUNK && prep.queue.length) {
       const img = prep.queue.shift();
