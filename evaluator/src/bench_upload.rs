@@ -92,6 +92,23 @@ fn reset_hwm(pid: u32) -> Result<()> {
         .with_context(|| format!("resetting the peak RSS of process {pid}"))
 }
 
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 fn load_avg() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -324,12 +341,15 @@ pub fn run(args: &UploadBenchArgs) -> Result<()> {
         let rss_before = rss_bytes(pid);
         reset_hwm(pid)?;
         let load_before = load_avg();
+        let (server_cpu0, client_cpu0) = (cpu_seconds(pid), cpu_seconds(std::process::id()));
         let seconds = upload(&url, pid, &jobs, per_job, count, &cts, args.connections)?;
+        let server_cpu = cpu_seconds(pid) - server_cpu0;
+        let client_cpu = cpu_seconds(std::process::id()) - client_cpu0;
         let peak = hwm_bytes(pid);
         let bytes = (count * ct_len) as u64;
         let mb_s = bytes as f64 / 1e6 / seconds;
         eprintln!(
-            "{count} ciphertexts, {:.1} MB in {seconds:.2} s: {mb_s:.0} MB/s, server peak RSS {:.1} MB",
+            "{count} ciphertexts, {:.1} MB in {seconds:.2} s: {mb_s:.0} MB/s, server peak RSS {:.1} MB, server CPU {server_cpu:.2} s, client CPU {client_cpu:.2} s",
             bytes as f64 / 1e6,
             peak as f64 / 1e6
         );
@@ -341,6 +361,9 @@ pub fn run(args: &UploadBenchArgs) -> Result<()> {
             "server_rss_before_bytes": rss_before,
             "server_peak_rss_bytes": peak,
             "server_peak_rss_above_before_bytes": peak.saturating_sub(rss_before),
+            "server_cpu_seconds": server_cpu,
+            "mb_per_server_cpu_second": bytes as f64 / 1e6 / server_cpu.max(1e-9),
+            "client_cpu_seconds": client_cpu,
             "load_avg_before": load_before,
         }));
         for job in &jobs {

@@ -220,6 +220,9 @@ impl InputValidator {
     }
 }
 
+// `groups_below` reads each residue with one 8-byte load.
+const _: () = assert!(beaa_ckks::arith::MAX_MODULUS_BITS <= 56);
+
 /// True when every residue packed in `bytes` (whole groups of `bits` bytes, 8 residues of
 /// `bits` bits each, little-endian) is below `q`.
 fn groups_below(bytes: &[u8], bits: u32, q: u64) -> bool {
@@ -233,8 +236,7 @@ fn groups_below(bytes: &[u8], bits: u32, q: u64) -> bool {
     let mut bad = 0u64;
     let mut pad = [0u8; 64 + 16];
     for start in (0..bytes.len()).step_by(group) {
-        // Residue j starts at bit j * bits; a 16-byte load at its first byte covers it. The
-        // last groups of the slice are copied out so that the loads stay inside.
+        // The last groups of the slice are copied out so that the loads stay inside.
         let src: &[u8] = if start + group + 16 <= bytes.len() {
             &bytes[start..start + group + 16]
         } else {
@@ -242,11 +244,11 @@ fn groups_below(bytes: &[u8], bits: u32, q: u64) -> bool {
             &pad[..group + 16]
         };
         for j in 0..8 {
+            // A residue plus its offset in its first byte fits one 8-byte load (bits <= 56).
             let bit = j * group;
             let at = bit / 8;
-            let word = u128::from_le_bytes(src[at..at + 16].try_into().expect("16 bytes"));
-            let v = (word >> (bit % 8)) as u64 & mask;
-            bad |= (v >= q) as u64;
+            let word = u64::from_le_bytes(src[at..at + 8].try_into().expect("8 bytes"));
+            bad |= ((word >> (bit % 8) & mask) >= q) as u64;
         }
     }
     bad == 0
