@@ -599,9 +599,8 @@ pub async fn start_job(
 ) -> ApiResult<Response> {
     let row = authorize(&st, &headers, &id)?;
     let queued = || (StatusCode::ACCEPTED, Json(json!({"state": "queued"}))).into_response();
-    let m = st.model(&row.model)?;
     // 1. Under the lock: every input is there, and no upload may replace one from now on.
-    let guard = {
+    let (guard, len) = {
         let c = st.db.lock();
         let row = Db::job_in(&c, &row.job_id)?.ok_or_else(ApiError::job_not_found)?;
         match row.state.as_str() {
@@ -610,9 +609,11 @@ pub async fn start_job(
                 if present != row.inputs_total {
                     return Err(inputs_missing(row.inputs_total - present, row.inputs_total));
                 }
-                st.begin_start(&row.job_id).ok_or_else(|| {
+                let m = st.model(&row.model)?;
+                let guard = st.begin_start(&row.job_id).ok_or_else(|| {
                     ApiError::conflict("job_starting", "the job is being started; retry shortly")
-                })?
+                })?;
+                (guard, m.input_ct_len as u64)
             }
             db::QUEUED | db::RUNNING => return Ok(queued()),
             other => {
@@ -627,7 +628,7 @@ pub async fn start_job(
     // is missing or short (lost in a power failure before this point) is forgotten, and the
     // client is told to upload it again.
     let dir = st.job_dir(&row.job_id);
-    let (n, len) = (row.inputs_total, m.input_ct_len as u64);
+    let n = row.inputs_total;
     let t = std::time::Instant::now();
     let lost = tokio::task::spawn_blocking(move || sync_inputs(&dir, n, len))
         .await
