@@ -98,7 +98,8 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
       await pool.all('addImages', { images: imgs });
     }
     const batchMs = t() - t0;
-    let next = 0, bytes = 0;
+    let next = 0, bytes = 0, done = 0;
+    const marks = []; // seconds since the start at every 256th ciphertext (steadiness over the run)
     phase('encrypt');
     t0 = t();
     await Promise.all(pool.workers.map(async (_, i) => {
@@ -106,6 +107,7 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
         const k = next++;
         const ct = await pool.call(i, 'encrypt', { k: k % nFeatures });
         bytes += ct.length;
+        if (++done % 256 === 0) marks.push(Math.round(t() - t0) / 1000);
       }
     }));
     const encMs = t() - t0;
@@ -114,7 +116,8 @@ window.runWorkers = async (preset, counts, cts, nFeatures) => {
                     batch_images: slots, batch_fill_ms: batchMs, encrypt_ms: encMs,
                     ciphertexts_per_s: cts / (encMs / 1000), mb_per_s: bytes / 1e6 / (encMs / 1000),
                     ciphertext_bytes: bytes / cts,
-                    projected_s_for_features: nFeatures / (cts / (encMs / 1000)) });
+                    projected_s_for_features: nFeatures / (cts / (encMs / 1000)),
+                    s_at_every_256th_ciphertext: marks });
     pool.terminate();
   }
   out.hardware_concurrency = navigator.hardwareConcurrency;
