@@ -14,6 +14,7 @@
 //      reload resumes the stored job and decrypts its result with the stored key, a stored
 //      key of other parameters is refused, "forget key" deletes it;
 //   4. the server goes away: a run says so clearly.
+// Optional: BEAA_E2E_ADD_FILES=N also measures adding N files (e.g. 16384) - see that test.
 //
 // Run by scripts/test.sh (stage web), which builds web/pkg, beaa and beaa-fixtures first:
 //   node --import scripts/node/register.mjs tests/web/e2e.mjs
@@ -522,6 +523,42 @@ test(`page: max_batch + 1 files through the file input, a full-batch run, no mai
   );
   assert.ok(all.page.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms while adding and running: ${all.page}`);
   await assertObserverSeesLongTask(page);
+  assert.deepEqual(realErrors(pageErrors), [], 'no page errors');
+});
+
+// Optional (BEAA_E2E_ADD_FILES=N, e.g. 16384 - a full CIFAR-10 batch of files): only adding N
+// files through the file input, with the same main-thread checks as test 2.
+test('page: adding BEAA_E2E_ADD_FILES files (optional)', { timeout: 900_000 }, async (t) => {
+  const n = Number(process.env.BEAA_E2E_ADD_FILES || 0);
+  if (env.skip) return t.skip(env.skip);
+  if (!n) return t.skip('set BEAA_E2E_ADD_FILES=N to run');
+  const { page, pageErrors } = await openPage(t);
+  const dir = path.join(env.tmp, `add-${n}`);
+  fs.mkdirSync(dir, { recursive: true });
+  const files = [];
+  for (let i = 0; i < n; i++) {
+    const src = env.expected.images[i % env.expected.images.length];
+    const p = path.join(dir, `a${String(i).padStart(5, '0')}-${src.file}`);
+    fs.copyFileSync(path.join(env.fx, 'images', src.file), p);
+    files.push(p);
+  }
+  const t0 = await pageNow(page);
+  const wall0 = Date.now();
+  await page.setInputFiles('#file-input', files);
+  await waitImagesRead(page, n, 600_000);
+  const secs = (Date.now() - wall0) / 1000;
+  // Page through a few pages of thumbnails too.
+  for (let i = 0; i < 3 && !(await page.isDisabled('#thumbs-next')) && (await page.isVisible('#thumbs-next')); i++) {
+    await page.click('#thumbs-next');
+    await sleep(200);
+  }
+  const add = await tasksBetween(page, t0, await pageNow(page));
+  console.log(
+    `e2e: ${n} files added and read in ${secs.toFixed(1)} s: the browser's file-input task ${add.delivery.length ? `${Math.max(...add.delivery)} ms` : 'under 50 ms'}, ` +
+      `the page's input/change handlers ${add.handlers[0]} ms, other main-thread tasks ${fmtTasks(add.page)}`,
+  );
+  assert.ok(add.handlers[0] <= 50, `the page's input/change handlers took ${add.handlers[0]} ms for ${n} files`);
+  assert.ok(add.page.every((ms) => ms <= MAX_TASK_MS), `main-thread task over ${MAX_TASK_MS} ms while adding ${n} files: ${add.page}`);
   assert.deepEqual(realErrors(pageErrors), [], 'no page errors');
 });
 
