@@ -34,8 +34,14 @@ def main() -> None:
     for label, runs in series.items():
         full = max(runs, key=lambda r: r["batch"])
         total = full["total_s"]
+        threads = full.get("threads", "?")
         derived = [total * 1e3 / b for b in BATCHES]
-        line = ax.plot(BATCHES, derived, "--", label=f"{label}: total {total:.0f} s / batch")[0]
+        line = ax.plot(
+            BATCHES,
+            derived,
+            "--",
+            label=f"{label}, {threads} thread(s): total {total:.0f} s / batch",
+        )[0]
         ax.plot(
             [r["batch"] for r in runs],
             [r["amortized_ms"] for r in runs],
@@ -50,7 +56,7 @@ def main() -> None:
     ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
     ax.set_xlabel("images per job (batch)")
     ax.set_ylabel("amortized ms per image")
-    ax.set_title("Encrypted SqueezeNet, CIFAR-10 graph, N=32768, 128-bit, 2 vCPU")
+    ax.set_title("Encrypted SqueezeNet, random weights, N=32768, 128-bit, Zen 4", fontsize=10)
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
