@@ -118,7 +118,11 @@ fn production_presets_round_trip() {
         ev.relinearize_rescale_assign(&mut sq, &rlk).unwrap();
         let back = enc.decode(&decrypt(&sk, &sq).unwrap());
         let want: Vec<f64> = v.iter().map(|x| x * x).collect();
-        assert!(max_err(&back, &want) < 1e-5, "N = {}", params.n());
+        // Key-switching noise dominates: over 20 runs (fresh random keys each) the largest
+        // error of 16384 squares up to 64 at N = 32768 was 1e-5, and one CI run exceeded the
+        // former 1e-5 bound. 5e-5 still fails any broken relinearization (errors of order 1).
+        let err = max_err(&back, &want);
+        assert!(err < 5e-5, "N = {}: max error {err:e}", params.n());
     }
 }
 
