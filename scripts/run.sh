@@ -4,7 +4,7 @@
 #
 #   bash scripts/run.sh                # tools, beaa, the page's wasm package, then beaa serve
 #   bash scripts/run.sh serve ARGS...  # the same with more serve options (e.g. --addr, --data-dir)
-#   bash scripts/run.sh ARGS...        # beaa ARGS... (e.g. demo, plan --model cifar10-preview,
+#   bash scripts/run.sh ARGS...        # beaa ARGS... (e.g. demo, plan --model cifar10,
 #                                      # bench ckks --n 8192 --limbs 4 --json)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
