@@ -147,6 +147,14 @@ pub fn dot_const_rows(outs: &mut [&mut [u64]], x: &[&[u64]], c: &[ShoupConst], t
     assert!(r > 0 && !x.is_empty() && c.len() == x.len() * r);
     #[cfg(target_arch = "x86_64")]
     if has_ifma() && r > 1 {
+        if r <= DOT_ROWS {
+            // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
+            // checked by the kernel. One pass: the constants are already in its layout.
+            unsafe { ifma::dot_const_rows(outs, x, c, t) };
+            return;
+        }
+        // More outputs than one pass takes: DOT_ROWS at a time, each with its own
+        // term-major slice of the constants.
         let mut done = 0;
         while done < r {
             let take = (r - done).min(DOT_ROWS);
