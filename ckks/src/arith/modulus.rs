@@ -147,6 +147,36 @@ impl Modulus {
         }
     }
 
+    /// `x mod q` for a finite, integral `f64` of any magnitude, in `[0, q)`: `x` is exactly
+    /// `m * 2^e` with a 53-bit `m`, so no wide integer is needed. Constants encoded at a
+    /// product scale (e.g. 2^120 for a sum of unrelinearized squares) exceed `i128`'s
+    /// comfortable range while the modulus chain still has room for them.
+    pub fn reduce_integral_f64(&self, x: f64) -> u64 {
+        debug_assert!(x.is_finite() && x.fract() == 0.0);
+        if x.abs() < 9.2e18 {
+            return self.reduce_i64(x as i64);
+        }
+        let bits = x.abs().to_bits();
+        // normal numbers only here (|x| >= 2^63): implicit leading one
+        let exp = ((bits >> 52) & 0x7ff) as i64 - 1075;
+        let mantissa = (bits & ((1u64 << 52) - 1)) | (1u64 << 52);
+        let mut r = self.reduce(mantissa);
+        let mut base = self.reduce(2);
+        let mut e = exp as u64;
+        while e > 0 {
+            if e & 1 == 1 {
+                r = self.mul(r, base);
+            }
+            base = self.mul(base, base);
+            e >>= 1;
+        }
+        if x < 0.0 {
+            self.neg(r)
+        } else {
+            r
+        }
+    }
+
     #[inline(always)]
     pub fn mul(&self, a: u64, b: u64) -> u64 {
         self.reduce_product(a as u128 * b as u128)
@@ -254,6 +284,29 @@ mod tests {
             prop_assert_eq!(m.add(m.sub(a, b), b), a);
             prop_assert_eq!(m.add(a, m.neg(a)), 0);
             prop_assert_eq!(m.reduce_i64(s) as i128, (s as i128).rem_euclid(q as i128));
+        }
+
+        #[test]
+        fn integral_f64_reduces_like_i128(q in 2u64..(1u64 << 50), m in any::<i64>(), e in 0u32..63) {
+            let md = Modulus::new(q).unwrap();
+            // m * 2^e rounded to f64 is an integer below 2^126: i128 holds it exactly
+            let x = (m as f64) * (e as f64).exp2();
+            let want = (x as i128).rem_euclid(q as i128) as u64;
+            prop_assert_eq!(md.reduce_integral_f64(x), want);
+        }
+
+        #[test]
+        fn integral_f64_beyond_i128(q in 2u64..(1u64 << 50), m in 1i64..(1i64 << 53), e in 0u32..800) {
+            // (m * 2^e) mod q == (m mod q) * (2^e mod q) mod q, checked through 2^e = 2^(e/2)^2 * ...
+            let md = Modulus::new(q).unwrap();
+            let x = (m as f64) * 2f64.powi(e as i32);
+            let mut p2 = 1u64 % q;
+            for _ in 0..e {
+                p2 = md.add(p2, p2);
+            }
+            let want = md.mul(md.reduce_i64(m), p2);
+            prop_assert_eq!(md.reduce_integral_f64(x), want);
+            prop_assert_eq!(md.reduce_integral_f64(-x), md.neg(want));
         }
 
         #[test]

@@ -120,16 +120,17 @@ impl Evaluator {
         Ok(())
     }
 
-    /// The integer `round(value * scale)` as residues on `q_0..q_level`.
+    /// The integer `round(value * scale)` as residues on `q_0..q_level`. It only has to fit
+    /// well inside `Q_level`, not a machine integer: a constant added to a sum of
+    /// unrelinearized squares is encoded at a scale near 2^120.
     fn scalar_residues(&self, value: f64, scale: f64, level: usize) -> Result<Vec<u64>> {
         let s = (value * scale).round();
-        let limit = (self.params.log_q_at(level) - 2.0).min(120.0).exp2();
+        let limit = (self.params.log_q_at(level) - 2.0).exp2();
         if !(s.is_finite() && s.abs() < limit) {
             return Err(Error::ValueOutOfRange { value, scale });
         }
-        let s = s as i128;
         Ok((0..=level)
-            .map(|i| self.params.ring().modulus(i).reduce_i128(s))
+            .map(|i| self.params.ring().modulus(i).reduce_integral_f64(s))
             .collect())
     }
 

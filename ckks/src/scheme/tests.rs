@@ -271,6 +271,36 @@ fn grouped_rows_equal_rows_alone() {
     assert_eq!(together[7].degree(), 1);
 }
 
+/// A constant added to a sum of unrelinearized squares is encoded at about 2^120 (what the
+/// engine does before the double rescale); constants above 1 used to overflow an `i128` limit
+/// there although the modulus chain had room (the shipped CIFAR-10 model hit it).
+#[test]
+fn constant_at_product_scale_beyond_i128() {
+    let mut f = small();
+    let a: Vec<f64> = (0..64).map(|i| (i as f64 - 32.0) / 9.0).collect();
+    let ca = f.encrypt(&a);
+    let mut sq = f.ev.square(&ca).unwrap();
+    let q_top = f.params.q()[sq.level()] as f64;
+    f.ev.mul_const_assign(&mut sq, 1.0, q_top).unwrap();
+    assert!(sq.scale() > 2f64.powi(119), "scale {}", sq.scale());
+    for c in [-1.0009, 3.75, -250.5] {
+        let mut s = sq.clone();
+        f.ev.add_const_assign(&mut s, c).unwrap();
+        f.ev.rescale_assign(&mut s).unwrap();
+        f.ev.rescale_assign(&mut s).unwrap();
+        let s = f.ev.relinearize(&s, &f.rlk).unwrap();
+        let want: Vec<f64> = a.iter().map(|x| x * x + c).collect();
+        let err = max_err(&f.decrypt(&s)[..64], &want);
+        assert!(err < 1e-4, "c = {c}: error {err}");
+    }
+    // Still refused when the value does not fit Q_level.
+    let mut s = sq.clone();
+    assert!(matches!(
+        f.ev.add_const_assign(&mut s, 1e300),
+        Err(crate::Error::ValueOutOfRange { .. })
+    ));
+}
+
 #[test]
 fn rescale_by_several_primes() {
     let mut f = small();
