@@ -166,6 +166,67 @@ impl ValueGraph {
         self.layers[v.layer as usize].meta[v.elem as usize]
     }
 
+    /// Checks that every integer the executor will encode fits where it goes, so that a job
+    /// cannot fail half-way on an encoding: term weights `round(w * target / scale)` (below
+    /// 2^120 and Q_level / 4), constants `round(c * target)` and activation coefficients
+    /// `round(beta * scale)` (below Q_level / 4). Mirrors `Evaluator::linear_combinations`,
+    /// `add_const_assign` and `mul_const_assign`; `q` is the parameter set's chain.
+    pub fn check_encodings(&self, q: &[u64]) -> Result<(), ExecError> {
+        let log_q = |level: isize| -> f64 {
+            q.iter()
+                .take((level.max(0) + 1) as usize)
+                .map(|&p| (p as f64).log2())
+                .sum()
+        };
+        let fail = |layer: &str, e: usize, what: String| {
+            Err(ExecError::Model(format!(
+                "{layer} element {e}: {what}; the parameter set cannot encode this model"
+            )))
+        };
+        for layer in &self.layers {
+            let beta = match &layer.kind {
+                LayerKind::Activation { beta, .. } => Some(beta),
+                LayerKind::Output => None,
+                _ => continue,
+            };
+            for (e, (form, cm)) in layer.forms.iter().zip(&layer.combine).enumerate() {
+                let bits = log_q(cm.level) - 2.0;
+                for (v, w) in &form.terms {
+                    let r = (w * cm.scale / self.meta(*v).scale).abs().log2();
+                    if r >= bits.min(120.0) {
+                        return fail(&layer.name, e, format!("weight {w} needs 2^{r:.1}"));
+                    }
+                }
+                let c = form.constant;
+                if c != 0.0 && (c * cm.scale).abs().log2() >= bits {
+                    return fail(
+                        &layer.name,
+                        e,
+                        format!("constant {c} at scale 2^{:.1}", cm.scale.log2()),
+                    );
+                }
+                if let Some(beta) = beta {
+                    // the rescaled x~ the coefficient multiplies (twice rescaled over squares)
+                    let mut level = cm.level - 1;
+                    let mut scale = cm.scale / q[cm.level.max(0) as usize] as f64;
+                    if layer.reads_lazy {
+                        scale /= q[level.max(0) as usize] as f64;
+                        level -= 1;
+                    }
+                    let b = beta[e];
+                    if b != 0.0 && (b * scale).abs().log2() >= log_q(level) - 2.0 {
+                        return fail(
+                            &layer.name,
+                            e,
+                            format!("coefficient {b} at scale {scale:e}"),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The lowest level any value reaches.
     pub fn lowest_level(&self) -> isize {
         self.layers

@@ -57,6 +57,9 @@ impl Plan {
                 available: top,
             });
         }
+        graph
+            .check_encodings(params.q())
+            .map_err(|e| PlanError::Other(e.to_string()))?;
         let output = graph
             .output()
             .meta

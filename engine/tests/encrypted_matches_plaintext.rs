@@ -159,6 +159,32 @@ fn large_constants_in_sums_of_squares() {
     let max_err = encrypted_vs_plaintext(&model, &params, 9);
     eprintln!("max |encrypted - plaintext| = {max_err:.2e}");
     assert!(max_err < 1e-4, "max error {max_err}");
+
+    // A weight no encoding can hold is refused when planning, before any upload.
+    model.tensors.get_mut("fire1.squeeze.weight").unwrap().data[0] = 1e33;
+    let err = Plan::choose_insecure_for_tests(&model).unwrap_err();
+    assert!(err.to_string().contains("cannot encode"), "{err}");
+}
+
+/// Every shipped model plans at its 128-bit production parameters, and everything it
+/// encodes fits (what `beaa serve` checks before accepting a job).
+#[test]
+fn shipped_models_plan_at_production_parameters() {
+    let zoo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo");
+    let mut planned = 0;
+    for entry in std::fs::read_dir(&zoo).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("manifest.json").exists() {
+            continue;
+        }
+        let model = beaa_model::Model::load(&dir).unwrap();
+        let (params, plan) =
+            Plan::choose(&model).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(params.is_secure());
+        assert_eq!(plan.output.level, 0, "{}", dir.display());
+        planned += 1;
+    }
+    assert!(planned >= 2, "found {planned} shipped models");
 }
 
 #[test]
