@@ -26,4 +26,4 @@ pub mod stream;
 
 pub use exec::{run, ExecError};
 pub use job::{run_job, FileInputs, InputSource, Progress, RunControl};
-pub use plan::{Plan, PlanError};
+pub use plan::{Headroom, Plan, PlanError};

@@ -126,6 +126,102 @@ impl Plan {
     }
 }
 
+/// Bits to spare between the largest value a layer is expected to hold and what its
+/// ciphertexts can represent (Q at its level over 2, at its scale). Expected values come from
+/// the manifest's ranges (the largest seen on the calibration images). CKKS packs a whole
+/// batch in one ciphertext, so an image that overflows corrupts the values of all the others
+/// in the same ciphertexts: this is the margin the batch relies on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Headroom {
+    pub layer: String,
+    pub bits: f64,
+    /// Bound on |value| the margin is computed for.
+    pub bound: f64,
+}
+
+impl Plan {
+    /// [`Headroom`] of every activation (its scaled input `x~ = sqrt|a| x` and its output
+    /// `y = a x^2 + b x` without the constant) and of the logits; layers without a recorded
+    /// range are skipped. Lowest margin first.
+    pub fn headroom(&self, model: &Model, params: &Params) -> Vec<Headroom> {
+        let q = params.q();
+        let log_q = |level: isize| -> f64 {
+            q.iter()
+                .take((level.max(0) + 1) as usize)
+                .map(|&p| (p as f64).log2())
+                .sum()
+        };
+        let bits =
+            |bound: f64, level: isize, scale: f64| log_q(level) - 1.0 - (bound * scale).log2();
+        let ranges = &model.manifest.ranges;
+        let mut out = Vec::new();
+        for layer in &self.graph.layers {
+            match &layer.kind {
+                LayerKind::Activation { .. } => {
+                    let Some(node) = model.manifest.nodes.iter().find(|n| n.name == layer.name)
+                    else {
+                        continue;
+                    };
+                    let (beaa_model::Op::Poly { a, b, .. }, Some(input)) =
+                        (&node.op, node.inputs.first())
+                    else {
+                        continue;
+                    };
+                    let (Some(r), Some(a), Some(b)) = (
+                        ranges.get(input),
+                        model.tensors.get(a),
+                        model.tensors.get(b),
+                    ) else {
+                        continue;
+                    };
+                    let x = r.max_abs;
+                    let (mut s_max, mut y_max) = (0.0f64, 0.0f64);
+                    for (a, b) in a.data.iter().zip(&b.data) {
+                        let (a, b) = (a.abs() as f64, b.abs() as f64);
+                        s_max = s_max.max(a.sqrt());
+                        y_max = y_max.max(a * x * x + b * x);
+                    }
+                    let mut worst = Headroom {
+                        layer: layer.name.clone(),
+                        bits: f64::INFINITY,
+                        bound: 0.0,
+                    };
+                    for (cm, m) in layer.combine.iter().zip(&layer.meta) {
+                        for (bound, level, scale) in
+                            [(s_max * x, cm.level, cm.scale), (y_max, m.level, m.scale)]
+                        {
+                            let h = bits(bound, level, scale);
+                            if h < worst.bits {
+                                worst.bits = h;
+                                worst.bound = bound;
+                            }
+                        }
+                    }
+                    out.push(worst);
+                }
+                LayerKind::Output => {
+                    let Some(r) = ranges.get(&model.manifest.output) else {
+                        continue;
+                    };
+                    let h = layer
+                        .meta
+                        .iter()
+                        .map(|m| bits(r.max_abs, m.level, m.scale))
+                        .fold(f64::INFINITY, f64::min);
+                    out.push(Headroom {
+                        layer: layer.name.clone(),
+                        bits: h,
+                        bound: r.max_abs,
+                    });
+                }
+                _ => {}
+            }
+        }
+        out.sort_by(|a, b| a.bits.total_cmp(&b.bits));
+        out
+    }
+}
+
 fn build_graph(
     model: &Model,
     params: &Params,

@@ -182,6 +182,13 @@ fn shipped_models_plan_at_production_parameters() {
             Plan::choose(&model).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         assert!(params.is_secure());
         assert_eq!(plan.output.level, 0, "{}", dir.display());
+        // Every activation and the logits have a recorded range and a margin of at least two
+        // bits over the largest calibration value (the logits, at the last level, are tightest).
+        let h = plan.headroom(&model, &params);
+        let activations = plan.lazy_layers().len() <= h.len() && h.len() >= 5;
+        assert!(activations, "{}: {h:?}", dir.display());
+        assert!(h[0].bits >= 2.0, "{}: {:?}", dir.display(), h[0]);
+        assert!(h.iter().any(|x| x.layer == "logits"));
         planned += 1;
     }
     assert!(planned >= 2, "found {planned} shipped models");

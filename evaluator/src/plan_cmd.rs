@@ -57,6 +57,9 @@ struct Report {
     relin_key_bytes: usize,
     upload_bytes: usize,
     download_bytes: usize,
+    /// Margin (bits) between each layer's largest calibration value and what its ciphertexts
+    /// hold; lowest first.
+    headroom: Vec<beaa_engine::Headroom>,
 }
 
 pub fn run(args: &PlanArgs) -> Result<()> {
@@ -122,6 +125,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         upload_bytes: inputs * ciphertext_len(&params, top, 1, true),
         download_bytes: outputs
             * ciphertext_len(&params, plan.output.level.max(0) as usize, 1, false),
+        headroom: plan.headroom(&model, &params),
     };
     eprintln!("model      {}", report.model);
     eprintln!(
@@ -161,6 +165,23 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         report.upload_bytes as f64 / 1e6,
         report.download_bytes as f64 / 1e6
     );
+    if let Some(h) = report.headroom.first() {
+        let images = model
+            .manifest
+            .ranges
+            .values()
+            .map(|r| r.images)
+            .max()
+            .unwrap_or(0);
+        eprintln!(
+            "headroom   {:.1} bits at the tightest layer, {} (values up to {:.3}, the largest on {} calibration images){}",
+            h.bits,
+            h.layer,
+            h.bound,
+            images,
+            if h.bits < 2.0 { "; WARNING: an unusual image may overflow and corrupt its batch" } else { "" }
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }
