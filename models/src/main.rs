@@ -134,6 +134,13 @@ struct TrainArgs {
     /// Weight of the layer-wide inputs in each channel/element ReLU fit (0 = pure per-group fit).
     #[arg(long, default_value_t = 1.0)]
     poly_fit_shrink: f64,
+    /// Weight of a uniform distribution over each group's observed input range in the ReLU
+    /// fit (0 = fit the observed inputs only).
+    #[arg(long, default_value_t = 0.0)]
+    poly_fit_range: f64,
+    /// Fit the quadratics layer by layer on the partly polynomial network's own inputs.
+    #[arg(long)]
+    poly_fit_progressive: bool,
 }
 
 fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
@@ -212,6 +219,8 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
         poly_fit_images: 2000,
         checkpoint_minutes: a.checkpoint_minutes,
         poly_fit_shrink: a.poly_fit_shrink,
+        poly_fit_range: a.poly_fit_range,
+        poly_fit_progressive: a.poly_fit_progressive,
         freeze_bn: a.freeze_bn,
         bn_calibration_images: if a.act == ActKind::Relu {
             0

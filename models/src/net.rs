@@ -153,6 +153,8 @@ pub struct Net {
     /// the statistics of the current batch, layer by layer ("precise BN"); see
     /// [`Net::recalibrate_bn`].
     pub calibrating: bool,
+    /// Activations evaluated as ReLU whatever `act` is (progressive polynomial fitting).
+    pub relu_units: std::collections::BTreeSet<String>,
 }
 
 /// Seeded standard normal samples (candle's CPU RNG cannot be seeded).
@@ -223,6 +225,7 @@ impl Net {
             vars,
             buffers,
             calibrating: false,
+            relu_units: Default::default(),
         })
     }
 
@@ -331,7 +334,7 @@ impl Net {
     }
 
     fn activation(&self, name: &str, x: &Tensor) -> Result<Tensor> {
-        if !self.act.is_poly() {
+        if !self.act.is_poly() || self.relu_units.contains(name) {
             return x.relu();
         }
         let a = self.var(&format!("{name}.poly_a"))?;

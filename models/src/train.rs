@@ -2,7 +2,7 @@
 //! optional knowledge distillation from a teacher run, checkpoints with exact resume.
 
 use crate::data::{augment_normalize, split, Augment, Dataset, SplitKind};
-use crate::net::{ActKind, Arch, Net};
+use crate::net::{ActKind, Arch, Net, UnitSpec};
 use anyhow::{bail, Context, Result};
 use beaa_model::{InputSpec, ResizePolicy};
 use candle_core::{DType, Device, Tensor, D};
@@ -55,6 +55,13 @@ pub struct TrainConfig {
     /// Weight of the layer-wide inputs in each channel/element least-squares fit (0 = none).
     #[serde(default)]
     pub poly_fit_shrink: f64,
+    /// Weight of a uniform distribution over each group's observed input range in the fit
+    /// (0 = none; older runs).
+    #[serde(default)]
+    pub poly_fit_range: f64,
+    /// Fit the quadratics layer by layer on the partly polynomial network's own inputs.
+    #[serde(default)]
+    pub poly_fit_progressive: bool,
     /// Train with batch norm in eval mode (statistics fixed between the end-of-epoch
     /// re-estimations), so training optimizes the function that inference (and encryption) runs.
     #[serde(default)]
@@ -294,30 +301,51 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// Fits each activation's quadratic to ReLU by least squares on the inputs the network
-/// (with its current, teacher-derived weights, run with ReLU) sees on training images.
-pub fn fit_polys_to_relu(
+/// How the students' initial quadratics are fitted to ReLU.
+#[derive(Debug, Clone, Copy)]
+pub struct PolyFit {
+    /// Training images whose activation inputs are fitted.
+    pub images: usize,
+    /// Weight of the layer-wide inputs in each channel/element fit (0 = none).
+    pub shrink: f64,
+    /// Weight of a uniform distribution over each group's observed input range (0 = none).
+    pub range: f64,
+    /// Fit layer by layer on the inputs of the polynomial network built so far (batch norm
+    /// re-estimated after each layer) instead of all layers on the ReLU teacher's inputs.
+    pub progressive: bool,
+    /// Images for those batch-norm re-estimations.
+    pub calibration_images: usize,
+}
+
+/// Per-element input statistics of one activation: sums of x^0..x^4 and relu(x) * x^0..x^2,
+/// minimum and maximum, each shaped like the feature map `[H, W, C]`.
+struct Moments {
+    sums: Vec<Tensor>,
+    min: Tensor,
+    max: Tensor,
+}
+
+/// Accumulates [`Moments`] of the activation inputs the network sees on `images` training
+/// images (augmented; cycling through small splits), for the units named in `only` (all if
+/// `None`).
+fn observe_moments(
     net: &mut Net,
     ds: &Dataset,
     spec: &InputSpec,
     images: usize,
     aug: &Augment,
-    shrink: f64,
+    only: Option<&str>,
     dev: &Device,
-) -> Result<()> {
-    let act = net.act;
-    if !act.is_poly() {
-        return Ok(());
-    }
-    net.act = ActKind::Relu;
-    // per-element sums of x^0..x^4 and relu(x) * x^0..x^2, shape [H, W, C]
-    let mut sums: HashMap<String, Vec<Tensor>> = HashMap::new();
+) -> Result<HashMap<String, Moments>> {
+    let mut acc: HashMap<String, Moments> = HashMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    // cycle through the split (with augmentation) so small data sets still give `images` samples
     let idx: Vec<usize> = (0..images).map(|i| i % ds.len()).collect();
     for chunk in idx.chunks(50) {
         let (x, _) = make_batch(ds, chunk, aug, spec, &mut rng, dev)?;
         let mut obs = |name: &str, y: &Tensor| -> candle_core::Result<()> {
+            if only.is_some_and(|o| o != name) {
+                return Ok(());
+            }
             // moments per chunk in f32 (small chunks), accumulated across chunks in f64
             let y = y.detach();
             let r = y.relu()?;
@@ -336,79 +364,188 @@ pub fn fit_polys_to_relu(
                 .iter()
                 .map(|p| p.sum(0)?.to_dtype(DType::F64))
                 .collect::<candle_core::Result<_>>()?;
-            match sums.get_mut(name) {
-                Some(acc) => {
-                    for (a, b) in acc.iter_mut().zip(s) {
+            let (lo, hi) = (y.min(0)?, y.max(0)?);
+            match acc.get_mut(name) {
+                Some(m) => {
+                    for (a, b) in m.sums.iter_mut().zip(s) {
                         *a = (&*a + b)?;
                     }
+                    m.min = m.min.minimum(&lo)?;
+                    m.max = m.max.maximum(&hi)?;
                 }
                 None => {
-                    sums.insert(name.to_string(), s);
+                    acc.insert(
+                        name.to_string(),
+                        Moments {
+                            sums: s,
+                            min: lo,
+                            max: hi,
+                        },
+                    );
                 }
             }
             Ok(())
         };
         net.forward(&x, false, Some(&mut obs))?;
     }
-    net.act = act;
-    for u in net.arch.units().into_iter().filter(|u| u.act) {
-        let s = &sums[&u.name];
-        let (h, w, c) = (u.h, u.w, u.cout);
-        let vals: Vec<Vec<f64>> = s
-            .iter()
-            .map(|t| t.flatten_all()?.to_vec1::<f64>())
-            .collect::<candle_core::Result<_>>()?;
-        // group index of each element (NHWC order: (y, x, ch))
-        let groups = match act {
-            ActKind::Layer => 1,
-            ActKind::Channel => c,
-            _ => h * w * c,
-        };
-        let mut g = vec![[0f64; 8]; groups];
-        let group_of = |e: usize| match act {
-            ActKind::Layer => 0,
-            ActKind::Channel => e % c,
-            _ => e,
-        };
-        for (k, vk) in vals.iter().enumerate() {
-            for (e, v) in vk.iter().enumerate() {
-                g[group_of(e)][k] += v;
-            }
-        }
-        // Shrink each group's fit toward the layer's: fit on an equal-weight mixture of the
-        // group's inputs and the whole layer's. A group with a narrow input distribution
-        // (e.g. a border element that is nearly constant) otherwise gets a steep quadratic
-        // that explodes on the first unusual input, and stacked quadratics compound that.
-        let mut layer = [0f64; 8];
-        for s in &g {
-            for k in 0..8 {
-                layer[k] += s[k];
-            }
-        }
-        let mut coef = [vec![0f32; groups], vec![0f32; groups], vec![0f32; groups]];
-        for (gi, s) in g.iter().enumerate() {
-            let mut mixed = *s;
-            if groups > 1 {
-                let w = shrink * s[0] / layer[0].max(1e-300);
-                for k in 0..8 {
-                    mixed[k] += w * layer[k];
-                }
-            }
-            let (a, b, cc) = solve_quadratic_fit(&mixed);
-            coef[0][gi] = a as f32;
-            coef[1][gi] = b as f32;
-            coef[2][gi] = cc as f32;
-        }
-        let shape = u.poly_shape(act);
-        for (p, v) in ["a", "b", "c"].iter().zip(coef) {
-            net.vars[&format!("{}.poly_{p}", u.name)].set(&Tensor::from_vec(
-                v,
-                shape.clone(),
-                dev,
-            )?)?;
+    Ok(acc)
+}
+
+/// Moment sums `[n, Sx..Sx4, Sr, Srx, Srx2]` of `mass` points spread uniformly over [lo, hi].
+fn uniform_moments(lo: f64, hi: f64, mass: f64) -> [f64; 8] {
+    if hi <= lo || hi.is_nan() || lo.is_nan() {
+        let r = lo.max(0.0);
+        return [
+            mass,
+            mass * lo,
+            mass * lo * lo,
+            mass * lo.powi(3),
+            mass * lo.powi(4),
+            mass * r,
+            mass * r * lo,
+            mass * r * lo * lo,
+        ];
+    }
+    let w = hi - lo;
+    let pow = |k: i32| (hi.powi(k) - lo.powi(k)) / (k as f64 * w);
+    let (l, h) = (lo.max(0.0), hi.max(0.0));
+    let rpow = |k: i32| (h.powi(k) - l.powi(k)) / (k as f64 * w);
+    [
+        mass,
+        mass * pow(2),
+        mass * pow(3),
+        mass * pow(4),
+        mass * pow(5),
+        mass * rpow(2),
+        mass * rpow(3),
+        mass * rpow(4),
+    ]
+}
+
+/// Solves and sets the quadratics of unit `u` from its input moments.
+fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Device) -> Result<()> {
+    let act = net.act;
+    let (h, w, c) = (u.h, u.w, u.cout);
+    let vals: Vec<Vec<f64>> = m
+        .sums
+        .iter()
+        .map(|t| t.flatten_all()?.to_vec1::<f64>())
+        .collect::<candle_core::Result<_>>()?;
+    let lo_e = m
+        .min
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let hi_e = m
+        .max
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    // group index of each element (NHWC order: (y, x, ch))
+    let groups = match act {
+        ActKind::Layer => 1,
+        ActKind::Channel => c,
+        _ => h * w * c,
+    };
+    let group_of = |e: usize| match act {
+        ActKind::Layer => 0,
+        ActKind::Channel => e % c,
+        _ => e,
+    };
+    let mut g = vec![[0f64; 8]; groups];
+    let mut range = vec![(f64::INFINITY, f64::NEG_INFINITY); groups];
+    for (k, vk) in vals.iter().enumerate() {
+        for (e, v) in vk.iter().enumerate() {
+            g[group_of(e)][k] += v;
         }
     }
+    for e in 0..lo_e.len() {
+        let r = &mut range[group_of(e)];
+        r.0 = r.0.min(lo_e[e]);
+        r.1 = r.1.max(hi_e[e]);
+    }
+    let add = |to: &mut [f64; 8], from: &[f64; 8], w: f64| {
+        for k in 0..8 {
+            to[k] += w * from[k];
+        }
+    };
+    // A uniform component over the observed range keeps the quadratic near ReLU out to the
+    // extremes instead of only where most inputs are: stacked quadratics square the tails,
+    // and an extreme input far outside the fitted range is what makes a student explode.
+    let with_range = |s: &[f64; 8], r: (f64, f64)| {
+        let mut out = *s;
+        if fit.range > 0.0 {
+            add(&mut out, &uniform_moments(r.0, r.1, s[0]), fit.range);
+        }
+        out
+    };
+    let mut layer = [0f64; 8];
+    let mut layer_range = (f64::INFINITY, f64::NEG_INFINITY);
+    for (s, r) in g.iter().zip(&range) {
+        add(&mut layer, s, 1.0);
+        layer_range = (layer_range.0.min(r.0), layer_range.1.max(r.1));
+    }
+    let layer = with_range(&layer, layer_range);
+    let mut coef = [vec![0f32; groups], vec![0f32; groups], vec![0f32; groups]];
+    for (gi, s) in g.iter().enumerate() {
+        let mut mixed = with_range(s, range[gi]);
+        if groups > 1 {
+            // Shrink each group's fit toward the layer's: a group with a narrow input
+            // distribution (e.g. a border element that is nearly constant) otherwise gets a
+            // steep quadratic that explodes on the first unusual input.
+            let w = fit.shrink * s[0] / layer[0].max(1e-300);
+            add(&mut mixed, &layer, w);
+        }
+        let (a, b, cc) = solve_quadratic_fit(&mixed);
+        coef[0][gi] = a as f32;
+        coef[1][gi] = b as f32;
+        coef[2][gi] = cc as f32;
+    }
+    let shape = u.poly_shape(act);
+    for (p, v) in ["a", "b", "c"].iter().zip(coef) {
+        net.vars[&format!("{}.poly_{p}", u.name)].set(&Tensor::from_vec(v, shape.clone(), dev)?)?;
+    }
     Ok(())
+}
+
+/// Fits each activation's quadratic to ReLU by least squares on the inputs it sees on training
+/// images: all at once on the ReLU network's inputs (the teacher's weights), or progressively,
+/// layer by layer on the inputs of the partly polynomial network (see [`PolyFit`]).
+pub fn fit_polys_to_relu(
+    net: &mut Net,
+    ds: &Dataset,
+    spec: &InputSpec,
+    aug: &Augment,
+    fit: &PolyFit,
+    dev: &Device,
+) -> Result<()> {
+    if !net.act.is_poly() {
+        return Ok(());
+    }
+    let units: Vec<UnitSpec> = net.arch.units().into_iter().filter(|u| u.act).collect();
+    let all: std::collections::BTreeSet<String> = units.iter().map(|u| u.name.clone()).collect();
+    if !fit.progressive {
+        net.relu_units = all;
+        let m = observe_moments(net, ds, spec, fit.images, aug, None, dev);
+        net.relu_units.clear();
+        let m = m?;
+        for u in &units {
+            solve_unit(net, u, &m[&u.name], fit, dev)?;
+        }
+        return Ok(());
+    }
+    let result = (|| -> Result<()> {
+        for (i, u) in units.iter().enumerate() {
+            // units from i on still run ReLU; batch norms re-estimated for the current mix
+            net.relu_units = units[i..].iter().map(|u| u.name.clone()).collect();
+            calibrate(net, ds, spec, fit.calibration_images, dev)?;
+            let m = observe_moments(net, ds, spec, fit.images, aug, Some(&u.name), dev)?;
+            solve_unit(net, u, &m[&u.name], fit, dev)?;
+        }
+        Ok(())
+    })();
+    net.relu_units.clear();
+    result
 }
 
 /// Least squares a*x^2+b*x+c ~ relu(x) from moment sums [n, Sx, Sx2, Sx3, Sx4, Sr, Srx, Srx2],
@@ -484,15 +621,14 @@ pub fn run_limited(
             let (_, teacher) = load_run(src, &dev)?;
             let set = net.load_from(&teacher.tensors().into_iter().collect())?;
             eprintln!("initialised {} tensors from {}", set.len(), src.display());
-            fit_polys_to_relu(
-                &mut net,
-                &train,
-                &spec,
-                cfg.poly_fit_images,
-                &cfg.augment,
-                cfg.poly_fit_shrink,
-                &dev,
-            )?;
+            let fit = PolyFit {
+                images: cfg.poly_fit_images,
+                shrink: cfg.poly_fit_shrink,
+                range: cfg.poly_fit_range,
+                progressive: cfg.poly_fit_progressive,
+                calibration_images: cfg.bn_calibration_images,
+            };
+            fit_polys_to_relu(&mut net, &train, &spec, &cfg.augment, &fit, &dev)?;
             calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
@@ -720,6 +856,7 @@ fn log_line(dir: &Path, v: &serde_json::Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn quadratic_fit_recovers_relu_on_symmetric_range() {
@@ -741,6 +878,106 @@ mod tests {
         assert!((a - 15.0 / 32.0).abs() < 1e-2, "{a}");
         assert!((b - 0.5).abs() < 1e-3, "{b}");
         assert!((c - 3.0 / 32.0).abs() < 1e-2, "{c}");
+    }
+
+    /// Progressive fitting changes nothing for the first activation (its inputs do not depend
+    /// on any polynomial) and refits the later ones on the polynomial network's own inputs;
+    /// it leaves no layer on ReLU and every coefficient finite.
+    #[test]
+    fn progressive_fit_refits_later_layers_only() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-progfit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (c, shade) in [("dark", 40u8), ("light", 200u8)] {
+            std::fs::create_dir_all(root.join(c))?;
+            for k in 0..12u32 {
+                image::RgbImage::from_fn(8, 8, |x, y| {
+                    image::Rgb([shade, (x * 25 + k * 7) as u8, (y * 30 + k) as u8])
+                })
+                .save_with_format(
+                    root.join(c).join(format!("{k}.png")),
+                    image::ImageFormat::Png,
+                )?;
+            }
+        }
+        let spec = InputSpec {
+            channels: 3,
+            height: 8,
+            width: 8,
+            mean: vec![0.5; 3],
+            std: vec![0.25; 3],
+            resize: ResizePolicy::Stretch,
+        };
+        let ds = Dataset::load(&root, &spec)?;
+        let arch = Arch {
+            in_channels: 3,
+            height: 8,
+            width: 8,
+            classes: 2,
+            conv1: 4,
+            fire1: (2, 3, 3),
+            fire2: (2, 3, 3),
+            conv2: 4,
+            conv3: 4,
+        };
+        let dev = Device::Cpu;
+        let coefs = |progressive: bool| -> Result<BTreeMap<String, Vec<f32>>> {
+            let mut net = Net::new(arch.clone(), ActKind::Element, 5, &dev)?;
+            let fit = PolyFit {
+                images: 24,
+                shrink: 1.0,
+                range: 0.0,
+                progressive,
+                calibration_images: 24,
+            };
+            fit_polys_to_relu(&mut net, &ds, &spec, &Augment::none(), &fit, &dev)?;
+            assert!(net.relu_units.is_empty());
+            let mut out = BTreeMap::new();
+            for (k, v) in &net.vars {
+                if k.contains(".poly_") {
+                    let v = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    assert!(v.iter().all(|x| x.is_finite()), "{k}");
+                    out.insert(k.clone(), v);
+                }
+            }
+            Ok(out)
+        };
+        let (all, prog) = (coefs(false)?, coefs(true)?);
+        for p in ["a", "b", "c"] {
+            let k = format!("conv1.poly_{p}");
+            assert_eq!(all[&k], prog[&k], "{k}");
+        }
+        assert_ne!(all["conv3.poly_a"], prog["conv3.poly_a"]);
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn uniform_moments_match_dense_samples() {
+        for (lo, hi) in [(-1.0, 1.0), (-3.0, 0.5), (0.25, 4.0), (-2.0, -0.5)] {
+            let n = 200_001;
+            let mut s = [0f64; 8];
+            for i in 0..n {
+                let x: f64 = lo + (hi - lo) * (i as f64 + 0.5) / n as f64;
+                let r = x.max(0.0);
+                for (k, v) in [1.0, x, x * x, x.powi(3), x.powi(4), r, r * x, r * x * x]
+                    .iter()
+                    .enumerate()
+                {
+                    s[k] += v / n as f64;
+                }
+            }
+            let u = uniform_moments(lo, hi, 1.0);
+            for k in 0..8 {
+                assert!(
+                    (u[k] - s[k]).abs() < 1e-6 * (1.0 + s[k].abs()),
+                    "{lo} {hi} k={k}: {} vs {}",
+                    u[k],
+                    s[k]
+                );
+            }
+        }
+        // a point mass when the range is empty
+        assert_eq!(uniform_moments(2.0, 2.0, 3.0)[6], 3.0 * 4.0);
     }
 
     #[test]
@@ -835,6 +1072,8 @@ mod tests {
             checkpoint_minutes: 0.0,
             bn_calibration_images: 8,
             poly_fit_shrink: 1.0,
+            poly_fit_range: 0.0,
+            poly_fit_progressive: false,
             freeze_bn: false,
         };
         let whole = run(&root.join("a"), cfg.clone())?;
