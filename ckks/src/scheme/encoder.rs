@@ -224,8 +224,20 @@ impl Encoder {
         let mut poly = RnsPoly::zero(p.n(), level + 1);
         for (i, row) in poly.rows_mut().enumerate() {
             let m = ring.modulus(i);
+            let q = m.value();
             for (x, &c) in row.iter_mut().zip(ints) {
-                *x = m.reduce_i128(c);
+                // Message coefficients are nearly always below every prime (about scale x
+                // value / sqrt(N)); skip the 128-bit reduction, which wasm emulates slowly.
+                let a = c.unsigned_abs();
+                *x = if a < q as u128 {
+                    if c < 0 && a != 0 {
+                        q - a as u64
+                    } else {
+                        a as u64
+                    }
+                } else {
+                    m.reduce_i128(c)
+                };
             }
         }
         poly
@@ -385,6 +397,37 @@ mod tests {
         let got = enc.decode(&prod);
         for i in 0..p.slots() {
             assert!((got[i] - a[i] * b[i]).abs() < 1e-6, "slot {i}");
+        }
+    }
+
+    /// The small-coefficient shortcut agrees with the full 128-bit reduction on both sides
+    /// of every prime (and of zero).
+    #[test]
+    fn integers_to_rns_matches_reduce_i128() {
+        let p = params(10, 3);
+        let enc = Encoder::new(&p);
+        let q: Vec<u64> = (0..3).map(|i| p.ring().modulus(i).value()).collect();
+        let mut ints: Vec<i128> = vec![0, 1, -1, 7, -7, i128::MAX / 3, i128::MIN / 3];
+        for &qi in &q {
+            let qi = qi as i128;
+            ints.extend([
+                qi - 1,
+                qi,
+                qi + 1,
+                -qi + 1,
+                -qi,
+                -qi - 1,
+                5 * qi + 3,
+                -(5 * qi) - 3,
+            ]);
+        }
+        ints.resize(p.n(), 12345);
+        let poly = enc.integers_to_rns(&ints, 2);
+        for (i, row) in poly.rows().enumerate() {
+            let m = p.ring().modulus(i);
+            for (x, &c) in row.iter().zip(&ints) {
+                assert_eq!(*x, m.reduce_i128(c), "prime {i}, value {c}");
+            }
         }
     }
 
