@@ -98,6 +98,46 @@ fn eval_encrypted_agrees_with_plaintext() {
     assert!(p.get("agreement_with_plaintext").is_none());
 }
 
+/// The shipped CIFAR-10 model (real trained weights, full width), encrypted end to end at test
+/// parameters (N = 2048: the same graph, levels, scales and encodings as production, 16x fewer
+/// coefficients): predictions equal the plaintext ones. Random test models have small constants
+/// and never hit what real weights do (a constant above 1 at a product scale once failed the
+/// shipped model's first stage).
+#[test]
+fn shipped_cifar10_encrypted_agrees_with_plaintext() {
+    let model_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/cifar10");
+    let model = beaa_model::Model::load(&model_dir).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut records = Vec::new();
+    for i in 0..4u32 {
+        records.push(i as u8);
+        records.extend((0..3072u32).map(|p| ((p * (i + 5) + i * 73 + (p / 32) * 11) % 256) as u8));
+    }
+    std::fs::write(data.join("test_batch.bin"), &records).unwrap();
+    std::fs::write(
+        data.join("batches.meta.txt"),
+        model.manifest.classes.join("\n"),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = beaa(&[
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--encrypted",
+        "--insecure-test-params",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["n"], 4);
+    assert_eq!(v["agreement_with_plaintext"], 1.0, "{stderr}");
+    assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-3, "{v}");
+}
+
 #[test]
 fn relu_models_unknown_names_and_bad_paths_fail_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
