@@ -170,14 +170,10 @@ impl ValueGraph {
     /// cannot fail half-way on an encoding: term weights `round(w * target / scale)` (below
     /// 2^120 and Q_level / 4), constants `round(c * target)` and activation coefficients
     /// `round(beta * scale)` (below Q_level / 4). Mirrors `Evaluator::linear_combinations`,
-    /// `add_const_assign` and `mul_const_assign`; `q` is the parameter set's chain.
-    pub fn check_encodings(&self, q: &[u64]) -> Result<(), ExecError> {
-        let log_q = |level: isize| -> f64 {
-            q.iter()
-                .take((level.max(0) + 1) as usize)
-                .map(|&p| (p as f64).log2())
-                .sum()
-        };
+    /// `add_const_assign` and `mul_const_assign`.
+    pub fn check_encodings(&self, params: &Params) -> Result<(), ExecError> {
+        let q = params.q();
+        let log_q = |level: isize| params.log_q_at(level.max(0) as usize);
         let fail = |layer: &str, e: usize, what: String| {
             Err(ExecError::Model(format!(
                 "{layer} element {e}: {what}; the parameter set cannot encode this model"

@@ -58,7 +58,7 @@ impl Plan {
             });
         }
         graph
-            .check_encodings(params.q())
+            .check_encodings(params)
             .map_err(|e| PlanError::Other(e.to_string()))?;
         let output = graph
             .output()
@@ -144,15 +144,9 @@ impl Plan {
     /// `y = a x^2 + b x` without the constant) and of the logits; layers without a recorded
     /// range are skipped. Lowest margin first.
     pub fn headroom(&self, model: &Model, params: &Params) -> Vec<Headroom> {
-        let q = params.q();
-        let log_q = |level: isize| -> f64 {
-            q.iter()
-                .take((level.max(0) + 1) as usize)
-                .map(|&p| (p as f64).log2())
-                .sum()
+        let bits = |bound: f64, level: isize, scale: f64| {
+            params.log_q_at(level.max(0) as usize) - 1.0 - (bound * scale).log2()
         };
-        let bits =
-            |bound: f64, level: isize, scale: f64| log_q(level) - 1.0 - (bound * scale).log2();
         let ranges = &model.manifest.ranges;
         let mut out = Vec::new();
         for layer in &self.graph.layers {

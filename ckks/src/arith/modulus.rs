@@ -136,10 +136,17 @@ impl Modulus {
         }
     }
 
-    /// `x mod q` for a signed 128-bit integer, in `[0, q)`.
+    /// `x mod q` for a signed 128-bit integer, in `[0, q)`. Values already below `q` in
+    /// magnitude (nearly every encoded message coefficient) skip the 128-bit reduction, whose
+    /// products wasm emulates slowly.
     #[inline(always)]
     pub fn reduce_i128(&self, x: i128) -> u64 {
-        let r = self.reduce_u128(x.unsigned_abs());
+        let a = x.unsigned_abs();
+        let r = if a < self.value as u128 {
+            a as u64
+        } else {
+            self.reduce_u128(a)
+        };
         if x < 0 {
             self.neg(r)
         } else {

@@ -224,20 +224,8 @@ impl Encoder {
         let mut poly = RnsPoly::zero(p.n(), level + 1);
         for (i, row) in poly.rows_mut().enumerate() {
             let m = ring.modulus(i);
-            let q = m.value();
             for (x, &c) in row.iter_mut().zip(ints) {
-                // Message coefficients are nearly always below every prime (about scale x
-                // value / sqrt(N)); skip the 128-bit reduction, which wasm emulates slowly.
-                let a = c.unsigned_abs();
-                *x = if a < q as u128 {
-                    if c < 0 && a != 0 {
-                        q - a as u64
-                    } else {
-                        a as u64
-                    }
-                } else {
-                    m.reduce_i128(c)
-                };
+                *x = m.reduce_i128(c);
             }
         }
         poly
@@ -400,8 +388,8 @@ mod tests {
         }
     }
 
-    /// The small-coefficient shortcut agrees with the full 128-bit reduction on both sides
-    /// of every prime (and of zero).
+    /// Coefficients reduce to their exact residues on both sides of every prime (and of
+    /// zero), where `reduce_i128` switches between its shortcut and the 128-bit reduction.
     #[test]
     fn integers_to_rns_matches_reduce_i128() {
         let p = params(10, 3);
@@ -426,7 +414,8 @@ mod tests {
         for (i, row) in poly.rows().enumerate() {
             let m = p.ring().modulus(i);
             for (x, &c) in row.iter().zip(&ints) {
-                assert_eq!(*x, m.reduce_i128(c), "prime {i}, value {c}");
+                let want = c.rem_euclid(m.value() as i128) as u64;
+                assert_eq!(*x, want, "prime {i}, value {c}");
             }
         }
     }
