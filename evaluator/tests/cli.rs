@@ -16,6 +16,19 @@ fn beaa(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `n` synthetic CIFAR-style binary records (label byte + 3072 channel-major bytes) and the
+/// class names, in `dir`.
+fn write_cifar_records(dir: &std::path::Path, n: u32, classes: &[String]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut records = Vec::new();
+    for i in 0..n {
+        records.push((i as usize % classes.len()) as u8);
+        records.extend((0..3072u32).map(|p| ((p * (i + 3) + i * 41) % 251) as u8));
+    }
+    std::fs::write(dir.join("test_batch.bin"), &records).unwrap();
+    std::fs::write(dir.join("batches.meta.txt"), classes.join("\n")).unwrap();
+}
+
 #[test]
 fn plan_of_a_random_squeezenet_fits_n32768_at_128_bits() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,20 +70,8 @@ fn eval_encrypted_agrees_with_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let model = random_model(7, &SqueezeNetSpec::tiny(3, 32, 4), Activation::PolyElement);
     model.save(&dir.path().join("model")).unwrap();
-    // Six CIFAR-style binary records (label byte + 3072 channel-major bytes), synthetic.
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut records = Vec::new();
-    for i in 0..6u32 {
-        records.push((i % 4) as u8);
-        records.extend((0..3072u32).map(|p| ((p * (i + 3) + i * 41) % 251) as u8));
-    }
-    std::fs::write(data.join("test_batch.bin"), &records).unwrap();
-    std::fs::write(
-        data.join("batches.meta.txt"),
-        model.manifest.classes.join("\n"),
-    )
-    .unwrap();
+    write_cifar_records(&data, 6, &model.manifest.classes);
     let model_dir = dir.path().join("model");
     let args = [
         "eval",
@@ -109,18 +110,7 @@ fn shipped_cifar10_encrypted_agrees_with_plaintext() {
     let model = beaa_model::Model::load(&model_dir).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut records = Vec::new();
-    for i in 0..4u32 {
-        records.push(i as u8);
-        records.extend((0..3072u32).map(|p| ((p * (i + 5) + i * 73 + (p / 32) * 11) % 256) as u8));
-    }
-    std::fs::write(data.join("test_batch.bin"), &records).unwrap();
-    std::fs::write(
-        data.join("batches.meta.txt"),
-        model.manifest.classes.join("\n"),
-    )
-    .unwrap();
+    write_cifar_records(&data, 4, &model.manifest.classes);
     let (ok, stdout, stderr) = beaa(&[
         "eval",
         "--model",

@@ -880,35 +880,26 @@ mod tests {
         assert!((c - 3.0 / 32.0).abs() < 1e-2, "{c}");
     }
 
-    /// Progressive fitting changes nothing for the first activation (its inputs do not depend
-    /// on any polynomial) and refits the later ones on the polynomial network's own inputs;
-    /// it leaves no layer on ReLU and every coefficient finite.
-    #[test]
-    fn progressive_fit_refits_later_layers_only() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-progfit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+    /// Two classes ("dark", "light") of `per_class` 8x8 PNG images under `dir`.
+    fn write_two_class_images(dir: &Path, per_class: u32) -> Result<()> {
         for (c, shade) in [("dark", 40u8), ("light", 200u8)] {
-            std::fs::create_dir_all(root.join(c))?;
-            for k in 0..12u32 {
+            std::fs::create_dir_all(dir.join(c))?;
+            for k in 0..per_class {
                 image::RgbImage::from_fn(8, 8, |x, y| {
-                    image::Rgb([shade, (x * 25 + k * 7) as u8, (y * 30 + k) as u8])
+                    image::Rgb([shade, (x * 20 + k) as u8, (y * 20) as u8])
                 })
                 .save_with_format(
-                    root.join(c).join(format!("{k}.png")),
+                    dir.join(c).join(format!("{k}.png")),
                     image::ImageFormat::Png,
                 )?;
             }
         }
-        let spec = InputSpec {
-            channels: 3,
-            height: 8,
-            width: 8,
-            mean: vec![0.5; 3],
-            std: vec![0.25; 3],
-            resize: ResizePolicy::Stretch,
-        };
-        let ds = Dataset::load(&root, &spec)?;
-        let arch = Arch {
+        Ok(())
+    }
+
+    /// The SqueezeNet graph at 8x8 input, two classes and 2-4 channels per layer.
+    fn tiny_arch() -> Arch {
+        Arch {
             in_channels: 3,
             height: 8,
             width: 8,
@@ -918,7 +909,27 @@ mod tests {
             fire2: (2, 3, 3),
             conv2: 4,
             conv3: 4,
+        }
+    }
+
+    /// Progressive fitting changes nothing for the first activation (its inputs do not depend
+    /// on any polynomial) and refits the later ones on the polynomial network's own inputs;
+    /// it leaves no layer on ReLU and every coefficient finite.
+    #[test]
+    fn progressive_fit_refits_later_layers_only() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-progfit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        write_two_class_images(&root, 12)?;
+        let spec = InputSpec {
+            channels: 3,
+            height: 8,
+            width: 8,
+            mean: vec![0.5; 3],
+            std: vec![0.25; 3],
+            resize: ResizePolicy::Stretch,
         };
+        let ds = Dataset::load(&root, &spec)?;
+        let arch = tiny_arch();
         let dev = Device::Cpu;
         let coefs = |progressive: bool| -> Result<BTreeMap<String, Vec<f32>>> {
             let mut net = Net::new(arch.clone(), ActKind::Element, 5, &dev)?;
@@ -1004,23 +1015,10 @@ mod tests {
     #[test]
     fn resume_mid_epoch_is_exact() -> Result<()> {
         use crate::data::SplitKind;
-        use crate::net::Arch;
         let root = std::env::temp_dir().join(format!("beaa-resume-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let data = root.join("data");
-        for (c, shade) in [("dark", 40u8), ("light", 200u8)] {
-            std::fs::create_dir_all(data.join(c)).unwrap();
-            for k in 0..10u32 {
-                let img = image::RgbImage::from_fn(8, 8, |x, y| {
-                    image::Rgb([shade, (x * 20 + k) as u8, (y * 20) as u8])
-                });
-                img.save_with_format(
-                    data.join(c).join(format!("{k}.png")),
-                    image::ImageFormat::Png,
-                )
-                .unwrap();
-            }
-        }
+        write_two_class_images(&data, 10)?;
         let cfg = TrainConfig {
             data: data.clone(),
             dataset_name: "synthetic".into(),
@@ -1035,17 +1033,7 @@ mod tests {
             split: SplitKind::LastPerClass,
             val_per_class: 2,
             val_fraction: 0.0,
-            arch: Arch {
-                in_channels: 3,
-                height: 8,
-                width: 8,
-                classes: 2,
-                conv1: 4,
-                fire1: (2, 3, 3),
-                fire2: (2, 3, 3),
-                conv2: 4,
-                conv3: 4,
-            },
+            arch: tiny_arch(),
             act: ActKind::Element,
             epochs: 2,
             batch: 4,
