@@ -12,7 +12,9 @@
 //! - **sum**: average pooling whose window is a sum of equally weighted values of one level
 //!   and scale is materialized as the plain sum (additions only, no level) when the next layer
 //!   reads overlapping windows; the `1/k^2` rides along as a weight.
-//! - **output**: the logits, one combination and one rescale.
+//! - **output**: the logits, one combination and one rescale. When they reduce over every
+//!   tile of a layer (the global average pool), each tile's share is a stored **partial**
+//!   sum (combined, not rescaled) and the logits are the rescaled sum of the partials.
 
 use crate::exec::ExecError;
 use beaa_ckks::Params;
@@ -79,7 +81,12 @@ pub enum LayerKind {
     Activation { beta: Vec<f64>, lazy: bool },
     /// Plain sum of the form's values with weights +-1 (no rescale).
     Sum,
-    /// The logits: the rescaled form.
+    /// One tile's share of a reduction over every tile (the logits read the global average
+    /// pool): the combination at the reader's level and target scale, neither rescaled nor
+    /// relinearized. Stored, so the layer it reads is consumed tile by tile instead of being
+    /// kept whole until the last tile exists.
+    Partial,
+    /// The logits: the rescaled form (over partial sums: their plain sum, rescaled).
     Output,
 }
 
@@ -182,7 +189,7 @@ impl ValueGraph {
         for layer in &self.layers {
             let beta = match &layer.kind {
                 LayerKind::Activation { beta, .. } => Some(beta),
-                LayerKind::Output => None,
+                LayerKind::Output | LayerKind::Partial => None,
                 _ => continue,
             };
             for (e, (form, cm)) in layer.forms.iter().zip(&layer.combine).enumerate() {
@@ -221,6 +228,29 @@ impl ValueGraph {
             }
         }
         Ok(())
+    }
+
+    /// Polynomials - 1 of the ciphertexts of layer `l` as stored: 2 for lazy activations and
+    /// for partial sums over them, 1 otherwise.
+    pub fn degree(&self, l: usize) -> usize {
+        let layer = &self.layers[l];
+        let lazy = |l: usize| {
+            matches!(
+                self.layers[l].kind,
+                LayerKind::Activation { lazy: true, .. }
+            )
+        };
+        let partial_of_lazy = layer.kind == LayerKind::Partial
+            && layer
+                .forms
+                .iter()
+                .flat_map(|f| &f.terms)
+                .any(|(v, _)| lazy(v.layer as usize));
+        if lazy(l) || partial_of_lazy {
+            2
+        } else {
+            1
+        }
     }
 
     /// The lowest level any value reaches.
@@ -523,6 +553,25 @@ impl Builder<'_> {
             combine.push(m);
             meta.push(self.after_combine(m, reads_lazy));
         }
+        let out = match self.partial_sums(&out, &combine) {
+            Some(partial) => {
+                let id = self.push(partial);
+                let layer = &self.layers[id as usize];
+                let tiles = layer.tiles();
+                (0..out.len())
+                    .map(|k| Form {
+                        terms: (0..tiles)
+                            .map(|t| {
+                                let elem = (k * tiles + t) as u32;
+                                (ValueRef { layer: id, elem }, 1.0)
+                            })
+                            .collect(),
+                        constant: out[k].constant,
+                    })
+                    .collect()
+            }
+            None => out,
+        };
         self.push(Layer {
             name: "logits".into(),
             kind: LayerKind::Output,
@@ -618,6 +667,45 @@ impl Builder<'_> {
             meta,
         });
         Ok(out)
+    }
+
+    /// The logits' forms split by the tile of the values they read, when they all read one
+    /// layer of several tiles and every tile contributes to every logit: element
+    /// `k * tiles + t` is logit `k`'s terms in tile `t`, combined at logit `k`'s level and
+    /// target scale (`combine`), so the partial sums add up to the combination.
+    fn partial_sums(&self, out: &[Form], combine: &[Meta]) -> Option<Layer> {
+        let source = out.first()?.terms.first()?.0.layer;
+        let src = &self.layers[source as usize];
+        let tiles = src.tiles();
+        if tiles < 2
+            || out
+                .iter()
+                .flat_map(|f| &f.terms)
+                .any(|(v, _)| v.layer != source)
+        {
+            return None;
+        }
+        let mut forms = vec![Form::default(); out.len() * tiles];
+        for (k, f) in out.iter().enumerate() {
+            for &(v, w) in &f.terms {
+                forms[k * tiles + src.tile_of(v.elem as usize)]
+                    .terms
+                    .push((v, w));
+            }
+        }
+        if forms.iter().any(|f| f.terms.is_empty()) {
+            return None;
+        }
+        let metas: Vec<Meta> = (0..forms.len()).map(|e| combine[e / tiles]).collect();
+        Some(Layer {
+            name: "logits.partial".into(),
+            kind: LayerKind::Partial,
+            shape: [out.len(), src.shape[1], src.shape[2]],
+            forms,
+            combine: metas.clone(),
+            reads_lazy: false,
+            meta: metas,
+        })
     }
 
     /// A pooled form is a free sum when all its weights have one magnitude and all its values

@@ -71,11 +71,14 @@ impl InputSource for FileInputs {
 pub struct Progress {
     /// Fraction of the work done, 0..=1 (weighted by ciphertext multiplications).
     pub fraction: f64,
-    /// The layer that just finished.
+    /// The layer whose tiles were just computed (stages overlap: a layer is consumed by the
+    /// next while it is still being made).
     pub stage: String,
     pub elapsed_s: f64,
     /// Estimated seconds left, once something has been done.
     pub eta_s: Option<f64>,
+    /// Bytes of intermediate ciphertexts held in the store (the work directory) right now.
+    pub stored_bytes: u64,
 }
 
 type ProgressFn<'a> = Box<dyn FnMut(&Progress) + Send + 'a>;
@@ -113,7 +116,8 @@ impl<'a> RunControl<'a> {
 /// Evaluates `model` on the element-wise packed `inputs` with the client's relinearization key
 /// and returns one ciphertext per logit. `plan` must come from `model` and the parameters of
 /// `ev`. Resident memory is bounded by the stored tiles a few raster rows of one layer need,
-/// plus one tile's working set per thread.
+/// plus one tile's working set per thread; stored bytes by a few segments of each stored
+/// layer, except the last one before the logits, which is kept whole.
 pub fn run_job(
     model: &Model,
     plan: &Plan,
@@ -166,20 +170,19 @@ pub fn run_job(
         store,
         cancel: cancel.as_deref(),
     };
-    let stage_work: Vec<u64> = plan
+    let total: u64 = plan
         .schedule
         .stages
         .iter()
-        .map(|s| s.work.iter().sum())
-        .collect();
-    let total: u64 = stage_work.iter().sum::<u64>().max(1);
+        .map(|s| s.work.iter().sum::<u64>())
+        .sum::<u64>()
+        .max(1);
     let start = Instant::now();
     let mut report = control.on_progress.take();
     // The first report anchors the rate (a resumed job starts part-way).
     let mut anchor: Option<(f64, f64)> = None;
-    runner.run(&mut |si, done_in_stage| {
+    runner.run(&mut |si, done| {
         let Some(f) = report.as_mut() else { return };
-        let done: u64 = stage_work[..si].iter().sum::<u64>() + done_in_stage;
         let fraction = (done as f64 / total as f64).min(1.0);
         let elapsed_s = start.elapsed().as_secs_f64();
         let (f0, e0) = *anchor.get_or_insert((fraction, elapsed_s));
@@ -190,6 +193,7 @@ pub fn run_job(
             stage: layer.name.clone(),
             elapsed_s,
             eta_s: (rate > 0.0).then(|| (1.0 - fraction) / rate),
+            stored_bytes: store.bytes_held(),
         });
     })
 }

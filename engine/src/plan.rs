@@ -126,6 +126,24 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The most bytes of intermediate ciphertexts a job holds at once (in its work directory):
+    /// `(in the executor's wavefront order, stage by stage)`; the second is what a job needed
+    /// before the wavefront, for comparison.
+    pub fn peak_stored_bytes(&self, params: &Params) -> (u64, u64) {
+        let g = &self.graph;
+        let bytes = |l: u32, e: usize| {
+            let level = g.layers[l as usize].meta[e].level.max(0) as usize;
+            beaa_ckks::serialize::ciphertext_len(params, level, g.degree(l as usize), false) as u64
+        };
+        let s = &self.schedule;
+        (
+            s.peak_stored_bytes(g, &s.segments(g), bytes),
+            s.peak_stored_bytes(g, &s.stage_by_stage(g), bytes),
+        )
+    }
+}
+
 /// Bits to spare between the largest value a layer is expected to hold and what its
 /// ciphertexts can represent (Q at its level over 2, at its scale). Expected values come from
 /// the manifest's ranges (the largest seen on the calibration images). CKKS packs a whole
@@ -236,7 +254,7 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
     for reader in &g.layers {
         if !matches!(
             reader.kind,
-            LayerKind::Activation { .. } | LayerKind::Output
+            LayerKind::Activation { .. } | LayerKind::Partial | LayerKind::Output
         ) {
             continue;
         }

@@ -21,8 +21,42 @@ pub struct Stage {
     pub work: Vec<u64>,
     /// Stored tiles this stage reads, with the last of its tiles that reads each.
     pub last_use: HashMap<TileRef, u32>,
-    /// How many times the stage reads each stored tile (it leaves memory after the last).
-    pub reads: HashMap<TileRef, u32>,
+    /// Per tile: the stored tiles computing it reads, once per read (a tile read by several
+    /// inlined tiles appears once for each).
+    pub sources: Vec<Vec<TileRef>>,
+}
+
+impl Stage {
+    /// How many times tiles `range` of this stage read each stored tile: a tile leaves
+    /// memory after its last read within the range.
+    pub fn reads(&self, range: std::ops::Range<usize>) -> HashMap<TileRef, u32> {
+        let mut reads = HashMap::new();
+        for r in self.sources[range].iter().flatten() {
+            *reads.entry(*r).or_default() += 1;
+        }
+        reads
+    }
+
+    /// Per tile: for each stored layer it reads (besides the input), the highest tile of that
+    /// layer it reads. Stages fill their layers in raster order, so tile `t` can be computed
+    /// once every listed layer has more than that many tiles done.
+    pub fn needs(&self, g: &ValueGraph) -> Vec<Vec<(u32, u32)>> {
+        self.sources
+            .iter()
+            .map(|refs| {
+                let mut need: HashMap<u32, u32> = HashMap::new();
+                for &(l, t) in refs {
+                    if g.layers[l as usize].kind != LayerKind::Input {
+                        let e = need.entry(l).or_default();
+                        *e = (*e).max(t);
+                    }
+                }
+                let mut need: Vec<(u32, u32)> = need.into_iter().collect();
+                need.sort_unstable();
+                need
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -77,15 +111,17 @@ impl Schedule {
             }
             let mut work = Vec::with_capacity(layer.tiles());
             let mut last_use = HashMap::new();
-            let mut reads: HashMap<TileRef, u32> = HashMap::new();
+            let mut sources = Vec::with_capacity(layer.tiles());
             for t in 0..layer.tiles() {
                 let mut w = 0u64;
+                let mut read = Vec::new();
                 let mut record = |stored| {
                     last_use.insert(stored, t as u32);
-                    *reads.entry(stored).or_default() += 1;
+                    read.push(stored);
                 };
                 visit(g, &inlined, (l as u32, t as u32), &mut record, &mut w);
                 work.push(w.max(1));
+                sources.push(read);
             }
             for &(sl, _) in last_use.keys() {
                 last_stage[sl as usize] = Some(stages.len());
@@ -94,7 +130,7 @@ impl Schedule {
                 layer: l as u32,
                 work,
                 last_use,
-                reads,
+                sources,
             });
         }
         Schedule {
@@ -110,6 +146,123 @@ impl Schedule {
             .iter()
             .map(|s| g.layers[s.layer as usize].name.as_str())
             .collect()
+    }
+}
+
+/// A stage's tiles are run in about this many segments. Between segments the executor runs
+/// the latest stage that can go on, so a stored layer is consumed soon after it is made:
+/// stored bytes stay near the bands that data dependencies keep alive instead of whole
+/// layers. A full OCT job holds 23.6 GB at most (67.2 GB stage by stage; about 38 GB with 8
+/// segments, 19 GB with 32), CIFAR-10 19.5 GB (34.4 GB): see `beaa plan`. Each segment reloads the band of rows it
+/// shares with the previous one from the store, so more segments cost more reads.
+pub const SEGMENTS_PER_STAGE: usize = 16;
+
+/// A run of consecutive tiles of one stage: `(stage index, tiles)`.
+pub type Segment = (usize, std::ops::Range<usize>);
+
+impl Schedule {
+    /// The order the executor runs tiles in: a wavefront. After each segment, the latest stage
+    /// that can run a whole segment (every stored tile it reads is done) runs next; if none
+    /// can, the earliest unfinished stage does. Stages fill their layers in raster order.
+    /// Depends on the graph only, so the planner can tell the stored bytes in advance.
+    pub fn segments(&self, g: &ValueGraph) -> Vec<Segment> {
+        let stages = &self.stages;
+        let needs: Vec<Vec<Vec<(u32, u32)>>> = stages.iter().map(|s| s.needs(g)).collect();
+        let mut producer: Vec<Option<usize>> = vec![None; g.layers.len()];
+        for (si, stage) in stages.iter().enumerate() {
+            producer[stage.layer as usize] = Some(si);
+        }
+        let tiles: Vec<usize> = stages
+            .iter()
+            .map(|s| g.layers[s.layer as usize].tiles())
+            .collect();
+        let chunk = |si: usize| tiles[si].div_ceil(SEGMENTS_PER_STAGE);
+        // Tiles 0..next[si] of stage si are done.
+        let mut next = vec![0usize; stages.len()];
+        let ready = |next: &[usize], si: usize, t: usize| {
+            needs[si][t]
+                .iter()
+                .all(|&(l, last)| producer[l as usize].is_none_or(|p| next[p] > last as usize))
+        };
+        // How many tiles from next[si] on can run now (at most one segment).
+        let runnable = |next: &[usize], si: usize| {
+            let end = (next[si] + chunk(si)).min(tiles[si]);
+            (next[si]..end).take_while(|&t| ready(next, si, t)).count()
+        };
+        let mut out = Vec::new();
+        loop {
+            let unfinished: Vec<usize> = (0..stages.len())
+                .filter(|&si| next[si] < tiles[si])
+                .collect();
+            let Some(&earliest) = unfinished.first() else {
+                break;
+            };
+            let pick = unfinished.iter().rev().copied().find_map(|si| {
+                let n = runnable(&next, si);
+                (n > 0 && n >= chunk(si).min(tiles[si] - next[si])).then_some((si, n))
+            });
+            // Everything the earliest unfinished stage reads is done, so it can always run.
+            let (si, n) = pick.unwrap_or((earliest, runnable(&next, earliest).max(1)));
+            out.push((si, next[si]..next[si] + n));
+            next[si] += n;
+        }
+        out
+    }
+
+    /// Stage by stage, each whole: the order before the wavefront (for comparison).
+    pub fn stage_by_stage(&self, g: &ValueGraph) -> Vec<Segment> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(si, s)| (si, 0..g.layers[s.layer as usize].tiles()))
+            .collect()
+    }
+
+    /// The most bytes the store holds at once when `segments` run (tile by tile: a tile is
+    /// put, then the tiles it was the last reader of are consumed), given each stored value's
+    /// size in bytes. The executor consumes after each batch of `threads` tiles, so it may
+    /// briefly hold up to a batch more.
+    pub fn peak_stored_bytes(
+        &self,
+        g: &ValueGraph,
+        segments: &[Segment],
+        value_bytes: impl Fn(u32, usize) -> u64,
+    ) -> u64 {
+        let tile_bytes = |l: u32, t: u32| -> u64 {
+            g.layers[l as usize]
+                .tile_elems(t as usize)
+                .map(|e| value_bytes(l, e))
+                .sum()
+        };
+        // Per stage: which stored tiles each of its tiles is the last reader of.
+        let frees: Vec<HashMap<u32, Vec<TileRef>>> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(si, s)| {
+                let mut m: HashMap<u32, Vec<TileRef>> = HashMap::new();
+                for (&(l, t), &u) in &s.last_use {
+                    if self.last_stage[l as usize] == Some(si)
+                        && g.layers[l as usize].kind != LayerKind::Input
+                    {
+                        m.entry(u).or_default().push((l, t));
+                    }
+                }
+                m
+            })
+            .collect();
+        let (mut held, mut peak) = (0u64, 0u64);
+        for (si, range) in segments {
+            let layer = self.stages[*si].layer;
+            for t in range.clone() {
+                held += tile_bytes(layer, t as u32);
+                peak = peak.max(held);
+                for &(l, tl) in frees[*si].get(&(t as u32)).into_iter().flatten() {
+                    held -= tile_bytes(l, tl);
+                }
+            }
+        }
+        peak
     }
 }
 

@@ -10,49 +10,79 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Tiles between stages. A tile is *done* once put, and stays done after it is consumed: its
+/// ciphertexts are freed but the store remembers it was computed, so a restarted job does not
+/// recompute a layer whose readers have already used it up.
 pub trait Store: Sync {
     fn put(&self, layer: u32, tile: u32, values: &[Ciphertext]) -> Result<(), ExecError>;
+    /// The values of a done tile that has not been consumed.
     fn get(&self, layer: u32, tile: u32) -> Result<Vec<Ciphertext>, ExecError>;
-    fn has(&self, layer: u32, tile: u32) -> bool;
-    fn remove(&self, layer: u32, tile: u32);
+    /// Whether the tile was computed (held or already consumed).
+    fn is_done(&self, layer: u32, tile: u32) -> bool;
+    /// Frees a tile no one will read again; it stays done.
+    fn consume(&self, layer: u32, tile: u32);
+    /// Bytes of ciphertext held (what a job needs on disk or in memory right now).
+    fn bytes_held(&self) -> u64;
 }
 
+/// A tile's ciphertexts; `None` once consumed.
+type Held = Option<Vec<Ciphertext>>;
+
+/// Tiles in memory.
 #[derive(Default)]
-pub struct MemStore(Mutex<HashMap<(u32, u32), Vec<Ciphertext>>>);
+pub struct MemStore(Mutex<HashMap<(u32, u32), Held>>);
 
 impl Store for MemStore {
     fn put(&self, layer: u32, tile: u32, values: &[Ciphertext]) -> Result<(), ExecError> {
         self.0
             .lock()
             .expect("store lock")
-            .insert((layer, tile), values.to_vec());
+            .insert((layer, tile), Some(values.to_vec()));
         Ok(())
     }
     fn get(&self, layer: u32, tile: u32) -> Result<Vec<Ciphertext>, ExecError> {
-        self.0
-            .lock()
-            .expect("store lock")
-            .get(&(layer, tile))
-            .cloned()
-            .ok_or_else(|| ExecError::Model(format!("tile {tile} of layer {layer} is missing")))
+        match self.0.lock().expect("store lock").get(&(layer, tile)) {
+            Some(Some(values)) => Ok(values.clone()),
+            Some(None) => Err(ExecError::Model(format!(
+                "tile {tile} of layer {layer} was read after its last reader"
+            ))),
+            None => Err(ExecError::Model(format!(
+                "tile {tile} of layer {layer} is missing"
+            ))),
+        }
     }
-    fn has(&self, layer: u32, tile: u32) -> bool {
+    fn is_done(&self, layer: u32, tile: u32) -> bool {
         self.0
             .lock()
             .expect("store lock")
             .contains_key(&(layer, tile))
     }
-    fn remove(&self, layer: u32, tile: u32) {
-        self.0.lock().expect("store lock").remove(&(layer, tile));
+    fn consume(&self, layer: u32, tile: u32) {
+        if let Some(slot) = self.0.lock().expect("store lock").get_mut(&(layer, tile)) {
+            *slot = None;
+        }
+    }
+    fn bytes_held(&self) -> u64 {
+        self.0
+            .lock()
+            .expect("store lock")
+            .values()
+            .flatten()
+            .flatten()
+            .map(|ct| ct.serialized_len() as u64)
+            .sum()
     }
 }
 
 /// Tiles as files `L<layer>/<tile>.tile` under a directory: a u32 count, then per ciphertext
 /// a u64 length and its `beaa-ckks` bytes (bit-packed, fingerprinted, validated on read).
-/// Written to a temporary name and renamed, so a tile file is complete or absent.
+/// Written to a temporary name and renamed, so a tile file is complete or absent. A consumed
+/// tile leaves an empty `<tile>.done` marker behind (written before the tile is deleted).
 pub struct DirStore {
     dir: PathBuf,
     params: Params,
+    /// Bytes of the tile files written or found and not yet consumed.
+    held: std::sync::atomic::AtomicU64,
 }
 
 impl DirStore {
@@ -72,9 +102,11 @@ impl DirStore {
             }
             std::fs::write(&stamp, identity).map_err(io)?;
         }
+        let held = tile_bytes(dir).map_err(io)?;
         Ok(DirStore {
             dir: dir.to_path_buf(),
             params: params.clone(),
+            held: held.into(),
         })
     }
 
@@ -85,6 +117,23 @@ impl DirStore {
     }
 }
 
+/// Total size of the `.tile` files one level below `dir`.
+fn tile_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            for file in std::fs::read_dir(&path)? {
+                let file = file?;
+                if file.path().extension().is_some_and(|x| x == "tile") {
+                    total += file.metadata()?.len();
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 impl Store for DirStore {
     fn put(&self, layer: u32, tile: u32, values: &[Ciphertext]) -> Result<(), ExecError> {
         let path = self.path(layer, tile);
@@ -92,6 +141,7 @@ impl Store for DirStore {
         std::fs::create_dir_all(path.parent().expect("tile path has a parent")).map_err(io)?;
         let tmp = path.with_extension("tmp");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let mut written = 4u64;
         f.write_all(&(values.len() as u32).to_le_bytes())
             .map_err(io)?;
         for ct in values {
@@ -99,12 +149,16 @@ impl Store for DirStore {
             f.write_all(&(bytes.len() as u64).to_le_bytes())
                 .map_err(io)?;
             f.write_all(&bytes).map_err(io)?;
+            written += 8 + bytes.len() as u64;
         }
         f.into_inner()
             .map_err(|e| io(e.into_error()))?
             .sync_data()
             .map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        self.held
+            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn get(&self, layer: u32, tile: u32) -> Result<Vec<Ciphertext>, ExecError> {
@@ -131,11 +185,29 @@ impl Store for DirStore {
         Ok(out)
     }
 
-    fn has(&self, layer: u32, tile: u32) -> bool {
-        self.path(layer, tile).is_file()
+    fn is_done(&self, layer: u32, tile: u32) -> bool {
+        let path = self.path(layer, tile);
+        path.is_file() || path.with_extension("done").is_file()
     }
 
-    fn remove(&self, layer: u32, tile: u32) {
-        let _ = std::fs::remove_file(self.path(layer, tile));
+    fn consume(&self, layer: u32, tile: u32) {
+        let path = self.path(layer, tile);
+        if !path.is_file() {
+            return; // consumed before (a resumed job passes its readers again)
+        }
+        // The marker first: a crash in between leaves both, never neither.
+        if std::fs::write(path.with_extension("done"), b"").is_err() {
+            return; // keep the tile: recomputing it later would be worse than the space
+        }
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if std::fs::remove_file(&path).is_ok() {
+                self.held
+                    .fetch_sub(meta.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn bytes_held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

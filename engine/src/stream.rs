@@ -17,14 +17,14 @@ type Tile = Arc<Vec<Ciphertext>>;
 /// A stored tile being loaded or loaded; readers of one tile share the slot.
 type Slot = Arc<Mutex<Option<Tile>>>;
 
-/// Stored tiles read by the running stage: loaded once, dropped from memory after their last
-/// read (the stage knows how often it reads each).
-struct Cache<'s> {
-    reads: &'s HashMap<TileRef, u32>,
+/// Stored tiles read by a running segment of a stage: loaded once, dropped from memory after
+/// their last read in the segment.
+struct Cache {
+    reads: HashMap<TileRef, u32>,
     map: Mutex<HashMap<TileRef, (Slot, u32)>>,
 }
 
-impl Cache<'_> {
+impl Cache {
     /// The slot of `r`, counting this read; the last read takes the slot out of the cache.
     fn slot(&self, r: TileRef) -> Slot {
         let mut map = self.map.lock().expect("cache lock");
@@ -39,7 +39,8 @@ impl Cache<'_> {
     }
 }
 
-/// What a stage reports after each batch of tiles: (stage index, work done in it).
+/// What the executor reports after each batch of tiles: (the stage that computed it, work
+/// done in all stages together).
 pub type StageProgress<'a> = &'a mut dyn FnMut(usize, u64);
 
 pub struct Runner<'a, I: InputSource + ?Sized> {
@@ -60,58 +61,71 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
-    /// Runs every stage (skipping tiles already in the store) and returns the logits.
+    /// Runs every stage as a wavefront ([`Schedule::segments`]), skipping tiles already done,
+    /// and returns the logits.
     pub fn run(&self, progress: StageProgress<'_>) -> Result<Vec<Ciphertext>, ExecError> {
-        let threads = rayon::current_num_threads().max(1);
-        for (si, stage) in self.schedule.stages.iter().enumerate() {
-            let layer = &self.g.layers[stage.layer as usize];
-            let tiles = layer.tiles();
-            // Many tiles: one per thread at a time. One tile (the logits): parallel inside.
-            let outer = tiles >= 2 * threads;
-            let batch = if outer { threads } else { 1 };
-            let cache = Cache {
-                reads: &stage.reads,
-                map: Mutex::default(),
-            };
-            let mut done_work = 0u64;
-            let mut t = 0;
-            while t < tiles {
-                self.check_cancel()?;
-                let start = t;
-                let end = (t + batch).min(tiles);
-                let todo: Vec<usize> = (t..end)
-                    .filter(|&x| !self.store.has(stage.layer, x as u32))
-                    .collect();
-                let compute = |x: &usize| -> Result<(), ExecError> {
-                    let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
-                    self.store.put(stage.layer, *x as u32, &values)
-                };
-                if outer {
-                    todo.par_iter().try_for_each(compute)?;
-                } else {
-                    todo.iter().try_for_each(compute)?;
-                }
-                done_work += stage.work[t..end].iter().sum::<u64>();
-                t = end;
-                // Stored tiles whose last reader is now written leave the store when no later
-                // stage reads them (never the client's inputs). A restart still finds every
-                // tile an unfinished tile needs.
-                for (&(l, tl), &u) in &stage.last_use {
-                    if (start..end).contains(&(u as usize))
-                        && self.schedule.last_stage[l as usize] == Some(si)
-                        && self.g.layers[l as usize].kind != LayerKind::Input
-                    {
-                        self.store.remove(l, tl);
-                    }
-                }
-                // Batches finished by an earlier run are not news.
-                if !todo.is_empty() {
-                    progress(si, done_work);
-                }
-            }
+        let mut done_work = 0u64;
+        for (si, range) in self.schedule.segments(self.g) {
+            self.run_segment(si, range, &mut done_work, progress)?;
         }
         let out = self.g.layers.len() as u32 - 1;
         self.store.get(out, 0)
+    }
+
+    /// Tiles `range` of stage `si`, a few at a time, skipping those already done.
+    fn run_segment(
+        &self,
+        si: usize,
+        range: std::ops::Range<usize>,
+        done_work: &mut u64,
+        progress: StageProgress<'_>,
+    ) -> Result<(), ExecError> {
+        let stage = &self.schedule.stages[si];
+        let threads = rayon::current_num_threads().max(1);
+        let tiles = self.g.layers[stage.layer as usize].tiles();
+        // Many tiles: one per thread at a time. One tile (the logits): parallel inside.
+        let outer = tiles >= 2 * threads;
+        let batch = if outer { threads } else { 1 };
+        let cache = Cache {
+            reads: stage.reads(range.clone()),
+            map: Mutex::default(),
+        };
+        let mut t = range.start;
+        while t < range.end {
+            self.check_cancel()?;
+            let start = t;
+            let end = (t + batch).min(range.end);
+            let todo: Vec<usize> = (t..end)
+                .filter(|&x| !self.store.is_done(stage.layer, x as u32))
+                .collect();
+            let compute = |x: &usize| -> Result<(), ExecError> {
+                let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
+                self.store.put(stage.layer, *x as u32, &values)
+            };
+            if outer {
+                todo.par_iter().try_for_each(compute)?;
+            } else {
+                todo.iter().try_for_each(compute)?;
+            }
+            *done_work += stage.work[t..end].iter().sum::<u64>();
+            t = end;
+            // Stored tiles whose last reader is now written are consumed when no later stage
+            // reads them (never the client's inputs). A restart still finds every tile an
+            // unfinished tile needs, and knows which tiles were consumed.
+            for (&(l, tl), &u) in &stage.last_use {
+                if (start..end).contains(&(u as usize))
+                    && self.schedule.last_stage[l as usize] == Some(si)
+                    && self.g.layers[l as usize].kind != LayerKind::Input
+                {
+                    self.store.consume(l, tl);
+                }
+            }
+            // Batches finished by an earlier run are not news.
+            if !todo.is_empty() {
+                progress(si, *done_work);
+            }
+        }
+        Ok(())
     }
 
     /// A stored tile, loading it on first use.
@@ -265,6 +279,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             let e = elems[j];
             let mut x =
                 sum.ok_or_else(|| ExecError::Model(format!("{}: empty form", layer.name)))?;
+            if layer.kind == LayerKind::Partial {
+                // Added up by the reader, which rescales the total.
+                check_meta(&x, layer.meta[e], &layer.name)?;
+                return Ok(x);
+            }
             let constant = layer.forms[e].constant;
             if constant != 0.0 {
                 self.ev.add_const_assign(&mut x, constant)?;

@@ -19,6 +19,8 @@ pub struct LocalRun {
     pub eval_s: f64,
     /// Seconds per stage (a stored layer with the layers computed inside it), summed over jobs.
     pub per_stage_s: Vec<(String, f64)>,
+    /// The most bytes of intermediate tiles the work directory held (seen at progress reports).
+    pub work_dir_peak_bytes: u64,
 }
 
 /// Runs `images` (`n` preprocessed images, `[C, H, W]` each, flattened) through the encrypted
@@ -48,6 +50,7 @@ pub fn run_encrypted(
         encrypt_s: 0.0,
         eval_s: 0.0,
         per_stage_s: Vec::new(),
+        work_dir_peak_bytes: 0,
     };
     let slots = params.slots();
     let mut first = 0;
@@ -99,6 +102,7 @@ pub fn run_encrypted(
                         current = Some(p.stage.clone());
                     }
                     last_report = p.elapsed_s;
+                    out.work_dir_peak_bytes = out.work_dir_peak_bytes.max(p.stored_bytes);
                     eprint!(
                         "\r  {:5.1}%  {:<20} {:>8.0} s elapsed, ETA {:>8.0} s   ",
                         p.fraction * 100.0,

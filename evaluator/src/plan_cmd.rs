@@ -48,6 +48,10 @@ struct Report {
     /// later tiles read them, with their size; every other layer is recomputed where read.
     stages: Vec<StageReport>,
     inlined: Vec<String>,
+    /// The most bytes of intermediate ciphertexts a job keeps in its work directory at once
+    /// (stages run as a wavefront), and what running them one after the other would need.
+    work_dir_peak_bytes: u64,
+    work_dir_peak_bytes_stage_by_stage: u64,
     /// Activation layers whose squares are summed before one relinearization per sum.
     lazy: Vec<String>,
     squares_per_job: usize,
@@ -89,7 +93,13 @@ pub fn run(args: &PlanArgs) -> Result<()> {
                 tiles: l.tiles(),
                 ciphertexts: l.len(),
                 level,
-                stored_bytes: l.len() * ciphertext_len(&params, level.max(0) as usize, 1, false),
+                stored_bytes: l.len()
+                    * ciphertext_len(
+                        &params,
+                        level.max(0) as usize,
+                        g.degree(s.layer as usize),
+                        false,
+                    ),
             }
         })
         .collect();
@@ -100,6 +110,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         .filter(|(_, &i)| i)
         .map(|(l, _)| l.name.clone())
         .collect();
+    let (peak, peak_sequential) = plan.peak_stored_bytes(&params);
     let report = Report {
         model: dir.display().to_string(),
         n: params.n(),
@@ -116,6 +127,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         squares,
         stages,
         inlined,
+        work_dir_peak_bytes: peak,
+        work_dir_peak_bytes_stage_by_stage: peak_sequential,
         lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
         squares_per_job: plan.squares(),
         relinearizations_per_job: plan.relinearizations(),
@@ -151,6 +164,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         );
     }
     eprintln!("  inlined  {}", report.inlined.join(", "));
+    eprintln!(
+        "  work dir {:.1} GB at most (stages as a wavefront; {:.1} GB one after the other)",
+        report.work_dir_peak_bytes as f64 / 1e9,
+        report.work_dir_peak_bytes_stage_by_stage as f64 / 1e9
+    );
     eprintln!(
         "  lazy     {} ({} squares, {} relinearizations per job)",
         report.lazy.join(", "),
