@@ -58,9 +58,13 @@ fn plan_of_a_random_squeezenet_fits_n32768_at_128_bits() {
             "fire2.squeeze.act",
             "pool2",
             "conv2.act",
+            "logits.partial",
             "logits"
         ]
     );
+    // The work directory's peak, as the wavefront runs, is below the stage-by-stage one.
+    let peak = v["work_dir_peak_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak < v["work_dir_peak_bytes_stage_by_stage"].as_u64().unwrap());
 }
 
 /// `beaa eval --encrypted` at test parameters: the encrypted predictions equal the plaintext

@@ -949,6 +949,66 @@ fn disk_quota_refuses_uploads_with_507_until_space_is_freed() {
     assert_eq!(put(&job2, 0).0, 200);
 }
 
+/// A job whose intermediate tiles (the plan's `work_dir_bytes`) would not fit beside what is
+/// stored is not started: `507 disk_quota`, its inputs kept. With the room, the same inputs
+/// start and the job finishes.
+#[test]
+fn jobs_whose_working_space_exceeds_the_quota_are_not_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let probe = Server::start(&zoo, &tmp.path().join("probe"), true, &[]);
+    let info = model_info(&probe);
+    drop(probe);
+    let ct_len = info["input_ciphertext_bytes"].as_u64().unwrap();
+    let rlk_len = info["relin_key_bytes"].as_u64().unwrap();
+    let work = info["work_dir_bytes"].as_u64().unwrap();
+    let n = model.input_len() as u64;
+    // Room for the key, the inputs, the database and half the working space.
+    let slack = 1_000_000;
+    assert!(
+        work / 2 > slack,
+        "work dir {work} bytes: too small to test with"
+    );
+    let quota = rlk_len + n * ct_len + slack + work / 2;
+    let data = tmp.path().join("data");
+    let server = Server::start(
+        &zoo,
+        &data,
+        true,
+        &["--max-disk-gb", &format!("{}", quota as f64 / 1e9)],
+    );
+    let keys = client_keys(&model_info(&server));
+    let key_id = upload_key(&server, &keys);
+    let imgs = images(2, model.input_len(), 8);
+    let cts = encrypt_inputs(&keys, &imgs);
+    let job = create_job(&server, &key_id, 2);
+    upload_inputs(&server, &job, &cts, 0);
+    let (s, b) = call(
+        authed(
+            ureq::post(&format!("{}/api/jobs/{}/start", server.url, job.id)),
+            &job.token,
+        ),
+        Some(b""),
+    );
+    assert_eq!((s, error_code(&b)), (507, "disk_quota".to_owned()));
+    let st = status(&server, &job);
+    assert_eq!(st["state"], "uploading");
+    assert_eq!(st["inputs_present"].as_u64().unwrap(), n);
+    drop(server);
+    // The same data directory under a quota with room: the job starts and completes.
+    let server = Server::start(
+        &zoo,
+        &data,
+        true,
+        &["--max-disk-gb", &format!("{}", (quota + work) as f64 / 1e9)],
+    );
+    model_info(&server); // planned and ready
+    start(&server, &job);
+    let done = wait_done(&server, &job, Duration::from_secs(300));
+    assert_eq!(done["state"], "done", "{done}");
+    check_against_plaintext(&model, &imgs, &result(&server, &job, &keys, 2));
+}
+
 /// Jobs and then their unused key disappear after `--job-ttl-hours`: files, status and all.
 #[test]
 fn expired_jobs_and_keys_are_removed() {

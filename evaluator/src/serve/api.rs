@@ -610,6 +610,22 @@ pub async fn start_job(
                     return Err(inputs_missing(row.inputs_total - present, row.inputs_total));
                 }
                 let m = st.model(&row.model)?;
+                // The job's intermediate tiles must fit beside what is stored (other jobs'
+                // working space is theirs only while they run, so it is not counted here).
+                let stored = st.disk_used.load(Ordering::Relaxed);
+                if stored.saturating_add(m.work_peak) > st.max_disk {
+                    return Err(ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "disk_quota",
+                        format!(
+                            "running this job needs {:.1} GB of working space beside the \
+                             {:.1} GB stored, over the server's {:.1} GB quota; retry later",
+                            m.work_peak as f64 / 1e9,
+                            stored as f64 / 1e9,
+                            st.max_disk as f64 / 1e9
+                        ),
+                    ));
+                }
                 let guard = st.begin_start(&row.job_id).ok_or_else(|| {
                     ApiError::conflict("job_starting", "the job is being started; retry shortly")
                 })?;

@@ -59,7 +59,9 @@ pub struct ServeArgs {
     /// Jobs, their files and unused keys are removed this long after creation.
     #[arg(long, default_value_t = 24.0)]
     pub job_ttl_hours: f64,
-    /// New uploads are refused (507) when the data directory would exceed this.
+    /// New uploads are refused (507) when the data directory would exceed this; a running job
+    /// counts with the most its intermediate tiles take (`beaa plan`: "work dir"), and a job
+    /// is not started (507) while that does not fit.
     #[arg(long, default_value_t = 100.0)]
     pub max_disk_gb: f64,
     /// Seconds between expiry sweeps.
@@ -79,7 +81,10 @@ pub struct AppState {
     /// Jobs between `POST .../start` and the queue (their inputs are being synced).
     pub starting: Mutex<HashSet<String>>,
     pub queue: tokio::sync::Notify,
+    /// Bytes of keys, inputs and results (not the running jobs' intermediate tiles).
     pub disk_used: AtomicU64,
+    /// Working space reserved by running jobs: their plans' peak of intermediate tiles.
+    pub work_reserved: AtomicU64,
     pub max_disk: u64,
     pub ttl_ms: i64,
     pub progress_interval_ms: u64,
@@ -125,8 +130,15 @@ impl AppState {
             .contains(job_id)
     }
 
+    /// Bytes counted against the quota: stored files and running jobs' working space.
+    pub fn disk_committed(&self) -> u64 {
+        self.disk_used
+            .load(Ordering::Relaxed)
+            .saturating_add(self.work_reserved.load(Ordering::Relaxed))
+    }
+
     pub fn check_quota(&self, extra: u64) -> ApiResult<()> {
-        if self.disk_used.load(Ordering::Relaxed).saturating_add(extra) > self.max_disk {
+        if self.disk_committed().saturating_add(extra) > self.max_disk {
             return Err(ApiError::new(
                 axum::http::StatusCode::INSUFFICIENT_STORAGE,
                 "disk_quota",
@@ -150,7 +162,7 @@ impl AppState {
             return;
         }
         let dir = self.job_dir(job_id);
-        let size = util::dir_size(&dir);
+        let size = util::counted_size(&dir);
         if std::fs::remove_dir_all(&dir).is_ok() {
             self.sub_disk(size);
         }
@@ -271,7 +283,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         cancels: Mutex::new(HashMap::new()),
         starting: Mutex::new(HashSet::new()),
         queue: tokio::sync::Notify::new(),
-        disk_used: AtomicU64::new(util::dir_size(&args.data_dir)),
+        disk_used: AtomicU64::new(util::counted_size(&args.data_dir)),
+        work_reserved: AtomicU64::new(0),
         max_disk: (args.max_disk_gb.max(0.0) * 1e9) as u64,
         ttl_ms: (args.job_ttl_hours.max(0.0) * 3.6e6) as i64,
         progress_interval_ms: args.progress_interval_ms,

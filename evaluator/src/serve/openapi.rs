@@ -35,7 +35,8 @@ pub fn spec() -> Value {
                     "insecure_test_params": {"type": "boolean"}, "params_fingerprint": {"type": "string"},
                     "depth": {"type": "integer"}, "input_ciphertexts": {"type": "integer"},
                     "output_ciphertexts": {"type": "integer"}, "max_batch": {"type": "integer"},
-                    "input_ciphertext_bytes": {"type": "integer"}, "relin_key_bytes": {"type": "integer"}}},
+                    "input_ciphertext_bytes": {"type": "integer"}, "relin_key_bytes": {"type": "integer"},
+                    "work_dir_bytes": {"type": "integer", "description": "the most bytes of intermediate ciphertexts a running job keeps on the server's disk"}}},
                 "JobStatus": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "model": {"type": "string"}, "batch": {"type": "integer"},
                     "state": {"type": "string", "enum": ["uploading", "queued", "running", "done", "failed", "cancelled"]},
@@ -81,7 +82,7 @@ pub fn spec() -> Value {
                         "409": err("the job has started"), "413": err("too large"), "507": err("disk quota")}}},
             "/api/jobs/{id}/start": {
                 "parameters": [job_id],
-                "post": {"summary": "queue the job", "security": auth, "responses": {"202": ok_json("queued", json!({"type": "object", "properties": {"state": {"type": "string"}}})), "404": err("unknown job or wrong token"), "409": err("inputs missing (inputs_missing), another start in progress (job_starting) or job finished")}}},
+                "post": {"summary": "queue the job", "security": auth, "responses": {"202": ok_json("queued", json!({"type": "object", "properties": {"state": {"type": "string"}}})), "404": err("unknown job or wrong token"), "409": err("inputs missing (inputs_missing), another start in progress (job_starting) or job finished"), "507": err("the job's working space does not fit the disk quota")}}},
             "/api/jobs/{id}/result": {
                 "parameters": [job_id],
                 "get": {"summary": "the output ciphertexts: u32 LE count, then per logit a u64 LE length and the ciphertext bytes", "security": auth,

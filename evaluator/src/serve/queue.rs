@@ -74,7 +74,11 @@ pub async fn worker(st: Arc<AppState>, index: usize) {
                 tracing::info!(job_id = %job_id, worker = index, "job running");
                 let st2 = st.clone();
                 let id2 = job_id.clone();
+                // Its intermediate tiles count against the disk quota while it runs.
+                let reserved = m.work_peak;
+                st.work_reserved.fetch_add(reserved, Ordering::Relaxed);
                 let outcome = tokio::task::spawn_blocking(move || execute(&st2, &id2, &m)).await;
+                st.work_reserved.fetch_sub(reserved, Ordering::Relaxed);
                 let (state, error) = match outcome {
                     Ok(Ok(())) => (db::DONE, None),
                     Ok(Err(ExecError::Cancelled)) => (db::CANCELLED, None),
@@ -94,13 +98,15 @@ pub async fn worker(st: Arc<AppState>, index: usize) {
                         if state == db::DONE {
                             // The inputs and checkpoints are no longer needed.
                             let _ = st.db.delete_inputs(&job_id);
-                            for sub in ["inputs", "work"] {
-                                let dir = st.job_dir(&job_id).join(sub);
-                                let freed = super::util::dir_size(&dir);
-                                if std::fs::remove_dir_all(&dir).is_ok() {
-                                    st.sub_disk(freed);
-                                }
+                            let dir = st.job_dir(&job_id).join("inputs");
+                            let freed = super::util::dir_size(&dir);
+                            if std::fs::remove_dir_all(&dir).is_ok() {
+                                st.sub_disk(freed);
                             }
+                            // Not counted: the reservation above stood for it.
+                            let _ = std::fs::remove_dir_all(
+                                st.job_dir(&job_id).join(super::util::WORK_DIR),
+                            );
                         }
                     }
                     Ok(false) => {
@@ -152,7 +158,7 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
     let control =
         // Finished tiles are checkpoints: a restarted job skips them.
         RunControl::new()
-            .work_dir(st.job_dir(job_id).join("work"))
+            .work_dir(st.job_dir(job_id).join(super::util::WORK_DIR))
             .cancel_flag(flag)
             .on_progress(move |p: &beaa_engine::Progress| {
                 if last

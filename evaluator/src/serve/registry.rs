@@ -22,6 +22,8 @@ pub struct ReadyModel {
     pub fingerprint: String,
     pub input_ct_len: usize,
     pub rlk_len: usize,
+    /// The most bytes of intermediate tiles a job holds (the plan's wavefront peak).
+    pub work_peak: u64,
     pub info: serde_json::Value,
 }
 
@@ -166,6 +168,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
     let fingerprint = hex(params.fingerprint());
     let input_ct_len = ciphertext_len(&params, params.max_level(), 1, true);
     let rlk_len = RelinKey::serialized_len(&params);
+    let work_peak = plan.peak_stored_bytes(&params).0;
     let info = json!({
         "name": name,
         "classes": model.manifest.classes,
@@ -179,6 +182,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
         "max_batch": params.slots(),
         "input_ciphertext_bytes": input_ct_len,
         "relin_key_bytes": rlk_len,
+        "work_dir_bytes": work_peak,
     });
     let ev = Evaluator::new(&params);
     Ok(ReadyModel {
@@ -190,6 +194,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
         fingerprint,
         input_ct_len,
         rlk_len,
+        work_peak,
         info,
     })
 }

@@ -103,6 +103,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Total bytes of the regular files under `dir` (0 when it does not exist).
 pub fn dir_size(dir: &Path) -> u64 {
+    size_skipping(dir, None)
+}
+
+/// A job's working directory (intermediate tiles): not counted in `AppState::disk_used`
+/// (a running job reserves its plan's peak instead).
+pub const WORK_DIR: &str = "work";
+
+/// Bytes of the files under `dir` except those in working directories ([`WORK_DIR`]).
+pub fn counted_size(dir: &Path) -> u64 {
+    size_skipping(dir, Some(WORK_DIR))
+}
+
+fn size_skipping(dir: &Path, skip: Option<&str>) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -111,6 +124,7 @@ pub fn dir_size(dir: &Path) -> u64 {
         };
         for e in rd.flatten() {
             match e.file_type() {
+                Ok(t) if t.is_dir() && skip.is_some_and(|s| e.file_name() == s) => {}
                 Ok(t) if t.is_dir() => stack.push(e.path()),
                 Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
                 _ => {}
