@@ -164,6 +164,7 @@ pub fn run_job(
     let runner = Runner {
         g: &plan.graph,
         schedule: &plan.schedule,
+        segments: &plan.segments,
         ev,
         rlk,
         inputs,

@@ -2,7 +2,7 @@
 
 use crate::exec::ExecError;
 use crate::graph::{LayerKind, Meta, ValueGraph};
-use crate::schedule::Schedule;
+use crate::schedule::{Schedule, Segment};
 use beaa_ckks::{max_log_qp_128, ParamSpec, Params};
 use beaa_model::Model;
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +35,12 @@ pub struct Plan {
     pub graph: ValueGraph,
     /// Which layers are stored between stages and which are recomputed where read.
     pub schedule: Schedule,
+    /// The order the executor runs the stages' tiles in: the wavefront, or stage by stage
+    /// when that holds fewer bytes (small maps, where dependencies span the whole map).
+    pub segments: Vec<Segment>,
+    /// The most bytes of intermediate ciphertexts a job holds at once in that order, and
+    /// stage by stage (for comparison).
+    pub work_dir_peak: (u64, u64),
 }
 
 impl Plan {
@@ -79,6 +85,22 @@ impl Plan {
             })
             .collect();
         let schedule = Schedule::new(&graph);
+        let bytes = |l: u32, e: usize| {
+            let level = graph.layers[l as usize].meta[e].level.max(0) as usize;
+            beaa_ckks::serialize::ciphertext_len(params, level, graph.degree(l as usize), false)
+                as u64
+        };
+        let wavefront = schedule.segments(&graph);
+        let sequential = schedule.stage_by_stage(&graph);
+        let (wave_peak, seq_peak) = (
+            schedule.peak_stored_bytes(&graph, &wavefront, bytes),
+            schedule.peak_stored_bytes(&graph, &sequential, bytes),
+        );
+        let (segments, peak) = if wave_peak <= seq_peak {
+            (wavefront, wave_peak)
+        } else {
+            (sequential, seq_peak)
+        };
         Ok(Plan {
             depth,
             input_level: top,
@@ -87,6 +109,8 @@ impl Plan {
             materialized,
             graph,
             schedule,
+            segments,
+            work_dir_peak: (peak, seq_peak),
         })
     }
 
@@ -123,24 +147,6 @@ impl Plan {
             .filter(|l| matches!(l.kind, LayerKind::Activation { .. }))
             .map(|l| l.len())
             .sum()
-    }
-}
-
-impl Plan {
-    /// The most bytes of intermediate ciphertexts a job holds at once (in its work directory):
-    /// `(in the executor's wavefront order, stage by stage)`; the second is what a job needed
-    /// before the wavefront, for comparison.
-    pub fn peak_stored_bytes(&self, params: &Params) -> (u64, u64) {
-        let g = &self.graph;
-        let bytes = |l: u32, e: usize| {
-            let level = g.layers[l as usize].meta[e].level.max(0) as usize;
-            beaa_ckks::serialize::ciphertext_len(params, level, g.degree(l as usize), false) as u64
-        };
-        let s = &self.schedule;
-        (
-            s.peak_stored_bytes(g, &s.segments(g), bytes),
-            s.peak_stored_bytes(g, &s.stage_by_stage(g), bytes),
-        )
     }
 }
 

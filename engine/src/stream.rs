@@ -5,7 +5,7 @@
 use crate::exec::ExecError;
 use crate::graph::{LayerKind, Meta, ValueGraph, ValueRef};
 use crate::job::InputSource;
-use crate::schedule::{tile_sources, Schedule, TileRef};
+use crate::schedule::{tile_sources, Schedule, Segment, TileRef};
 use crate::store::Store;
 use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
@@ -46,6 +46,8 @@ pub type StageProgress<'a> = &'a mut dyn FnMut(usize, u64);
 pub struct Runner<'a, I: InputSource + ?Sized> {
     pub g: &'a ValueGraph,
     pub schedule: &'a Schedule,
+    /// The order to run the stages' tiles in ([`crate::Plan::segments`]).
+    pub segments: &'a [Segment],
     pub ev: &'a Evaluator,
     pub rlk: &'a RelinKey,
     pub inputs: &'a I,
@@ -61,12 +63,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
-    /// Runs every stage as a wavefront ([`Schedule::segments`]), skipping tiles already done,
-    /// and returns the logits.
+    /// Runs the segments in order, skipping tiles already done, and returns the logits.
     pub fn run(&self, progress: StageProgress<'_>) -> Result<Vec<Ciphertext>, ExecError> {
         let mut done_work = 0u64;
-        for (si, range) in self.schedule.segments(self.g) {
-            self.run_segment(si, range, &mut done_work, progress)?;
+        for (si, range) in self.segments {
+            self.run_segment(*si, range.clone(), &mut done_work, progress)?;
         }
         let out = self.g.layers.len() as u32 - 1;
         self.store.get(out, 0)

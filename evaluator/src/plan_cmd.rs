@@ -49,7 +49,8 @@ struct Report {
     stages: Vec<StageReport>,
     inlined: Vec<String>,
     /// The most bytes of intermediate ciphertexts a job keeps in its work directory at once
-    /// (stages run as a wavefront), and what running them one after the other would need.
+    /// (in the executor's order: the wavefront unless one stage after the other holds less),
+    /// and what running them one after the other needs.
     work_dir_peak_bytes: u64,
     work_dir_peak_bytes_stage_by_stage: u64,
     /// Activation layers whose squares are summed before one relinearization per sum.
@@ -110,7 +111,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         .filter(|(_, &i)| i)
         .map(|(l, _)| l.name.clone())
         .collect();
-    let (peak, peak_sequential) = plan.peak_stored_bytes(&params);
+    let (peak, peak_sequential) = plan.work_dir_peak;
     let report = Report {
         model: dir.display().to_string(),
         n: params.n(),
@@ -164,11 +165,19 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         );
     }
     eprintln!("  inlined  {}", report.inlined.join(", "));
-    eprintln!(
-        "  work dir {:.1} GB at most (stages as a wavefront; {:.1} GB one after the other)",
-        report.work_dir_peak_bytes as f64 / 1e9,
-        report.work_dir_peak_bytes_stage_by_stage as f64 / 1e9
-    );
+    let gb = |b: u64| b as f64 / 1e9;
+    if plan.segments.len() > plan.schedule.stages.len() {
+        eprintln!(
+            "  work dir {:.1} GB at most (stages as a wavefront; {:.1} GB one after the other)",
+            gb(report.work_dir_peak_bytes),
+            gb(report.work_dir_peak_bytes_stage_by_stage)
+        );
+    } else {
+        eprintln!(
+            "  work dir {:.1} GB at most (stages one after the other: on maps this small a wavefront holds more)",
+            gb(report.work_dir_peak_bytes)
+        );
+    }
     eprintln!(
         "  lazy     {} ({} squares, {} relinearizations per job)",
         report.lazy.join(", "),

@@ -168,7 +168,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
     let fingerprint = hex(params.fingerprint());
     let input_ct_len = ciphertext_len(&params, params.max_level(), 1, true);
     let rlk_len = RelinKey::serialized_len(&params);
-    let work_peak = plan.peak_stored_bytes(&params).0;
+    let work_peak = plan.work_dir_peak.0;
     let info = json!({
         "name": name,
         "classes": model.manifest.classes,
