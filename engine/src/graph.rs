@@ -253,6 +253,12 @@ impl ValueGraph {
         }
     }
 
+    /// Serialized bytes of value `e` of layer `l` as the store keeps it.
+    pub fn stored_bytes(&self, params: &Params, l: usize, e: usize) -> u64 {
+        let level = self.layers[l].meta[e].level.max(0) as usize;
+        beaa_ckks::serialize::ciphertext_len(params, level, self.degree(l), false) as u64
+    }
+
     /// The lowest level any value reaches.
     pub fn lowest_level(&self) -> isize {
         self.layers

@@ -85,11 +85,7 @@ impl Plan {
             })
             .collect();
         let schedule = Schedule::new(&graph);
-        let bytes = |l: u32, e: usize| {
-            let level = graph.layers[l as usize].meta[e].level.max(0) as usize;
-            beaa_ckks::serialize::ciphertext_len(params, level, graph.degree(l as usize), false)
-                as u64
-        };
+        let bytes = |l: u32, e: usize| graph.stored_bytes(params, l as usize, e);
         let wavefront = schedule.segments(&graph);
         let sequential = schedule.stage_by_stage(&graph);
         let (wave_peak, seq_peak) = (

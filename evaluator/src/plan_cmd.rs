@@ -94,13 +94,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
                 tiles: l.tiles(),
                 ciphertexts: l.len(),
                 level,
-                stored_bytes: l.len()
-                    * ciphertext_len(
-                        &params,
-                        level.max(0) as usize,
-                        g.degree(s.layer as usize),
-                        false,
-                    ),
+                stored_bytes: (0..l.len())
+                    .map(|e| g.stored_bytes(&params, s.layer as usize, e) as usize)
+                    .sum(),
             }
         })
         .collect();

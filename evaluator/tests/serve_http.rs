@@ -885,19 +885,27 @@ fn cli_predict_matches_plaintext_with_concurrent_clients() {
     }
 }
 
+/// The model's sizes as an unlimited server reports them: (input ciphertext, relinearization
+/// key, work directory) bytes.
+fn probe_sizes(zoo: &Path, tmp: &Path) -> (u64, u64, u64) {
+    let probe = Server::start(zoo, &tmp.join("probe"), true, &[]);
+    let info = model_info(&probe);
+    let size = |k: &str| info[k].as_u64().unwrap();
+    (
+        size("input_ciphertext_bytes"),
+        size("relin_key_bytes"),
+        size("work_dir_bytes"),
+    )
+}
+
 /// Uploads past `--max-disk-gb` get `507 disk_quota` and store nothing; deleting a job gives
 /// the space back.
 #[test]
 fn disk_quota_refuses_uploads_with_507_until_space_is_freed() {
     let tmp = tempfile::tempdir().unwrap();
     let (zoo, model) = make_zoo(tmp.path());
-    // Measure the sizes first (an unlimited server), then size the quota for the key and
-    // about three inputs.
-    let probe = Server::start(&zoo, &tmp.path().join("probe"), true, &[]);
-    let info = model_info(&probe);
-    drop(probe);
-    let ct_len = info["input_ciphertext_bytes"].as_u64().unwrap();
-    let rlk_len = info["relin_key_bytes"].as_u64().unwrap();
+    // Measure the sizes first, then size the quota for the key and about three inputs.
+    let (ct_len, rlk_len, _) = probe_sizes(&zoo, tmp.path());
     let quota = rlk_len + 3 * ct_len + ct_len / 2;
     let quota_gb = format!("{}", quota as f64 / 1e9);
     let data = tmp.path().join("data");
@@ -956,12 +964,7 @@ fn disk_quota_refuses_uploads_with_507_until_space_is_freed() {
 fn jobs_whose_working_space_exceeds_the_quota_are_not_started() {
     let tmp = tempfile::tempdir().unwrap();
     let (zoo, model) = make_zoo(tmp.path());
-    let probe = Server::start(&zoo, &tmp.path().join("probe"), true, &[]);
-    let info = model_info(&probe);
-    drop(probe);
-    let ct_len = info["input_ciphertext_bytes"].as_u64().unwrap();
-    let rlk_len = info["relin_key_bytes"].as_u64().unwrap();
-    let work = info["work_dir_bytes"].as_u64().unwrap();
+    let (ct_len, rlk_len, work) = probe_sizes(&zoo, tmp.path());
     let n = model.input_len() as u64;
     // Room for the key, the inputs, the database and half the working space.
     let slack = 1_000_000;
