@@ -108,6 +108,9 @@ fn pack(out: &mut Vec<u8>, params: &Params, poly: &RnsPoly, basis: &[usize]) {
     }
 }
 
+// `unpack` reads a residue with one 8-byte load shifted by up to 7 bits.
+const _: () = assert!(crate::arith::MAX_MODULUS_BITS <= 57);
+
 /// Unpacks one polynomial, rejecting residues not below their prime.
 fn unpack(bytes: &[u8], params: &Params, basis: &[usize]) -> Result<RnsPoly> {
     let n = params.n();
@@ -120,18 +123,22 @@ fn unpack(bytes: &[u8], params: &Params, basis: &[usize]) -> Result<RnsPoly> {
         let row_bytes = n * bits as usize / 8;
         let src = &bytes[pos..pos + row_bytes];
         pos += row_bytes;
-        let mut acc: u128 = 0;
-        let mut fill = 0u32;
-        let mut src_pos = 0usize;
-        for x in row.iter_mut() {
-            while fill < bits {
-                acc |= (src[src_pos] as u128) << fill;
-                src_pos += 1;
-                fill += 8;
-            }
-            let v = acc as u64 & mask;
-            acc >>= bits;
-            fill -= bits;
+        // Residue k starts at bit k * bits: one unaligned 8-byte load, shifted and masked,
+        // holds all of it (bits <= 50 < 57). The last few, within 8 bytes of the end, are
+        // loaded zero-padded. (A byte-at-a-time loop cost ~10% of a job.)
+        for (k, x) in row.iter_mut().enumerate() {
+            let bit = k * bits as usize;
+            let (at, shift) = (bit / 8, bit % 8);
+            let word = match src.get(at..at + 8) {
+                Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
+                None => {
+                    let mut w = [0u8; 8];
+                    let tail = &src[at.min(src.len())..];
+                    w[..tail.len()].copy_from_slice(tail);
+                    u64::from_le_bytes(w)
+                }
+            };
+            let v = (word >> shift) & mask;
             if v >= m.value() {
                 return Err(Error::Malformed(format!(
                     "residue {v} not below its prime {}",
@@ -428,6 +435,7 @@ impl SecretKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arith::MAX_MODULUS_BITS;
     use crate::scheme::*;
     use proptest::prelude::*;
     use rand_chacha::ChaCha20Rng;
@@ -586,6 +594,35 @@ mod tests {
             if let Ok(ct) = Ciphertext::from_bytes(&f.params, &b) {
                 prop_assert!(pos >= HEADER_LEN + 2, "header flip at {pos} accepted: {ct:?}");
             }
+        }
+
+        /// Packing then unpacking returns every residue, for every prime size the
+        /// parameters allow (the word-load unpacking reads across byte boundaries).
+        #[test]
+        fn packed_residues_round_trip(
+            bits in proptest::collection::vec(17u32..=MAX_MODULUS_BITS, 1..4),
+            seed in any::<u64>(),
+        ) {
+            let spec = ParamSpec { log_n: 5, q_bits: bits, p_bits: vec![MAX_MODULUS_BITS], log_scale: 17 };
+            let params = Params::insecure_for_tests(spec).unwrap();
+            let basis: Vec<usize> = (0..params.q().len()).collect();
+            let mut poly = RnsPoly::zero(params.n(), basis.len());
+            let mut x = seed | 1;
+            for (row, &i) in poly.rows_mut().zip(&basis) {
+                let q = params.ring().modulus(i).value();
+                for (k, v) in row.iter_mut().enumerate() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // the extremes of the range too
+                    *v = match k % 8 { 0 => 0, 1 => q - 1, _ => x % q };
+                }
+            }
+            let mut out = Vec::new();
+            pack(&mut out, &params, &poly, &basis);
+            prop_assert_eq!(out.len(), packed_len(&params, &basis));
+            let back = unpack(&out, &params, &basis).unwrap();
+            prop_assert!(back.rows().zip(poly.rows()).all(|(a, b)| a == b));
         }
 
         #[test]

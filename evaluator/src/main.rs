@@ -59,13 +59,26 @@ enum BenchCommand {
 
 /// Keeps freed memory in the process instead of returning it to the kernel after every
 /// multi-megabyte polynomial: without this, glibc maps and unmaps each large buffer and
-/// every use pays page faults (measured here: ~15% of a relinearization).
+/// every use pays page faults (measured here: ~15% of a relinearization). Trimming is off
+/// altogether: with a 1 GiB threshold a job's heap still shrank and regrew all the time
+/// (20.8 million page faults in a full-width job on an 8x8 input; 1.0 million without, and
+/// 12-22% less time at the same peak RSS: BENCHMARKS.md). A finished job gives its memory
+/// back with [`release_freed_memory`].
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
+/// Returns the heap's free memory to the kernel (trimming is off while jobs run).
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -79,6 +79,8 @@ pub async fn worker(st: Arc<AppState>, index: usize) {
                 st.work_reserved.fetch_add(reserved, Ordering::Relaxed);
                 let outcome = tokio::task::spawn_blocking(move || execute(&st2, &id2, &m)).await;
                 st.work_reserved.fetch_sub(reserved, Ordering::Relaxed);
+                // An idle server should not hold a finished job's peak memory.
+                crate::release_freed_memory();
                 let (state, error) = match outcome {
                     Ok(Ok(())) => (db::DONE, None),
                     Ok(Err(ExecError::Cancelled)) => (db::CANCELLED, None),
