@@ -10,8 +10,8 @@
 //!   multiple at the scale of `x~`, so it lands at the scale of the square; one level).
 //!   Downstream forms use `sign(a) y + c`, so one ciphertext carries the whole activation.
 //! - **sum**: average pooling whose window is a sum of equally weighted values of one level
-//!   and scale is materialized as the plain sum (additions only, no level) when the next layer
-//!   reads overlapping windows; the `1/k^2` rides along as a weight.
+//!   and scale is materialized as the plain sum (additions only, no level) when a convolution
+//!   reads it; the `1/k^2` rides along as a weight. A sum of lazy squares stays degree 2.
 //! - **output**: the logits, one combination and one rescale. When they reduce over every
 //!   tile of a layer (the global average pool), each tile's share is a stored **partial**
 //!   sum (combined, not rescaled) and the logits are the rescaled sum of the partials.
@@ -110,7 +110,8 @@ pub struct Layer {
     /// Per element: the level the combination is computed at and its target scale (for
     /// activations and outputs; unused for inputs and sums).
     pub combine: Vec<Meta>,
-    /// The combination reads lazy (degree-2) values: rescale twice, then relinearize.
+    /// The combination reads lazy (degree-2) values: rescale twice, then relinearize. For a
+    /// sum: its terms are lazy, so it is degree 2 itself (relinearized by its reader).
     pub reads_lazy: bool,
     /// Per element: level and scale of the value itself.
     pub meta: Vec<Meta>,
@@ -138,6 +139,16 @@ impl Layer {
 
 /// Activations with |a| below this are treated as linear (`b x + c`).
 const MIN_QUADRATIC: f64 = 1e-12;
+
+/// Whether a layer's values are degree 2 (unrelinearized, unrescaled squares): a lazy
+/// activation, or a sum over lazy activations.
+fn holds_lazy(layer: &Layer) -> bool {
+    match layer.kind {
+        LayerKind::Activation { lazy, .. } => lazy,
+        LayerKind::Sum => layer.reads_lazy,
+        _ => false,
+    }
+}
 
 /// All values of a model under a parameter set.
 #[derive(Debug, Clone)]
@@ -234,19 +245,13 @@ impl ValueGraph {
     /// for partial sums over them, 1 otherwise.
     pub fn degree(&self, l: usize) -> usize {
         let layer = &self.layers[l];
-        let lazy = |l: usize| {
-            matches!(
-                self.layers[l].kind,
-                LayerKind::Activation { lazy: true, .. }
-            )
-        };
         let partial_of_lazy = layer.kind == LayerKind::Partial
             && layer
                 .forms
                 .iter()
                 .flat_map(|f| &f.terms)
-                .any(|(v, _)| lazy(v.layer as usize));
-        if lazy(l) || partial_of_lazy {
+                .any(|(v, _)| holds_lazy(&self.layers[v.layer as usize]));
+        if holds_lazy(layer) || partial_of_lazy {
             2
         } else {
             1
@@ -257,6 +262,28 @@ impl ValueGraph {
     pub fn stored_bytes(&self, params: &Params, l: usize, e: usize) -> u64 {
         let level = self.layers[l].meta[e].level.max(0) as usize;
         beaa_ckks::serialize::ciphertext_len(params, level, self.degree(l), false) as u64
+    }
+
+    /// Modular multiply-adds per coefficient slot to combine layer `l`'s forms: terms x limbs
+    /// at the combining level x polynomials of the term's ciphertext. This is the GEMM's work,
+    /// most of a job's time at full width; sums (additions only) count 0.
+    pub fn multiply_adds(&self, l: usize) -> u64 {
+        let layer = &self.layers[l];
+        if matches!(layer.kind, LayerKind::Input | LayerKind::Sum) {
+            return 0;
+        }
+        layer
+            .forms
+            .iter()
+            .zip(&layer.combine)
+            .map(|(f, cm)| {
+                let limbs = cm.level.max(0) as u64 + 1;
+                f.terms
+                    .iter()
+                    .map(|(v, _)| limbs * (self.degree(v.layer as usize) as u64 + 1))
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// The lowest level any value reaches.
@@ -321,12 +348,9 @@ impl Builder<'_> {
 
     /// Whether a form reads lazy (degree-2) values.
     fn reads_lazy(&self, form: &Form) -> bool {
-        form.terms.iter().any(|(v, _)| {
-            matches!(
-                self.layers[v.layer as usize].kind,
-                LayerKind::Activation { lazy: true, .. }
-            )
-        })
+        form.terms
+            .iter()
+            .any(|(v, _)| holds_lazy(&self.layers[v.layer as usize]))
     }
 
     /// Level and scale after the rescale(s) following a combination; mirrors
@@ -492,17 +516,14 @@ impl Builder<'_> {
                             y.merged()
                         })
                         .collect();
-                    // Materialize as a free sum when the next layer reads overlapping windows.
-                    let overlapping = consumers.get(node.name.as_str()).is_some_and(|ops| {
-                        ops.iter().any(|op| match op {
-                            Op::Conv2d { weight, .. } => model
-                                .tensors
-                                .get(weight)
-                                .is_some_and(|t| t.shape[2] > 1 || t.shape[3] > 1),
-                            _ => false,
-                        })
-                    });
-                    if overlapping && pooled.iter().all(|f| self.summable(f)) {
+                    // Materialize as a free sum when a convolution reads the pool: its
+                    // C_out outputs per position then multiply C_in sums instead of
+                    // C_in k^2 values each (C_in (k^2 - 1) additions against
+                    // C_out C_in (k^2 - 1) multiply-adds; fire1.squeeze: 4x fewer).
+                    let conv_reads = consumers
+                        .get(node.name.as_str())
+                        .is_some_and(|ops| ops.iter().any(|op| matches!(op, Op::Conv2d { .. })));
+                    if conv_reads && pooled.iter().all(|f| self.summable(f)) {
                         self.sum_layer(&node.name, node.shape, pooled)
                     } else {
                         pooled
@@ -748,12 +769,13 @@ impl Builder<'_> {
                 constant: 0.0,
             });
         }
+        let reads_lazy = forms.iter().any(|f| self.reads_lazy(f));
         self.push(Layer {
             name: name.to_string(),
             kind: LayerKind::Sum,
             shape,
             combine: Vec::new(),
-            reads_lazy: false,
+            reads_lazy,
             forms,
             meta,
         });

@@ -130,7 +130,8 @@ impl Plan {
                     LayerKind::Activation { lazy: false, .. } => l.len(),
                     _ => 0,
                 };
-                own + if l.reads_lazy { l.len() } else { 0 }
+                let combines = !matches!(l.kind, LayerKind::Sum);
+                own + if l.reads_lazy && combines { l.len() } else { 0 }
             })
             .sum()
     }
@@ -249,7 +250,8 @@ fn build_graph(
 
 /// Activation layers to leave unrelinearized: those recomputed inside a single reader (an
 /// activation or the output) that sums them into fewer ciphertexts than they are - conv1
-/// into fire1.squeeze (65,536 -> 8,192 relinearizations at CIFAR-10 width), the expand layers
+/// into fire1.squeeze through pool1's inlined sum (65,536 -> 8,192 relinearizations at
+/// CIFAR-10 width), the expand layers
 /// into the next squeeze, conv3 into the logits. Same levels; far fewer key switches.
 fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -260,11 +262,35 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
         ) {
             continue;
         }
-        let read: BTreeSet<u32> = reader
+        // Inlined sums (a pool read by a convolution) are seen through: a sum of squares is
+        // as good a place to relinearize once as the reader itself.
+        let mut read: BTreeSet<u32> = BTreeSet::new();
+        let mut todo: Vec<u32> = reader
             .forms
             .iter()
             .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer))
             .collect();
+        while let Some(l) = todo.pop() {
+            let layer = &g.layers[l as usize];
+            if layer.kind == LayerKind::Sum && schedule.inlined[l as usize] {
+                if read.insert(l) {
+                    todo.extend(
+                        layer
+                            .forms
+                            .iter()
+                            .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer)),
+                    );
+                }
+            } else {
+                read.insert(l);
+            }
+        }
+        let sums: BTreeSet<u32> = read
+            .iter()
+            .copied()
+            .filter(|&l| g.layers[l as usize].kind == LayerKind::Sum)
+            .collect();
+        read.retain(|l| !sums.contains(l));
         let all_inlined_activations = !read.is_empty()
             && read.iter().all(|&l| {
                 schedule.inlined[l as usize]
@@ -357,6 +383,37 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pool after conv1 is read by a 1x1 convolution (fire1.squeeze): it is materialized
+    /// as a sum of the lazy squares (degree 2, inlined), so each squeeze output multiplies
+    /// one value per channel instead of four, and conv1 still relinearizes only once per
+    /// squeeze output.
+    #[test]
+    fn a_pool_read_by_a_pointwise_convolution_is_summed_first() {
+        use beaa_model::testing::random_model;
+        use beaa_model::{Activation, SqueezeNetSpec};
+        let spec = SqueezeNetSpec::tiny(3, 8, 4);
+        let model = random_model(3, &spec, Activation::PolyElement);
+        let params = Params::insecure_for_tests(ParamSpec::chain(10, 16, 40, 8)).unwrap();
+        let plan = Plan::new(&model, &params).unwrap();
+        let g = &plan.graph;
+        let find = |name: &str| g.layers.iter().position(|l| l.name == name).unwrap();
+        let (conv1, pool1, squeeze) = (find("conv1.act"), find("pool1"), find("fire1.squeeze.act"));
+        assert_eq!(g.layers[pool1].kind, LayerKind::Sum);
+        assert!(plan.schedule.inlined[pool1] && plan.schedule.inlined[conv1]);
+        assert_eq!(g.degree(pool1), 2);
+        assert!(plan.lazy_layers().contains(&"conv1.act"));
+        assert!(g.layers[squeeze].reads_lazy);
+        for f in &g.layers[squeeze].forms {
+            assert_eq!(f.terms.len(), spec.conv1);
+            assert!(f.terms.iter().all(|(v, _)| v.layer as usize == pool1));
+        }
+        // Relinearizations: one per squeeze output (its sums), none for the pool's sums.
+        let squeeze_len = g.layers[squeeze].len();
+        let conv1_len = g.layers[conv1].len();
+        assert!(plan.relinearizations() < plan.squares() - conv1_len + squeeze_len + 1);
+        assert_eq!(g.multiply_adds(pool1), 0);
+    }
 
     #[test]
     fn chosen_specs_are_secure_and_deep_enough() {

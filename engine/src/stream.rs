@@ -328,7 +328,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         chunks: Vec<Vec<TileRef>>,
     ) -> Result<Vec<Ciphertext>, ExecError> {
         let layer = &self.g.layers[l as usize];
-        let mut values: HashMap<ValueRef, Ciphertext> = HashMap::new();
+        // Source tiles one at a time, each added into the sums and dropped: a pool of lazy
+        // squares would otherwise hold its whole window (conv1 at full width: 4 x 0.75 GB
+        // per thread) instead of one tile and the sums.
+        let mut acc: Vec<Option<Ciphertext>> = vec![None; elems.len()];
+        let mut found = vec![0usize; elems.len()];
         for r in chunks.into_iter().flatten() {
             let tile = if self.schedule.inlined[r.0 as usize] {
                 Arc::new(self.tile(cache, r, false)?)
@@ -336,38 +340,41 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.stored(cache, r)?
             };
             let src = &self.g.layers[r.0 as usize];
-            for (c, elem) in src.tile_elems(r.1 as usize).enumerate() {
-                values.insert(
-                    ValueRef {
-                        layer: r.0,
-                        elem: elem as u32,
-                    },
-                    tile[c].clone(),
-                );
-            }
-        }
-        elems
-            .iter()
-            .map(|&e| {
-                let mut acc: Option<Ciphertext> = None;
+            let channel: HashMap<u32, usize> = src
+                .tile_elems(r.1 as usize)
+                .enumerate()
+                .map(|(c, elem)| (elem as u32, c))
+                .collect();
+            for (j, &e) in elems.iter().enumerate() {
                 for (v, w) in &layer.forms[e].terms {
-                    let x = values
-                        .get(v)
-                        .ok_or_else(|| ExecError::Model(format!("{}: missing term", layer.name)))?;
-                    match acc.as_mut() {
+                    let Some(&c) = channel.get(&v.elem).filter(|_| v.layer == r.0) else {
+                        continue;
+                    };
+                    let x = &tile[c];
+                    found[j] += 1;
+                    match acc[j].as_mut() {
                         None => {
                             let mut first = x.clone();
                             if *w < 0.0 {
                                 self.ev.neg_assign(&mut first)?;
                             }
-                            acc = Some(first);
+                            acc[j] = Some(first);
                         }
                         Some(a) if *w < 0.0 => self.ev.sub_assign(a, x)?,
                         Some(a) => self.ev.add_assign(a, x)?,
                     }
                 }
-                let y =
-                    acc.ok_or_else(|| ExecError::Model(format!("{}: empty sum", layer.name)))?;
+            }
+        }
+        elems
+            .iter()
+            .zip(acc)
+            .zip(found)
+            .map(|((&e, y), found)| {
+                if found != layer.forms[e].terms.len() {
+                    return Err(ExecError::Model(format!("{}: missing term", layer.name)));
+                }
+                let y = y.ok_or_else(|| ExecError::Model(format!("{}: empty sum", layer.name)))?;
                 check_meta(&y, layer.meta[e], &layer.name)?;
                 Ok(y)
             })

@@ -46,6 +46,10 @@ struct Report {
     plan_s: f64,
     max_abs_error_vs_plaintext: f64,
     predictions_agree: usize,
+    /// Over the images whose predictions differ: the largest gap, in the reference's logits,
+    /// between its top class and the encrypted prediction's class (0 when all agree). A gap
+    /// below twice the max error is a near-tie that error can flip, not a wrong computation.
+    largest_reference_gap_of_a_disagreement: f64,
 }
 
 /// Peak resident set size of this process (Linux `ru_maxrss`), 0 elsewhere.
@@ -116,13 +120,18 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?
         .concat();
     let classes = model.manifest.classes.len();
-    let (mut max_err, mut agree) = (0.0f64, 0usize);
+    let (mut max_err, mut agree, mut worst_gap) = (0.0f64, 0usize, 0.0f64);
     for (b, got) in run.logits.iter().enumerate() {
         let row = &want[b * classes..(b + 1) * classes];
         for (g, w) in got.iter().zip(row) {
             max_err = max_err.max((g - w).abs());
         }
-        agree += (argmax(got) == argmax(row)) as usize;
+        let (enc, plain) = (argmax(got), argmax(row));
+        if enc == plain {
+            agree += 1;
+        } else {
+            worst_gap = worst_gap.max(row[plain] - row[enc]);
+        }
     }
     let report = Report {
         model: dir.display().to_string(),
@@ -141,9 +150,10 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         plan_s,
         max_abs_error_vs_plaintext: max_err,
         predictions_agree: agree,
+        largest_reference_gap_of_a_disagreement: worst_gap,
     };
     eprintln!(
-        "total {:.2} s for {batch} images: {:.3} ms/image; peak RSS {:.2} GB; work dir {:.2} GB at most; max |enc - plain| {:.2e}; {agree}/{batch} predictions agree",
+        "total {:.2} s for {batch} images: {:.3} ms/image; peak RSS {:.2} GB; work dir {:.2} GB at most; max |enc - plain| {:.2e}; {agree}/{batch} predictions agree (largest reference gap of a disagreement {worst_gap:.2e})",
         report.total_s,
         report.amortized_ms,
         report.peak_rss_bytes as f64 / 1e9,

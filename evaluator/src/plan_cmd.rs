@@ -56,6 +56,10 @@ struct Report {
     /// Activation layers whose squares are summed before one relinearization per sum.
     lazy: Vec<String>,
     squares_per_job: usize,
+    /// Per layer that combines terms: modular multiply-adds per job (terms x limbs x
+    /// polynomials x N), the GEMM's work; and their total.
+    multiply_adds: Vec<(String, u64)>,
+    multiply_adds_per_job: u64,
     relinearizations_per_job: usize,
     input_ciphertexts: usize,
     output_ciphertexts: usize,
@@ -108,6 +112,15 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         .map(|(l, _)| l.name.clone())
         .collect();
     let (peak, peak_sequential) = plan.work_dir_peak;
+    let multiply_adds: Vec<(String, u64)> = (0..g.layers.len())
+        .map(|l| {
+            (
+                g.layers[l].name.clone(),
+                g.multiply_adds(l) * params.n() as u64,
+            )
+        })
+        .filter(|(_, m)| *m > 0)
+        .collect();
     let report = Report {
         model: dir.display().to_string(),
         n: params.n(),
@@ -128,6 +141,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         work_dir_peak_bytes_stage_by_stage: peak_sequential,
         lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
         squares_per_job: plan.squares(),
+        multiply_adds_per_job: multiply_adds.iter().map(|(_, m)| m).sum(),
+        multiply_adds,
         relinearizations_per_job: plan.relinearizations(),
         input_ciphertexts: inputs,
         output_ciphertexts: outputs,
@@ -150,6 +165,17 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     for (node, n, level) in &report.squares {
         eprintln!("  square   {node:<24} {n:>7} ciphertexts -> level {level}");
     }
+    for (layer, m) in &report.multiply_adds {
+        eprintln!(
+            "  gemm     {layer:<24} {:>9.1}e9 multiply-adds ({:.1}%)",
+            *m as f64 / 1e9,
+            100.0 * *m as f64 / report.multiply_adds_per_job as f64
+        );
+    }
+    eprintln!(
+        "  gemm     total {:.1}e9 modular multiply-adds per job",
+        report.multiply_adds_per_job as f64 / 1e9
+    );
     for s in &report.stages {
         eprintln!(
             "  stage    {:<24} {:>5} tiles {:>7} ciphertexts at level {:>2}, {:.1} GB stored",
