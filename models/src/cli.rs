@@ -125,11 +125,14 @@ fn variant(cfg: &TrainConfig) -> String {
         ActKind::Channel => "channel-wise",
         ActKind::Element => "element-wise",
     };
-    if cfg.teacher.is_some() {
-        format!("{base} + KD")
-    } else {
-        base.to_string()
-    }
+    let kd = if cfg.teacher.is_some() { " + KD" } else { "" };
+    // How the quadratics started (students only): it moves accuracy by several points.
+    let fit = match (cfg.act, cfg.poly_fit_progressive) {
+        (ActKind::Relu, _) => "",
+        (_, true) => " (progressive fit)",
+        (_, false) => "",
+    };
+    format!("{base}{kd}{fit}")
 }
 
 /// Writes `<out>.md` and `<out>.json`; returns the markdown.
