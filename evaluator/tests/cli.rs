@@ -43,8 +43,21 @@ fn plan_of_a_random_squeezenet_fits_n32768_at_128_bits() {
     assert_eq!(v["security_bits"], 128);
     assert!(v["log2_qp"].as_f64().unwrap() <= 881.0);
     assert_eq!(v["input_ciphertexts"], 192);
-    // 7 activations, 2 pools read by 3x3 convolutions... only pool2 is; conv1's pool is not.
-    assert_eq!(v["squares"].as_array().unwrap().len(), 10);
+    // 9 activations and the 2 pools, both read by convolutions (pool1 by the 1x1
+    // fire1.squeeze, pool2 by the 3x3 conv2), so both are materialized as sums.
+    let made: Vec<&str> = v["squares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
+    assert_eq!(made.len(), 11, "{made:?}");
+    assert!(made.contains(&"pool1") && made.contains(&"pool2"));
+    // The GEMM's work is reported per layer and in total; the pools' sums cost none.
+    let per_layer = v["multiply_adds"].as_array().unwrap();
+    let total: u64 = per_layer.iter().map(|x| x[1].as_u64().unwrap()).sum();
+    assert!(total > 0 && total == v["multiply_adds_per_job"].as_u64().unwrap());
+    assert!(per_layer.iter().all(|x| x[0] != "pool1" && x[0] != "pool2"));
     let stages: Vec<&str> = v["stages"]
         .as_array()
         .unwrap()
