@@ -264,7 +264,7 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
         }
         // Inlined sums (a pool read by a convolution) are seen through: a sum of squares is
         // as good a place to relinearize once as the reader itself.
-        let mut read: BTreeSet<u32> = BTreeSet::new();
+        let (mut read, mut sums) = (BTreeSet::new(), BTreeSet::new());
         let mut todo: Vec<u32> = reader
             .forms
             .iter()
@@ -272,25 +272,17 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
             .collect();
         while let Some(l) = todo.pop() {
             let layer = &g.layers[l as usize];
-            if layer.kind == LayerKind::Sum && schedule.inlined[l as usize] {
-                if read.insert(l) {
-                    todo.extend(
-                        layer
-                            .forms
-                            .iter()
-                            .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer)),
-                    );
-                }
-            } else {
+            if layer.kind != LayerKind::Sum || !schedule.inlined[l as usize] {
                 read.insert(l);
+            } else if sums.insert(l) {
+                todo.extend(
+                    layer
+                        .forms
+                        .iter()
+                        .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer)),
+                );
             }
         }
-        let sums: BTreeSet<u32> = read
-            .iter()
-            .copied()
-            .filter(|&l| g.layers[l as usize].kind == LayerKind::Sum)
-            .collect();
-        read.retain(|l| !sums.contains(l));
         let all_inlined_activations = !read.is_empty()
             && read.iter().all(|&l| {
                 schedule.inlined[l as usize]
