@@ -56,7 +56,7 @@ def main() -> None:
     ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
     ax.set_xlabel("images per job (batch)")
     ax.set_ylabel("amortized ms per image")
-    ax.set_title("Encrypted SqueezeNet, N=32768, 128-bit, Zen 4 (reduced widths: random weights; shipped: real)", fontsize=10)
+    ax.set_title("Encrypted SqueezeNet, N=32768, 128-bit, 2-vCPU Zen 4\n(reduced widths: random weights; shipped models: trained weights)", fontsize=10)
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
