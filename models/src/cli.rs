@@ -127,10 +127,10 @@ fn variant(cfg: &TrainConfig) -> String {
     };
     let kd = if cfg.teacher.is_some() { " + KD" } else { "" };
     // How the quadratics started (students only): it moves accuracy by several points.
-    let fit = match (cfg.act, cfg.poly_fit_progressive) {
-        (ActKind::Relu, _) => "",
-        (_, true) => " (progressive fit)",
-        (_, false) => "",
+    let fit = if cfg.poly_fit_progressive && cfg.act != ActKind::Relu {
+        " (progressive fit)"
+    } else {
+        ""
     };
     format!("{base}{kd}{fit}")
 }
