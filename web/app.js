@@ -750,9 +750,10 @@ async function finishJob(pool, model, job, entries) {
   if (status.state !== 'done') throw new Error(`the job ${status.state}${status.error ? `: ${status.error}` : ''}`);
   const result = await download(job);
   step('decrypt', { status: 'active', detail: `decrypting ${model.classes.length} logit ciphertexts...` });
-  const probs = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length }, [result]);
+  const calibrated = model.logits_calibration_max_abs ?? null;
+  const { probs, outside } = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length, calibrated }, [result]);
   step('decrypt', { value: 1, max: 1, status: 'done', detail: `${entries.length} image(s)` });
-  showResults(model, entries, probs);
+  showResults(model, entries, probs, outside);
   api(`jobs/${job.id}`, { method: 'DELETE', token: job.token }).catch(() => {});
   if (keystore.available()) await keystore.deleteJob(job.id).catch(() => {});
 }
@@ -981,7 +982,7 @@ async function download(job) {
 
 // The results: a summary per class, a CSV of all, and the table a page of RESULTS_PER_PAGE rows
 // at a time (16384 rows of bars at once would be one long main-thread task).
-function showResults(model, entries, probs) {
+function showResults(model, entries, probs, outside) {
   const C = model.classes.length;
   const top = new Uint16Array(entries.length);
   const counts = new Array(C).fill(0);
@@ -991,7 +992,9 @@ function showResults(model, entries, probs) {
     top[b] = best;
     counts[best]++;
   }
-  state.results = { model, entries, probs, top, page: 0 };
+  state.results = { model, entries, probs, top, outside, page: 0 };
+  clearMessages('results');
+  const flagged = outside.reduce((n, f) => n + f, 0);
   $('#results-summary').textContent =
     `${entries.length} image(s): ` +
     model.classes
@@ -999,6 +1002,22 @@ function showResults(model, entries, probs) {
       .filter(([, k]) => k > 0)
       .map(([c, k]) => `${c} ${k}`)
       .join(', ');
+  $('#results').dataset.outside = String(flagged);
+  if (flagged * 2 > entries.length && entries.length >= 2) {
+    message(
+      `${flagged} of ${entries.length} images have results far outside the model's range: the batch most likely overflowed ` +
+        '(one extreme image garbles the whole encrypted batch). Do not use these results; submit the images in smaller batches to find the image.',
+      'error',
+      'results',
+    );
+  } else if (flagged > 0) {
+    message(
+      `${flagged} image(s) marked "unreliable": their results are far outside the range the model was calibrated on ` +
+        '(unusual images, e.g. black borders or a small picture on a dark background). Their classes should not be trusted.',
+      'error',
+      'results',
+    );
+  }
   $('#results').dataset.count = String(entries.length);
   renderResultsPage();
   $('#results').hidden = false;
@@ -1025,6 +1044,8 @@ function renderResultsPage() {
     tr.dataset.name = name;
     tr.dataset.class = model.classes[t];
     tr.dataset.classIndex = String(t);
+    const unreliable = r.outside[b] === 1;
+    if (unreliable) tr.dataset.outside = '1';
     const tdImg = document.createElement('td');
     if (img && !img.removed) {
       const pic = document.createElement('canvas');
@@ -1037,7 +1058,7 @@ function renderResultsPage() {
     tdName.textContent = name;
     const tdCls = document.createElement('td');
     tdCls.className = 'cls';
-    tdCls.textContent = `${model.classes[t]} (${(p[t] * 100).toFixed(1)}%)`;
+    tdCls.textContent = `${model.classes[t]} (${(p[t] * 100).toFixed(1)}%)${unreliable ? ' - unreliable' : ''}`;
     const tdBars = document.createElement('td');
     const bars = document.createElement('div');
     bars.className = 'bars';
@@ -1070,16 +1091,16 @@ function renderResultsPage() {
 async function downloadCsv() {
   const r = state.results;
   if (!r) return;
-  const { model, entries, probs, top } = r;
+  const { model, entries, probs, top, outside } = r;
   const C = model.classes.length;
   const q = (s) => `"${String(s).replace(/"/g, '""')}"`;
-  const parts = [[q('file'), q('predicted'), ...model.classes.map(q)].join(',') + '\n'];
+  const parts = [[q('file'), q('predicted'), ...model.classes.map(q), q('unreliable')].join(',') + '\n'];
   for (let s = 0; s < entries.length; s += 2048) {
     const lines = [];
     for (let b = s; b < Math.min(entries.length, s + 2048); b++) {
       const p = [];
       for (let c = 0; c < C; c++) p.push(probs[b * C + c].toFixed(6));
-      lines.push(`${q(entries[b].name)},${q(model.classes[top[b]])},${p.join(',')}\n`);
+      lines.push(`${q(entries[b].name)},${q(model.classes[top[b]])},${p.join(',')},${outside[b]}\n`);
     }
     parts.push(lines.join(''));
     await yieldToBrowser();

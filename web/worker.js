@@ -3,7 +3,7 @@
 // started it (postMessage); it makes no network request except loading the wasm package.
 //
 // Messages: {id, op, ...args} -> {id, ok: true, result} | {id, ok: false, error}.
-import init, { Batch, ClientKeys, preprocessImage } from './pkg/wasm_client.js';
+import init, { Batch, ClientKeys, outsideCalibration, preprocessImage, softmaxRows } from './pkg/wasm_client.js';
 
 const ready = init();
 let keys = null; // ClientKeys: the user's secret, in this worker's memory only
@@ -122,10 +122,14 @@ const ops = {
     const ct = keys.encryptFeature(batch, k);
     return { value: ct, transfer: [ct.buffer] };
   },
-  decrypt({ result, nImages, classes }) {
+  // Probabilities, and per image 1 when its logits leave the model's calibrated range
+  // (`calibrated`: the model's logits_calibration_max_abs; null: no flags).
+  decrypt({ result, nImages, classes, calibrated }) {
     if (!keys) throw new Error('worker has no key');
-    const probs = keys.decryptProbabilities(new Uint8Array(result), nImages, classes);
-    return { value: probs, transfer: [probs.buffer] };
+    const logits = keys.decryptLogits(new Uint8Array(result), nImages, classes);
+    const probs = softmaxRows(logits, classes);
+    const outside = calibrated ? outsideCalibration(logits, classes, calibrated) : new Uint8Array(nImages);
+    return { value: { probs, outside }, transfer: [probs.buffer, outside.buffer] };
   },
   reset() {
     dropKeys();

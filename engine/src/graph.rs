@@ -12,7 +12,8 @@
 //! - **sum**: average pooling whose window is a sum of equally weighted values of one level
 //!   and scale is materialized as the plain sum (additions only, no level) when a convolution
 //!   reads it; the `1/k^2` rides along as a weight. A sum of lazy squares stays degree 2.
-//! - **output**: the logits, one combination and one rescale. When they reduce over every
+//! - **output**: the logits, one combination and one rescale, at a smaller scale than the
+//!   others ([`LOGIT_WEIGHT_BITS`]) to leave room for outliers. When they reduce over every
 //!   tile of a layer (the global average pool), each tile's share is a stored **partial**
 //!   sum (combined, not rescaled) and the logits are the rescaled sum of the partials.
 
@@ -139,6 +140,16 @@ impl Layer {
 
 /// Activations with |a| below this are treated as linear (`b x + c`).
 const MIN_QUADRATIC: f64 = 1e-12;
+
+/// Precision of the logits' weights: they are combined at (inputs' scale) x 2^this, not at
+/// (inputs' scale) x prime, so the logits end at a scale of about 2^this instead of 2^40.
+/// Weight precision and the logits' room to grow share one budget (log2 Q - log2 scale at
+/// the combination's level): 28 bits of weight precision (rounding ~4e-9 relative, far below
+/// the encrypted logits' error of ~1e-4) leave 12 bits more room than a full prime's weights.
+/// That room is what keeps one outlier image (the shipped CIFAR-10 model gives |logits| of up
+/// to 6e8 for some images with black borders, `beaa eval` "max_abs_logit") from wrapping the
+/// modulus and corrupting every other image of its batch.
+pub const LOGIT_WEIGHT_BITS: i32 = 28;
 
 /// Whether a layer's values are degree 2 (unrelinearized, unrescaled squares): a lazy
 /// activation, or a sum over lazy activations.
@@ -576,7 +587,8 @@ impl Builder<'_> {
         let mut meta = Vec::with_capacity(out.len());
         let reads_lazy = out.iter().any(|f| self.reads_lazy(f));
         for f in &out {
-            let m = self.combine_meta(f)?;
+            let mut m = self.combine_meta(f)?;
+            m.scale = m.scale / self.prime(m.level) * 2f64.powi(LOGIT_WEIGHT_BITS);
             combine.push(m);
             meta.push(self.after_combine(m, reads_lazy));
         }

@@ -158,6 +158,10 @@ pub struct Headroom {
     pub bits: f64,
     /// Bound on |value| the margin is computed for.
     pub bound: f64,
+    /// The margin for one image alone beyond the bound (the others within it): a slot's value
+    /// reaches each coefficient divided by the number of slots (|m_i| <= sum_j |z_j| / slots),
+    /// so one image may exceed the all-images margin by log2(slots) bits.
+    pub one_image_bits: f64,
 }
 
 impl Plan {
@@ -200,6 +204,7 @@ impl Plan {
                         layer: layer.name.clone(),
                         bits: f64::INFINITY,
                         bound: 0.0,
+                        one_image_bits: f64::INFINITY,
                     };
                     for (cm, m) in layer.combine.iter().zip(&layer.meta) {
                         for (bound, level, scale) in
@@ -227,10 +232,15 @@ impl Plan {
                         layer: layer.name.clone(),
                         bits: h,
                         bound: r.max_abs,
+                        one_image_bits: f64::INFINITY,
                     });
                 }
                 _ => {}
             }
+        }
+        let one_image = (params.slots() as f64).log2();
+        for h in &mut out {
+            h.one_image_bits = h.bits + one_image;
         }
         out.sort_by(|a, b| a.bits.total_cmp(&b.bits));
         out

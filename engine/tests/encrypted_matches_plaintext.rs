@@ -456,3 +456,94 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// CKKS packs a batch into shared ciphertexts: an image whose logits outgrow the modulus
+/// corrupts every other image's answer. Stacked quadratics make such images real (the
+/// shipped CIFAR-10 model: |logits| up to 6e8 on images with black borders). The plan's
+/// headroom states two bounds: every image of a batch up to `bound * 2^bits`, or one image
+/// among ordinary ones up to `bound * 2^one_image_bits` (a slot reaches each coefficient
+/// divided by the number of slots). An image at a quarter of the one-image bound - far beyond
+/// the all-images bound - leaves the others exact; one at 8x the bound wraps the modulus and
+/// ruins them (so the check can fail).
+#[test]
+fn one_outlier_image_leaves_its_batch_intact() {
+    let spec = SqueezeNetSpec::tiny(3, 8, 4);
+    let model = random_model(11, &spec, Activation::PolyElement);
+    let (params, plan) = Plan::choose_insecure_for_tests(&model).unwrap();
+    let h = plan.headroom(&model, &params);
+    let logits_room = h.iter().find(|x| x.layer == "logits").unwrap();
+    assert_eq!(h[0].layer, "logits", "the logits are the tightest: {h:?}");
+    let classes = model.manifest.classes.len();
+    let per = model.input_len();
+    let largest = |x: &[f64]| {
+        let y = model.forward(x, 1).unwrap();
+        y.iter().fold(0.0f64, |m, v| m.max(v.abs()))
+    };
+    // An input scaled until its largest |logit| is `target` (stacked squares: it grows as a
+    // high power of the scale, so bisect on the scale).
+    let base = images(1, per, 99);
+    let outlier = |target: f64| {
+        let at = |s: f64| base.iter().map(|v| v * s).collect::<Vec<f64>>();
+        let (mut lo, mut hi) = (1.0f64, 2.0f64);
+        while largest(&at(hi)) < target {
+            (lo, hi) = (hi, hi * 2.0);
+        }
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if largest(&at(mid)) < target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        at(hi)
+    };
+    let batch = 37;
+    let slot = 5;
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let ev = Evaluator::new(&params);
+    let encoder = Encoder::new(&params);
+    // Largest logit error over the ordinary images, and the outlier's relative error.
+    let job = |odd: &[f64]| {
+        let mut x = images(batch, per, 5);
+        x[slot * per..(slot + 1) * per].copy_from_slice(odd);
+        let inputs = pack_and_encrypt(&params, &sk, &x, batch);
+        let logits = run(&model, &ev, &rlk, &inputs).unwrap();
+        let got: Vec<Vec<f64>> = logits
+            .iter()
+            .map(|ct| encoder.decode(&decrypt(&sk, ct).unwrap()))
+            .collect();
+        let want = model.forward(&x, batch).unwrap();
+        let (mut others, mut own) = (0.0f64, 0.0f64);
+        for b in 0..batch {
+            for c in 0..classes {
+                let (g, w) = (got[c][b], want[b * classes + c]);
+                if b == slot {
+                    own = own.max((g - w).abs() / w.abs().max(1.0));
+                } else {
+                    others = others.max((g - w).abs());
+                }
+            }
+        }
+        (others, own)
+    };
+
+    let all_images = logits_room.bound * logits_room.bits.exp2();
+    let one_image = logits_room.bound * logits_room.one_image_bits.exp2();
+    let within = one_image / 4.0;
+    assert!(within > all_images * 64.0, "{within:e} vs {all_images:e}");
+    let (others, own) = job(&outlier(within));
+    eprintln!("outlier |logits| {within:.3e}: others' max error {others:.2e}, its own relative error {own:.2e}");
+    assert!(
+        others < 1e-4,
+        "an outlier within the one-image bound corrupted its batch: {others}"
+    );
+    assert!(own < 1e-6, "{own}");
+
+    let beyond = one_image * 8.0;
+    let (others, _) = job(&outlier(beyond));
+    eprintln!("outlier |logits| {beyond:.3e}: others' max error {others:.2e}");
+    assert!(others > 1.0, "a wrap was expected to show: {others}");
+}

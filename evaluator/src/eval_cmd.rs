@@ -45,10 +45,23 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         beaa_model::eval::load_labelled(&model, &args.data, args.limit)?;
     let n = labels.len();
     let per = model.input_len();
+    let k = model.manifest.classes.len();
     let mut plain = Vec::with_capacity(n);
+    let mut observed = RangeReport::default();
     for x in images.chunks(per) {
-        plain.push(model.predict(x, 1)?[0]);
+        let logits = model.forward_observe(x, 1, &mut |node, y| observed.see(&node.name, y))?;
+        plain.push(argmax(&logits[..k]));
+        observed.image(&logits[..k]);
     }
+    let ranges = observed.against(&model);
+    let outside = match model.logit_calibration() {
+        Some(c) => observed
+            .per_image
+            .iter()
+            .filter(|&&m| m > beaa_model::range::BEYOND_CALIBRATION * c)
+            .count(),
+        None => 0,
+    };
     let mut encrypted = None;
     let predicted = if args.encrypted {
         let (params, plan) = if args.insecure_test_params {
@@ -74,7 +87,6 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let work = WorkDir::new(args.work_dir.as_deref(), "eval");
         let run = run_encrypted(&model, &params, &plan, &sk, &rlk, &images, n, &work.path)?;
         let want = model.forward(&images, n)?;
-        let k = model.manifest.classes.len();
         let max_err = run
             .logits
             .iter()
@@ -102,6 +114,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "{}: {} images, accuracy {:.4}, balanced accuracy {:.4} ({:.1} s)",
         report.model, report.images, report.accuracy, report.balanced_accuracy, seconds
     );
+    eprintln!(
+        "largest |logit| {:.4} (per image: median {:.3}, 99th percentile {:.3}); largest value relative to the calibration ranges the plan is built on: {:.2}x at {} (log2 {:.1})",
+        ranges.max_abs_logit,
+        ranges.logit_quantiles[0],
+        ranges.logit_quantiles[1],
+        ranges.worst_ratio,
+        ranges.worst_node,
+        ranges.worst_ratio.log2()
+    );
+    if outside > 0 {
+        eprintln!(
+            "{outside} image(s) have logits beyond {}x the calibrated range (their predictions are unreliable; in an encrypted batch they can corrupt the others, see `beaa plan` headroom)",
+            beaa_model::range::BEYOND_CALIBRATION
+        );
+    }
     for (class, recall) in &report.per_class_recall {
         match recall {
             Some(r) => eprintln!("  {class:<16} recall {r:.4}"),
@@ -124,6 +151,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 "skipped": report.skipped,
                 "encrypted": args.encrypted,
                 "seconds": seconds,
+                "max_abs_logit": ranges.max_abs_logit,
+                "outside_calibrated_range": outside,
+                "max_abs_logit_quantiles": {
+                    "p50": ranges.logit_quantiles[0],
+                    "p99": ranges.logit_quantiles[1],
+                    "p99.9": ranges.logit_quantiles[2],
+                },
+                "range_excess": {
+                    "node": ranges.worst_node,
+                    "ratio": ranges.worst_ratio,
+                    "log2": ranges.worst_ratio.log2(),
+                },
         });
         if let Some((agreement, max_err, secure)) = encrypted {
             out["agreement_with_plaintext"] = serde_json::json!(agreement);
@@ -133,4 +172,68 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         println!("{out}");
     }
     Ok(())
+}
+
+/// Largest |value| per node over the evaluated images (plaintext path).
+#[derive(Default)]
+struct RangeReport {
+    max_abs: std::collections::BTreeMap<String, f64>,
+    /// Per image: its largest |logit|.
+    per_image: Vec<f64>,
+}
+
+/// How far the evaluated images went beyond the calibration ranges in the manifest, which
+/// the encryption plan's headroom is computed from (`beaa plan`, "headroom").
+struct RangeSummary {
+    max_abs_logit: f64,
+    /// Median, 99th and 99.9th percentile of the images' largest |logit|.
+    logit_quantiles: [f64; 3],
+    /// Node whose observed max |value| is largest relative to its calibrated max |value|.
+    worst_node: String,
+    worst_ratio: f64,
+}
+
+impl RangeReport {
+    fn see(&mut self, node: &str, y: &[f64]) {
+        let m = y.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let e = self.max_abs.entry(node.to_string()).or_insert(0.0);
+        *e = e.max(m);
+    }
+
+    fn image(&mut self, logits: &[f64]) {
+        self.per_image
+            .push(logits.iter().fold(0.0f64, |m, v| m.max(v.abs())));
+    }
+
+    fn against(&self, model: &beaa_model::Model) -> RangeSummary {
+        let mut sorted = self.per_image.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            sorted
+                .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let mut out = RangeSummary {
+            logit_quantiles: [q(0.5), q(0.99), q(0.999)],
+            max_abs_logit: self
+                .max_abs
+                .get(&model.manifest.output)
+                .copied()
+                .unwrap_or(0.0),
+            worst_node: String::new(),
+            worst_ratio: 0.0,
+        };
+        for (node, &seen) in &self.max_abs {
+            let Some(r) = model.manifest.ranges.get(node) else {
+                continue;
+            };
+            let ratio = seen / r.max_abs.max(f64::MIN_POSITIVE);
+            if ratio > out.worst_ratio {
+                out.worst_ratio = ratio;
+                out.worst_node = node.clone();
+            }
+        }
+        out
+    }
 }

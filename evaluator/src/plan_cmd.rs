@@ -223,11 +223,13 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             .max()
             .unwrap_or(0);
         eprintln!(
-            "headroom   {:.1} bits at the tightest layer, {} (values up to {:.3}, the largest on {} calibration images){}",
+            "headroom   {:.1} bits at the tightest layer, {} (values up to {:.3}, the largest on {} calibration images): every image of a batch may reach |{:.3e}|, one image among ordinary ones |{:.3e}|{}",
             h.bits,
             h.layer,
             h.bound,
             images,
+            h.bound * h.bits.exp2(),
+            h.bound * h.one_image_bits.exp2(),
             if h.bits < 2.0 { "; WARNING: an unusual image may overflow and corrupt its batch" } else { "" }
         );
     }

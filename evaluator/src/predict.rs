@@ -122,6 +122,8 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+use beaa_model::range::{batch_looks_corrupt, outside_calibration};
+
 fn softmax(v: &[f64]) -> Vec<f64> {
     let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
@@ -217,10 +219,18 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     // The server keeps nothing it no longer needs.
     let _ = a.delete(&job_url).set("Authorization", &auth).call();
 
+    // Servers before the field existed: no flags rather than a guess.
+    let calibrated = m.info["logits_calibration_max_abs"].as_f64();
+    let outside: Vec<bool> = logits
+        .iter()
+        .map(|l| calibrated.is_some_and(|c| outside_calibration(l, c)))
+        .collect();
+    let corrupt = batch_looks_corrupt(&outside);
     let predictions: Vec<Value> = files
         .iter()
         .zip(&logits)
-        .map(|(f, l)| {
+        .zip(&outside)
+        .map(|((f, l), &outside)| {
             let p = softmax(l);
             let best = (0..p.len())
                 .max_by(|&x, &y| p[x].total_cmp(&p[y]))
@@ -231,6 +241,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                 "class_index": best,
                 "probabilities": p,
                 "logits": l,
+                "outside_calibrated_range": outside,
             })
         })
         .collect();
@@ -245,6 +256,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                 "upload_s": upload_s,
                 "server_s": server_s,
                 "predictions": predictions,
+                "batch_looks_corrupt": corrupt,
             })
         );
     } else {
@@ -260,12 +272,28 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                         .join(", ")
                 })
                 .unwrap_or_default();
+            let warn = if p["outside_calibrated_range"] == true {
+                " [UNRELIABLE: logits far outside the model's calibrated range]"
+            } else {
+                ""
+            };
             println!(
-                "{}: {} ({probs})",
+                "{}: {} ({probs}){warn}",
                 p["image"].as_str().unwrap_or(""),
                 p["class"].as_str().unwrap_or("")
             );
         }
+    }
+    let flagged = outside.iter().filter(|&&f| f).count();
+    if corrupt {
+        eprintln!(
+            "WARNING: {flagged} of {} images have logits far outside the model's range: the batch most likely overflowed (one extreme image garbles all). Resubmit the images in smaller batches to find it.",
+            outside.len()
+        );
+    } else if flagged > 0 {
+        eprintln!(
+            "WARNING: {flagged} image(s) have logits far outside the model's calibrated range; their classes are not reliable (unusual images, e.g. black borders)."
+        );
     }
     Ok(())
 }

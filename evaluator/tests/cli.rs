@@ -115,6 +115,11 @@ fn eval_encrypted_agrees_with_plaintext() {
     let p: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(p["accuracy"], v["accuracy"]);
     assert!(p.get("agreement_with_plaintext").is_none());
+    // The range report: the largest |logit| bounds the per-image quantiles, and the images
+    // flagged outside the calibrated range are counted.
+    let max = p["max_abs_logit"].as_f64().unwrap();
+    assert!(max > 0.0 && max >= p["max_abs_logit_quantiles"]["p99"].as_f64().unwrap());
+    assert!(p["outside_calibrated_range"].as_u64().unwrap() <= 6);
 }
 
 /// The shipped CIFAR-10 model (real trained weights, full width), encrypted end to end at test

@@ -79,6 +79,7 @@ impl InputSpec {
 pub mod eval;
 pub mod graph;
 pub mod packing;
+pub mod range;
 pub mod testing;
 pub use testing::measure_ranges;
 
@@ -568,6 +569,16 @@ impl Model {
                 .flat_map(|i| input(i).iter().copied())
                 .collect(),
         }
+    }
+
+    /// The largest |logit| seen on the calibration images (manifest `ranges`), the yardstick
+    /// of [`range::outside_calibration`].
+    pub fn logit_calibration(&self) -> Option<f64> {
+        self.manifest
+            .ranges
+            .get(&self.manifest.output)
+            .map(|r| r.max_abs)
+            .filter(|m| m.is_finite() && *m > 0.0)
     }
 
     /// Predicted class per image.

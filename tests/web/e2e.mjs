@@ -363,6 +363,9 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
     assert.equal(row.cls, img.class, `${img.file}: page shows ${row.cls}, plaintext reference ${img.class} (margin ${img.margin})`);
     assert.ok(row.text.startsWith(img.class), `visible text names the class: ${row.text}`);
   }
+  // Ordinary images: none is flagged as outside the model's calibrated range.
+  assert.equal(typeof model.logits_calibration_max_abs, 'number', 'the server announces the calibrated |logit| range');
+  assert.equal(await page.getAttribute('#results', 'data-outside'), '0', 'no image flagged unreliable');
   const distinct = new Set(expected.images.map((i) => i.class));
   assert.ok(distinct.size >= 2, 'the reference covers several classes');
 
@@ -513,6 +516,8 @@ test(`page: max_batch + 1 files through the file input, a full-batch run, no mai
     return classOf.get(file) !== cls;
   });
   assert.deepEqual(csvWrong.slice(0, 5), [], 'CSV predictions equal the reference');
+  assert.equal(csv[0].split(',').at(-1), '"unreliable"', 'CSV: the last column flags unreliable results');
+  assert.ok(csv.slice(1).every((line) => line.endsWith(',0')), 'CSV: no ordinary image flagged');
   // From adding the files to the results, paged through, and their CSV.
   const all = await tasksBetween(page, tAdd, await pageNow(page));
 

@@ -278,6 +278,28 @@ impl ClientKeys {
     }
 }
 
+/// Row-wise softmax of image-major logits (`classes` per row): class probabilities.
+#[wasm_bindgen(js_name = softmaxRows)]
+pub fn softmax_rows_js(logits: &[f64], classes: usize) -> Vec<f64> {
+    softmax_rows(logits, classes)
+}
+
+/// Per image 1 when its decrypted logits leave the model's calibrated range (more than
+/// `beaa_model::range::BEYOND_CALIBRATION` x `calibrated_max_abs`, the `GET /api/models`
+/// field `logits_calibration_max_abs`), else 0: its class is not reliable, and when most of
+/// a batch is flagged the batch overflowed.
+#[wasm_bindgen(js_name = outsideCalibration)]
+pub fn outside_calibration_rows(
+    logits: &[f64],
+    classes: usize,
+    calibrated_max_abs: f64,
+) -> Vec<u8> {
+    logits
+        .chunks(classes.max(1))
+        .map(|row| beaa_model::range::outside_calibration(row, calibrated_max_abs) as u8)
+        .collect()
+}
+
 /// The `ParamSpec` of a named preset as JSON (what `GET /api/models` reports as `params`);
 /// for benchmarks and tests.
 #[wasm_bindgen(js_name = presetSpec)]

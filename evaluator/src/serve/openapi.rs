@@ -36,7 +36,8 @@ pub fn spec() -> Value {
                     "depth": {"type": "integer"}, "input_ciphertexts": {"type": "integer"},
                     "output_ciphertexts": {"type": "integer"}, "max_batch": {"type": "integer"},
                     "input_ciphertext_bytes": {"type": "integer"}, "relin_key_bytes": {"type": "integer"},
-                    "work_dir_bytes": {"type": "integer", "description": "the most bytes of intermediate ciphertexts a running job keeps on the server's disk"}}},
+                    "work_dir_bytes": {"type": "integer", "description": "the most bytes of intermediate ciphertexts a running job keeps on the server's disk"},
+                    "logits_calibration_max_abs": {"type": ["number", "null"], "description": "the largest |logit| on the calibration images; clients flag images beyond 4x as unreliable"}}},
                 "JobStatus": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "model": {"type": "string"}, "batch": {"type": "integer"},
                     "state": {"type": "string", "enum": ["uploading", "queued", "running", "done", "failed", "cancelled"]},

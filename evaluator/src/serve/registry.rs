@@ -183,6 +183,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
         "input_ciphertext_bytes": input_ct_len,
         "relin_key_bytes": rlk_len,
         "work_dir_bytes": work_peak,
+        "logits_calibration_max_abs": model.logit_calibration(),
     });
     let ev = Evaluator::new(&params);
     Ok(ReadyModel {
