@@ -613,6 +613,15 @@ test('page: "remember key" keeps the secret in IndexedDB only; a reload decrypts
   assert.equal(jobRecords.length, 1, 'the running job is stored');
 
   // Reload while the download is held: the page finds the job and the key, and decrypts.
+  // The reloaded page is told a tiny calibrated |logit| range (one field of the real server's
+  // answer edited on its way; these fixture images cannot leave their real range): every
+  // result is then beyond it, so the page must mark each one and say the batch overflowed.
+  await page.route(/\/api\/models$/, async (route) => {
+    const res = await route.fetch();
+    const j = await res.json();
+    for (const m of j.models) m.logits_calibration_max_abs = 1e-9;
+    await route.fulfill({ response: res, json: j });
+  });
   await page.reload();
   await page.waitForSelector(`#model-select option[value="${env.expected.model}"]`, { state: 'attached', timeout: 30_000 });
   const resumed = await waitRunEnd(page, env, pageErrors);
@@ -625,6 +634,9 @@ test('page: "remember key" keeps the secret in IndexedDB only; a reload decrypts
     assert.ok(row, `no resumed result row for ${img.file}`);
     assert.equal(row.cls, img.class, `${img.file}: resumed result ${row.cls}, plaintext reference ${img.class}`);
   }
+  assert.ok(rows.every((r) => r.text.endsWith(' - unreliable')), `every result marked unreliable: ${rows.map((r) => r.text)}`);
+  assert.equal(await page.getAttribute('#results', 'data-outside'), String(expected.images.length));
+  assert.match(await page.textContent('#messages'), /the batch most likely overflowed/);
   assert.equal(await page.isChecked('#remember-key'), true, 'after the reload the box shows that a key is remembered');
   idb = await readIndexedDb(page);
   assert.equal(Object.values(idb).flatMap((db) => db.jobs || []).length, 0, 'the finished job is no longer stored');
