@@ -125,6 +125,10 @@ struct TrainArgs {
     /// Batch norm in eval mode while training (fixed statistics, re-estimated each epoch).
     #[arg(long)]
     freeze_bn: bool,
+    /// Weight of the penalty on polynomial inputs beyond twice the largest |input| seen on
+    /// clean training images at the start (0 = off); keeps unusual images from exploding.
+    #[arg(long, default_value_t = 0.0)]
+    range_penalty: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -222,6 +226,7 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
         poly_fit_range: a.poly_fit_range,
         poly_fit_progressive: a.poly_fit_progressive,
         freeze_bn: a.freeze_bn,
+        range_penalty: a.range_penalty,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -66,6 +66,14 @@ pub struct TrainConfig {
     /// re-estimations), so training optimizes the function that inference (and encryption) runs.
     #[serde(default)]
     pub freeze_bn: bool,
+    /// Weight of the range penalty (0 = off): `sum over units of mean(relu(|x| - B)^2) / B^2`,
+    /// `x` a polynomial's input and `B` twice the largest |x| the unit saw on clean training
+    /// images when the run started. Stacked quadratics explode on inputs beyond the range they
+    /// were fitted on (the shipped CIFAR-10 student: |logits| up to 6e8 on a small picture in
+    /// a black frame, against 15 on ordinary images); this pulls such inputs back. Without
+    /// `--freeze-bn` it also turns off the fused training kernel (slower).
+    #[serde(default)]
+    pub range_penalty: f64,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -77,6 +85,10 @@ pub struct TrainState {
     pub step: usize,
     pub last_val: Option<EvalResult>,
     pub seconds: f64,
+    /// Per polynomial unit, the bound `B` of the range penalty (fixed when the run starts, so a
+    /// resumed run penalizes the same ranges).
+    #[serde(default)]
+    pub range_bounds: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -618,9 +630,19 @@ pub fn run_limited(
         net.load_from(&ck)?;
     } else {
         if let Some(src) = &cfg.init_from {
-            let (_, teacher) = load_run(src, &dev)?;
+            let (src_cfg, teacher) = load_run(src, &dev)?;
             let set = net.load_from(&teacher.tensors().into_iter().collect())?;
             eprintln!("initialised {} tensors from {}", set.len(), src.display());
+            // A run with the same polynomials is fine-tuned as it is (e.g. with the range
+            // penalty); polynomials are fitted to ReLU only when starting from another kind.
+            let same_polys = src_cfg.act == cfg.act && cfg.act.is_poly();
+            if same_polys {
+                eprintln!(
+                    "{} has {} polynomials: kept, not refitted",
+                    src.display(),
+                    cfg.act.label()
+                );
+            }
             let fit = PolyFit {
                 images: cfg.poly_fit_images,
                 shrink: cfg.poly_fit_shrink,
@@ -628,8 +650,10 @@ pub fn run_limited(
                 progressive: cfg.poly_fit_progressive,
                 calibration_images: cfg.bn_calibration_images,
             };
-            fit_polys_to_relu(&mut net, &train, &spec, &cfg.augment, &fit, &dev)?;
-            calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
+            if !same_polys {
+                fit_polys_to_relu(&mut net, &train, &spec, &cfg.augment, &fit, &dev)?;
+                calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
+            }
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     }
@@ -654,6 +678,27 @@ pub fn run_limited(
         );
         log_line(dir, &serde_json::json!({"event": "init", "val": v}))?;
     }
+    if cfg.range_penalty > 0.0 && state.range_bounds.is_empty() {
+        let images = cfg.poly_fit_images.max(cfg.batch);
+        let seen = observe_moments(
+            &mut net,
+            &train,
+            &spec,
+            images,
+            &Augment::none(),
+            None,
+            &dev,
+        )?;
+        for (name, m) in seen {
+            let lo = m.min.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            let hi = m.max.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            state.range_bounds.insert(name, 2.0 * lo.max(hi).max(1e-6));
+        }
+        eprintln!(
+            "range penalty bounds (2x the largest clean |input|): {:?}",
+            state.range_bounds
+        );
+    }
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let start = Instant::now();
     let base_seconds = state.seconds;
@@ -676,13 +721,27 @@ pub fn run_limited(
         pb.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         pb.set_position(state.step as u64);
         let (mut loss_acc, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        // Sum of the range penalty's unweighted term (0 when the penalty is off).
+        let mut excess_acc = 0.0f64;
         let mut gnorm_max = 0.0f64;
         while state.step < steps_per_epoch {
             let s = state.step;
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ s as u64);
             let (x, y) = make_batch(&train, idx, &cfg.augment, &spec, &mut rng, &dev)?;
-            let logits = net.forward(&x, !cfg.freeze_bn, None)?;
+            let mut excess: Vec<Tensor> = Vec::new();
+            let logits = if cfg.range_penalty > 0.0 {
+                let bounds = &state.range_bounds;
+                let mut obs = |name: &str, y: &Tensor| -> candle_core::Result<()> {
+                    if let Some(&b) = bounds.get(name) {
+                        excess.push(range_excess(y, b)?);
+                    }
+                    Ok(())
+                };
+                net.forward(&x, !cfg.freeze_bn, Some(&mut obs))?
+            } else {
+                net.forward(&x, !cfg.freeze_bn, None)?
+            };
             let loss = match teacher.as_mut() {
                 Some(t) => {
                     let tl = t.forward(&x, false, None)?.detach();
@@ -696,6 +755,13 @@ pub fn run_limited(
                     )?
                 }
                 None => cross_entropy(&logits, &y, class_w.as_deref())?,
+            };
+            let loss = match excess.into_iter().reduce(|a, b| (a + b).expect("scalars")) {
+                Some(e) => {
+                    excess_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                    (loss + (e * cfg.range_penalty)?)?
+                }
+                None => loss,
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
@@ -723,7 +789,8 @@ pub fn run_limited(
                 log_line(
                     dir,
                     &serde_json::json!({"event": "step", "epoch": epoch, "step": state.step, "lr": lr,
-                    "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64}),
+                    "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64,
+                    "range_excess": excess_acc / seen as f64}),
                 )?;
             }
             steps_done += 1;
@@ -775,6 +842,12 @@ pub fn run_limited(
 }
 
 /// Batch-norm re-estimation on `images` training images spread over the split (no augmentation).
+/// `mean(relu(|y| - bound)^2) / bound^2`: zero while a unit's inputs stay within `bound`.
+pub fn range_excess(y: &Tensor, bound: f64) -> candle_core::Result<Tensor> {
+    let over = (y.abs()? - bound)?.relu()?;
+    over.sqr()?.mean_all()? / (bound * bound)
+}
+
 pub fn calibrate(
     net: &mut Net,
     train: &Dataset,
@@ -1014,8 +1087,39 @@ mod tests {
     /// uninterrupted run (seeded order and augmentation, saved momentum and BN statistics).
     #[test]
     fn resume_mid_epoch_is_exact() -> Result<()> {
+        resume_mid_epoch_is_exact_with(0.0)
+    }
+
+    /// With the range penalty: the bounds are fixed at the start and kept in state.json, so a
+    /// resumed run trains exactly as an uninterrupted one.
+    #[test]
+    fn resume_with_range_penalty_is_exact() -> Result<()> {
+        resume_mid_epoch_is_exact_with(0.5)
+    }
+
+    #[test]
+    fn range_excess_is_zero_inside_and_pulls_outliers_in() -> Result<()> {
+        let dev = Device::Cpu;
+        let y = candle_core::Var::from_vec(vec![0.5f32, -1.0, 3.0, -0.9], 4, &dev)?;
+        let e = range_excess(y.as_tensor(), 1.0)?;
+        assert!((e.to_scalar::<f32>()? - 1.0).abs() < 1e-6); // (3 - 1)^2 / 4
+        let g = e.backward()?;
+        let g = g.get(y.as_tensor()).expect("gradient").to_vec1::<f32>()?;
+        assert_eq!(&g[..2], &[0.0, 0.0]);
+        assert!((g[2] - 1.0).abs() < 1e-6 && g[3] == 0.0, "{g:?}"); // 2 (3 - 1) / 4
+        assert_eq!(
+            range_excess(&Tensor::new(&[0.3f32, -2.0], &dev)?, 2.0)?.to_scalar::<f32>()?,
+            0.0
+        );
+        Ok(())
+    }
+
+    fn resume_mid_epoch_is_exact_with(range_penalty: f64) -> Result<()> {
         use crate::data::SplitKind;
-        let root = std::env::temp_dir().join(format!("beaa-resume-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!(
+            "beaa-resume-{}-{range_penalty}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&root);
         let data = root.join("data");
         write_two_class_images(&data, 10)?;
@@ -1063,12 +1167,15 @@ mod tests {
             poly_fit_range: 0.0,
             poly_fit_progressive: false,
             freeze_bn: false,
+            range_penalty,
         };
         let whole = run(&root.join("a"), cfg.clone())?;
         let part = run_limited(&root.join("b"), cfg.clone(), Some(3))?;
         assert_eq!((part.epoch, part.step), (0, 3));
         let resumed = run(&root.join("b"), cfg)?;
         assert_eq!(resumed.epoch, 2);
+        assert_eq!(resumed.range_bounds.is_empty(), range_penalty == 0.0);
+        assert_eq!(whole.range_bounds, resumed.range_bounds);
         assert_eq!(
             whole.last_val.as_ref().map(|v| v.loss),
             resumed.last_val.as_ref().map(|v| v.loss)
