@@ -751,9 +751,9 @@ async function finishJob(pool, model, job, entries) {
   const result = await download(job);
   step('decrypt', { status: 'active', detail: `decrypting ${model.classes.length} logit ciphertexts...` });
   const calibrated = model.logits_calibration_max_abs ?? null;
-  const { probs, outside } = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length, calibrated }, [result]);
+  const { probs, outside, corrupt } = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length, calibrated }, [result]);
   step('decrypt', { value: 1, max: 1, status: 'done', detail: `${entries.length} image(s)` });
-  showResults(model, entries, probs, outside);
+  showResults(model, entries, probs, outside, corrupt);
   api(`jobs/${job.id}`, { method: 'DELETE', token: job.token }).catch(() => {});
   if (keystore.available()) await keystore.deleteJob(job.id).catch(() => {});
 }
@@ -982,7 +982,7 @@ async function download(job) {
 
 // The results: a summary per class, a CSV of all, and the table a page of RESULTS_PER_PAGE rows
 // at a time (16384 rows of bars at once would be one long main-thread task).
-function showResults(model, entries, probs, outside) {
+function showResults(model, entries, probs, outside, corrupt) {
   const C = model.classes.length;
   const top = new Uint16Array(entries.length);
   const counts = new Array(C).fill(0);
@@ -1003,7 +1003,7 @@ function showResults(model, entries, probs, outside) {
       .map(([c, k]) => `${c} ${k}`)
       .join(', ');
   $('#results').dataset.outside = String(flagged);
-  if (flagged * 2 > entries.length && entries.length >= 2) {
+  if (corrupt) {
     message(
       `${flagged} of ${entries.length} images have results far outside the model's range: the batch most likely overflowed ` +
         '(one extreme image garbles the whole encrypted batch). Do not use these results; submit the images in smaller batches to find the image.',

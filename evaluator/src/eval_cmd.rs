@@ -6,6 +6,7 @@ use crate::local_job::{argmax, run_encrypted, WorkDir};
 use anyhow::{bail, Context, Result};
 use beaa_ckks::KeyGenerator;
 use beaa_engine::Plan;
+use beaa_model::range::{outside_calibration, BEYOND_CALIBRATION};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -48,20 +49,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let k = model.manifest.classes.len();
     let mut plain = Vec::with_capacity(n);
     let mut observed = RangeReport::default();
+    let calibrated = model.logit_calibration();
+    let mut outside = 0usize;
     for x in images.chunks(per) {
         let logits = model.forward_observe(x, 1, &mut |node, y| observed.see(&node.name, y))?;
-        plain.push(argmax(&logits[..k]));
-        observed.image(&logits[..k]);
+        let logits = &logits[..k];
+        plain.push(argmax(logits));
+        observed.image(logits);
+        outside += calibrated.is_some_and(|c| outside_calibration(logits, c)) as usize;
     }
     let ranges = observed.against(&model);
-    let outside = match model.logit_calibration() {
-        Some(c) => observed
-            .per_image
-            .iter()
-            .filter(|&&m| m > beaa_model::range::BEYOND_CALIBRATION * c)
-            .count(),
-        None => 0,
-    };
     let mut encrypted = None;
     let predicted = if args.encrypted {
         let (params, plan) = if args.insecure_test_params {
@@ -126,7 +123,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if outside > 0 {
         eprintln!(
             "{outside} image(s) have logits beyond {}x the calibrated range (their predictions are unreliable; in an encrypted batch they can corrupt the others, see `beaa plan` headroom)",
-            beaa_model::range::BEYOND_CALIBRATION
+            BEYOND_CALIBRATION
         );
     }
     for (class, recall) in &report.per_class_recall {
@@ -216,11 +213,7 @@ impl RangeReport {
         };
         let mut out = RangeSummary {
             logit_quantiles: [q(0.5), q(0.99), q(0.999)],
-            max_abs_logit: self
-                .max_abs
-                .get(&model.manifest.output)
-                .copied()
-                .unwrap_or(0.0),
+            max_abs_logit: sorted.last().copied().unwrap_or(0.0),
             worst_node: String::new(),
             worst_ratio: 0.0,
         };

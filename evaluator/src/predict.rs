@@ -5,6 +5,7 @@
 use crate::keygen::{self, ClientKeys};
 use anyhow::{anyhow, bail, Context, Result};
 use beaa_ckks::{decrypt, Ciphertext, Encoder, Encryptor, ParamSpec, Params};
+use beaa_model::range::{batch_looks_corrupt, outside_calibration};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::io::Read;
@@ -121,8 +122,6 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
-
-use beaa_model::range::{batch_looks_corrupt, outside_calibration};
 
 fn softmax(v: &[f64]) -> Vec<f64> {
     let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);

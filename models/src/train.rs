@@ -643,14 +643,14 @@ pub fn run_limited(
                     cfg.act.label()
                 );
             }
-            let fit = PolyFit {
-                images: cfg.poly_fit_images,
-                shrink: cfg.poly_fit_shrink,
-                range: cfg.poly_fit_range,
-                progressive: cfg.poly_fit_progressive,
-                calibration_images: cfg.bn_calibration_images,
-            };
             if !same_polys {
+                let fit = PolyFit {
+                    images: cfg.poly_fit_images,
+                    shrink: cfg.poly_fit_shrink,
+                    range: cfg.poly_fit_range,
+                    progressive: cfg.poly_fit_progressive,
+                    calibration_images: cfg.bn_calibration_images,
+                };
                 fit_polys_to_relu(&mut net, &train, &spec, &cfg.augment, &fit, &dev)?;
                 calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
             }
@@ -756,12 +756,12 @@ pub fn run_limited(
                 }
                 None => cross_entropy(&logits, &y, class_w.as_deref())?,
             };
-            let loss = match excess.into_iter().reduce(|a, b| (a + b).expect("scalars")) {
-                Some(e) => {
-                    excess_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
-                    (loss + (e * cfg.range_penalty)?)?
-                }
-                None => loss,
+            let loss = if excess.is_empty() {
+                loss
+            } else {
+                let e = Tensor::stack(&excess, 0)?.sum_all()?;
+                excess_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                (loss + (e * cfg.range_penalty)?)?
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
@@ -841,13 +841,13 @@ pub fn run_limited(
     Ok(state)
 }
 
-/// Batch-norm re-estimation on `images` training images spread over the split (no augmentation).
 /// `mean(relu(|y| - bound)^2) / bound^2`: zero while a unit's inputs stay within `bound`.
 pub fn range_excess(y: &Tensor, bound: f64) -> candle_core::Result<Tensor> {
     let over = (y.abs()? - bound)?.relu()?;
     over.sqr()?.mean_all()? / (bound * bound)
 }
 
+/// Batch-norm re-estimation on `images` training images spread over the split (no augmentation).
 pub fn calibrate(
     net: &mut Net,
     train: &Dataset,

@@ -300,6 +300,14 @@ pub fn outside_calibration_rows(
         .collect()
 }
 
+/// Whether most images of a batch are flagged by [`outside_calibration_rows`] (`flags`: its
+/// output): what a modulus wrap looks like, as opposed to a few unusual images.
+#[wasm_bindgen(js_name = batchLooksCorrupt)]
+pub fn batch_looks_corrupt_js(flags: &[u8]) -> bool {
+    let flags: Vec<bool> = flags.iter().map(|&f| f != 0).collect();
+    beaa_model::range::batch_looks_corrupt(&flags)
+}
+
 /// The `ParamSpec` of a named preset as JSON (what `GET /api/models` reports as `params`);
 /// for benchmarks and tests.
 #[wasm_bindgen(js_name = presetSpec)]
