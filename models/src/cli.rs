@@ -44,7 +44,7 @@ pub fn export(
     let mut model = export_run(&net, &cfg, &state, &train, &name, range_images)?;
     if let Some(m) = model.manifest.metrics.as_object_mut() {
         m.insert("note".into(), json!("validation measured at export by beaa-train (candle, eval mode) on the exported weights"));
-        m.insert("split".into(), json!({"kind": cfg.split, "val_per_class": cfg.val_per_class, "val_fraction": cfg.val_fraction, "seed": cfg.seed}));
+        m.insert("split".into(), json!({"kind": cfg.split, "val_per_class": cfg.val_per_class, "val_fraction": cfg.val_fraction, "seed": cfg.seed, "fold": cfg.fold}));
     }
     model.save(out)?;
     Ok(
@@ -90,7 +90,8 @@ pub fn evaluate(
             let vpc = s["val_per_class"].as_u64().unwrap_or(500) as usize;
             let frac = s["val_fraction"].as_f64().unwrap_or(0.25);
             let seed = s["seed"].as_u64().unwrap_or(0);
-            split(&ds, kind, vpc, frac, seed).1
+            let fold = serde_json::from_value(s["fold"].clone()).unwrap_or(None);
+            split(&ds, kind, vpc, frac, seed, fold).1
         }
         other => bail!("--split must be all or val, got {other}"),
     };
@@ -135,9 +136,25 @@ fn variant(cfg: &TrainConfig) -> String {
     format!("{base}{kd}{fit}")
 }
 
-/// Writes `<out>.md` and `<out>.json`; returns the markdown.
-pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
-    let mut rows = Vec::new();
+/// The settings that make runs folds of one cross-validated experiment: everything but the
+/// fold index and the per-fold paths (data, teacher, starting weights).
+fn experiment_key(cfg: &TrainConfig) -> Result<String> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let Some(m) = v.as_object_mut() {
+        for k in ["fold", "data", "teacher", "init_from", "checkpoint_minutes"] {
+            m.remove(k);
+        }
+        m.insert("folds".into(), json!(cfg.fold.map(|f| f.count)));
+    }
+    Ok(v.to_string())
+}
+
+/// Pools the folds of cross-validated runs (same experiment key) into one result: their
+/// confusion matrices summed, so every image is scored once by the run that never saw it.
+/// Returns runs in first-seen order, each with its state and the number of folds pooled.
+fn pool_folds(runs: &[PathBuf]) -> Result<Vec<(PathBuf, TrainConfig, TrainState, usize)>> {
+    let mut out: Vec<(PathBuf, TrainConfig, TrainState, usize)> = Vec::new();
+    let mut keys: Vec<Option<(String, std::collections::BTreeSet<usize>)>> = Vec::new();
     for r in runs {
         let cfg: TrainConfig = serde_json::from_str(
             &std::fs::read_to_string(r.join("config.json"))
@@ -147,6 +164,53 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
             Ok(s) => serde_json::from_str(&s)?,
             Err(_) => TrainState::default(),
         };
+        let Some(fold) = cfg.fold else {
+            out.push((r.clone(), cfg, state, 1));
+            keys.push(None);
+            continue;
+        };
+        let key = experiment_key(&cfg)?;
+        let slot = keys
+            .iter()
+            .position(|k| k.as_ref().is_some_and(|(k, _)| *k == key));
+        let Some(i) = slot else {
+            out.push((r.clone(), cfg, state, 1));
+            keys.push(Some((key, [fold.index].into())));
+            continue;
+        };
+        let seen = &mut keys[i].as_mut().expect("fold slot").1;
+        if !seen.insert(fold.index) {
+            bail!(
+                "{}: fold {} of this experiment given twice",
+                r.display(),
+                fold.index
+            );
+        }
+        let pooled = &mut out[i];
+        pooled.3 += 1;
+        // a partly trained fold makes the whole row partly trained
+        pooled.2.epoch = pooled.2.epoch.min(state.epoch);
+        pooled.2.last_val = match (pooled.2.last_val.take(), state.last_val) {
+            (Some(a), Some(b)) if a.confusion.len() == b.confusion.len() => {
+                let conf = a
+                    .confusion
+                    .iter()
+                    .zip(&b.confusion)
+                    .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
+                    .collect();
+                Some(summarize(conf, a.loss * a.n as f64 + b.loss * b.n as f64))
+            }
+            _ => None,
+        };
+    }
+    Ok(out)
+}
+
+/// Writes `<out>.md` and `<out>.json`; returns the markdown. Runs that are folds of one
+/// cross-validated experiment (`--folds`) become one row with their pooled predictions.
+pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
+    let mut rows = Vec::new();
+    for (r, cfg, state, pooled) in pool_folds(runs)? {
         let evals: usize = cfg
             .arch
             .units()
@@ -155,8 +219,15 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
             .map(|u| u.cout * u.h * u.w)
             .sum();
         let v = state.last_val.as_ref();
+        let mut name = variant(&cfg);
+        if let Some(f) = cfg.fold {
+            name.push_str(&format!(", {}-fold CV", f.count));
+            if pooled != f.count {
+                name.push_str(&format!(" ({pooled} of {} folds)", f.count));
+            }
+        }
         rows.push(json!({
-            "run": r.display().to_string(), "dataset": cfg.dataset_name, "variant": variant(&cfg),
+            "run": r.display().to_string(), "dataset": cfg.dataset_name, "variant": name, "folds_pooled": pooled,
             "epochs": state.epoch, "planned_epochs": cfg.epochs,
             "accuracy": v.map(|v| v.accuracy), "balanced_accuracy": v.map(|v| v.balanced_accuracy),
             "per_class_recall": v.map(|v| v.per_class_recall.clone()), "validation_images": v.map(|v| v.n),
@@ -187,7 +258,8 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
     }
     md.push_str(
         "\nValidation splits: CIFAR-10 = the last 500 training images of each class (5,000, never trained on); \
-         OCT = all images of 25% of the patients of each class (seeded), unseen in training. \
+         OCT = all images of 25% of the patients of each class (seeded), unseen in training; \
+         OCT rows marked K-fold CV pool K runs, each validated on its own fold of the patients, so every image is scored once. \
          Per-class recall in class order (CIFAR-10: airplane ... truck; OCT: ERM / NO). \
          Activation parameters count the trainable (a, b, c) triples: 3 per layer, channel or element. \
          Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX`.\n",
@@ -198,4 +270,70 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
         serde_json::to_string_pretty(&rows)?,
     )?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Fold;
+    use crate::train::{summarize, tests::tiny_config};
+
+    fn write_run(dir: &Path, cfg: &TrainConfig, epoch: usize, conf: Vec<Vec<usize>>) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("config.json"), serde_json::to_string(cfg)?)?;
+        let state = TrainState {
+            epoch,
+            last_val: Some(summarize(conf, 0.0)),
+            ..TrainState::default()
+        };
+        std::fs::write(dir.join("state.json"), serde_json::to_string(&state)?)?;
+        Ok(())
+    }
+
+    #[test]
+    fn table_pools_the_folds_of_one_experiment() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-table-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let fold = |index, teacher: &str| TrainConfig {
+            fold: Some(Fold { index, count: 2 }),
+            teacher: Some(root.join(teacher)),
+            ..tiny_config(root.join("data"))
+        };
+        // fold 0: class 0 3/4 right, class 1 1/1; fold 1: class 0 1/2, class 1 2/4
+        write_run(
+            &root.join("f0"),
+            &fold(0, "t0"),
+            2,
+            vec![vec![3, 1], vec![0, 1]],
+        )?;
+        write_run(
+            &root.join("f1"),
+            &fold(1, "t1"),
+            1,
+            vec![vec![1, 1], vec![2, 2]],
+        )?;
+        // same folds of another experiment (other learning rate) stay a row of their own
+        let other = TrainConfig {
+            lr: 0.5,
+            ..fold(0, "t0")
+        };
+        write_run(&root.join("g0"), &other, 2, vec![vec![1, 0], vec![0, 1]])?;
+        let runs = ["f0", "g0", "f1"].map(|r| root.join(r));
+        let md = table(&runs, &root.join("t"))?;
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(root.join("t.json"))?)?;
+        assert_eq!(rows.len(), 2, "{md}");
+        assert_eq!(rows[0]["folds_pooled"], 2);
+        assert_eq!(rows[0]["validation_images"], 11);
+        // pooled: class 0 4/6, class 1 3/5; partly trained fold -> epochs 1
+        let b = rows[0]["balanced_accuracy"].as_f64().unwrap_or(0.0);
+        assert!((b - (4.0 / 6.0 + 3.0 / 5.0) / 2.0).abs() < 1e-12, "{b}");
+        assert_eq!(rows[0]["epochs"], 1);
+        assert!(md.contains("element-wise + KD, 2-fold CV |"), "{md}");
+        assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
+        // the same fold twice is an error, not a silently doubled count
+        assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u")).is_err());
+        std::fs::remove_dir_all(&root)?;
+        Ok(())
+    }
 }

@@ -145,10 +145,27 @@ struct TrainArgs {
     /// Fit the quadratics layer by layer on the partly polynomial network's own inputs.
     #[arg(long)]
     poly_fit_progressive: bool,
+    /// Cross-validation: split the groups (patients) into this many folds (needs --fold).
+    #[arg(long, requires = "fold")]
+    folds: Option<usize>,
+    /// Cross-validation: validate on this fold (0-based; needs --folds).
+    #[arg(long, requires = "folds")]
+    fold: Option<usize>,
 }
 
-fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
+fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
     let oct = a.preset.starts_with("oct");
+    let fold = match (a.fold, a.folds) {
+        (Some(index), Some(count)) => {
+            anyhow::ensure!(oct, "--folds needs a patient split (--preset octdl)");
+            anyhow::ensure!(
+                count >= 2 && index < count,
+                "--fold {index} --folds {count}: need 2 or more folds and fold < folds"
+            );
+            Some(models::data::Fold { index, count })
+        }
+        _ => None,
+    };
     let mut input = train::default_input(&a.preset);
     if let Some(s) = a.size {
         input.height = s;
@@ -163,7 +180,7 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
     }
     .scaled(a.width);
     let student = distill || a.init_from.is_some();
-    TrainConfig {
+    Ok(TrainConfig {
         data: a.data.clone(),
         dataset_name: if oct {
             "octdl-erm-no".into()
@@ -232,7 +249,8 @@ fn config(a: &TrainArgs, distill: bool) -> TrainConfig {
         } else {
             a.bn_calibration_images
         },
-    }
+        fold,
+    })
 }
 
 fn main() -> Result<()> {
@@ -240,13 +258,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Fit(a) => {
-            let cfg = config(&a, false);
+            let cfg = config(&a, false)?;
             let s = train::run_limited(&a.run, cfg, a.max_steps)?;
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::Distill(a) => {
             anyhow::ensure!(a.teacher.is_some(), "distill needs --teacher RUN_DIR");
-            let cfg = config(&a, true);
+            let cfg = config(&a, true)?;
             let s = train::run_limited(&a.run, cfg, a.max_steps)?;
             println!("{}", serde_json::to_string(&s)?);
         }

@@ -1,7 +1,7 @@
 //! Training loop: SGD with Nesterov momentum and L2 decay, warmup + cosine learning rate,
 //! optional knowledge distillation from a teacher run, checkpoints with exact resume.
 
-use crate::data::{augment_normalize, split, Augment, Dataset, SplitKind};
+use crate::data::{augment_normalize, split, Augment, Dataset, Fold, SplitKind};
 use crate::net::{ActKind, Arch, Net, UnitSpec};
 use anyhow::{bail, Context, Result};
 use beaa_model::{InputSpec, ResizePolicy};
@@ -74,6 +74,9 @@ pub struct TrainConfig {
     /// `--freeze-bn` it also turns off the fused training kernel (slower).
     #[serde(default)]
     pub range_penalty: f64,
+    /// Validate on this cross-validation fold of the groups instead of `val_fraction`.
+    #[serde(default)]
+    pub fold: Option<Fold>,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -142,6 +145,7 @@ pub fn load_data(cfg: &mut TrainConfig) -> Result<(Dataset, Dataset)> {
         cfg.val_per_class,
         cfg.val_fraction,
         cfg.seed,
+        cfg.fold,
     );
     let train = all.subset(&tr);
     let val = all.subset(&va);
@@ -927,7 +931,7 @@ fn log_line(dir: &Path, v: &serde_json::Value) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
@@ -1114,17 +1118,10 @@ mod tests {
         Ok(())
     }
 
-    fn resume_mid_epoch_is_exact_with(range_penalty: f64) -> Result<()> {
-        use crate::data::SplitKind;
-        let root = std::env::temp_dir().join(format!(
-            "beaa-resume-{}-{range_penalty}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
-        let cfg = TrainConfig {
-            data: data.clone(),
+    /// A tiny element-wise run on `data` (8x8 images, two classes, two epochs).
+    pub(crate) fn tiny_config(data: PathBuf) -> TrainConfig {
+        TrainConfig {
+            data,
             dataset_name: "synthetic".into(),
             input: InputSpec {
                 channels: 3,
@@ -1167,7 +1164,22 @@ mod tests {
             poly_fit_range: 0.0,
             poly_fit_progressive: false,
             freeze_bn: false,
+            range_penalty: 0.0,
+            fold: None,
+        }
+    }
+
+    fn resume_mid_epoch_is_exact_with(range_penalty: f64) -> Result<()> {
+        let root = std::env::temp_dir().join(format!(
+            "beaa-resume-{}-{range_penalty}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        write_two_class_images(&data, 10)?;
+        let cfg = TrainConfig {
             range_penalty,
+            ..tiny_config(data.clone())
         };
         let whole = run(&root.join("a"), cfg.clone())?;
         let part = run_limited(&root.join("b"), cfg.clone(), Some(3))?;

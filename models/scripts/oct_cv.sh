@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# OCT (OCTDL ERM vs NO) K-fold patient-level cross-validation of the teacher and the shipped
+# recipe (element-wise + KD): fold k validates on the k-th share of each class's patients,
+# so the pooled table row scores all 366 images once instead of one 98-image split.
+# Re-running resumes/skips finished runs. One thread. Usage:
+#   BIN=target/release/beaa-train DATA=/work/data/OCTDL RUNS=/work/runs/oct-cv FOLDS=5 SIZE=64 \
+#     bash models/scripts/oct_cv.sh [act ...]      (students; default: element)
+set -euo pipefail
+BIN=${BIN:-target/release/beaa-train}
+DATA=${DATA:-/work/data/OCTDL}
+RUNS=${RUNS:-/work/runs/oct-cv}
+FOLDS=${FOLDS:-5}
+SIZE=${SIZE:-64}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
+acts=("$@")
+[ ${#acts[@]} -gt 0 ] || acts=(element)
+export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
+for ((k = 0; k < FOLDS; k++)); do
+  common=(--data "$DATA" --preset octdl --size "$SIZE" --width 0.5 --batch 32 --seed 1 --folds "$FOLDS" --fold "$k")
+  t="$RUNS/relu-$SIZE-e$TEACHER_EPOCHS-f$k"
+  "$BIN" fit --run "$t" "${common[@]}" --act relu --epochs "$TEACHER_EPOCHS" --lr 0.05
+  for act in "${acts[@]}"; do
+    "$BIN" distill --run "$RUNS/$act-kd-$SIZE-e$TEACHER_EPOCHS-f$k" "${common[@]}" --act "$act" --teacher "$t" --epochs 20
+  done
+done
