@@ -84,23 +84,35 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let work = WorkDir::new(args.work_dir.as_deref(), "eval");
         let run = run_encrypted(&model, &params, &plan, &sk, &rlk, &images, n, &work.path)?;
         let want = model.forward(&images, n)?;
-        let max_err = run
-            .logits
-            .iter()
-            .enumerate()
-            .flat_map(|(b, got)| {
-                got.iter()
-                    .zip(&want[b * k..(b + 1) * k])
-                    .map(|(g, w)| (g - w).abs())
-            })
-            .fold(0.0f64, f64::max);
+        // Per image: the largest absolute error, and that error relative to the image's own
+        // largest |logit| (at least 1), so one exploded outlier image does not mask how
+        // precise the ordinary images are.
+        let (max_err, max_rel_err) =
+            run.logits
+                .iter()
+                .enumerate()
+                .fold((0.0f64, 0.0f64), |(abs, rel), (b, got)| {
+                    let want = &want[b * k..(b + 1) * k];
+                    let e = got
+                        .iter()
+                        .zip(want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0.0f64, f64::max);
+                    let size = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+                    (abs.max(e), rel.max(e / size))
+                });
         let pred: Vec<usize> = run.logits.iter().map(|l| argmax(l)).collect();
         let agree = pred.iter().zip(&plain).filter(|(a, b)| a == b).count();
         eprintln!(
-            "encrypted: {agree}/{n} predictions equal the plaintext ones; max |logit error| {max_err:.2e}; encrypt {:.1} s, evaluate {:.1} s",
+            "encrypted: {agree}/{n} predictions equal the plaintext ones; max |logit error| {max_err:.2e} (relative to the image's largest |logit|: {max_rel_err:.2e}); encrypt {:.1} s, evaluate {:.1} s",
             run.encrypt_s, run.eval_s
         );
-        encrypted = Some((agree as f64 / n.max(1) as f64, max_err, params.is_secure()));
+        encrypted = Some((
+            agree as f64 / n.max(1) as f64,
+            max_err,
+            max_rel_err,
+            params.is_secure(),
+        ));
         pred
     } else {
         plain.clone()
@@ -161,9 +173,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     "log2": ranges.worst_ratio.log2(),
                 },
         });
-        if let Some((agreement, max_err, secure)) = encrypted {
+        if let Some((agreement, max_err, max_rel_err, secure)) = encrypted {
             out["agreement_with_plaintext"] = serde_json::json!(agreement);
             out["max_abs_logit_error"] = serde_json::json!(max_err);
+            out["max_rel_logit_error"] = serde_json::json!(max_rel_err);
             out["params_128_bit"] = serde_json::json!(secure);
         }
         println!("{out}");

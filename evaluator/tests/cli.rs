@@ -109,6 +109,8 @@ fn eval_encrypted_agrees_with_plaintext() {
     assert_eq!(v["params_128_bit"], false);
     assert_eq!(v["agreement_with_plaintext"], 1.0, "{stderr}");
     assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-3);
+    // relative to logits of size <= 1 (the tiny model's ~0.2) it is the absolute error
+    assert_eq!(v["max_rel_logit_error"], v["max_abs_logit_error"], "{v}");
     // Without --encrypted the same command is the plaintext path and has no agreement field.
     let (ok, stdout, _) = beaa(&[&args[..5], &["--json"]].concat());
     assert!(ok);
