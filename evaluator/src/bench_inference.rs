@@ -1,10 +1,11 @@
 //! `beaa bench inference`: encrypted inference on random inputs at the planned 128-bit
 //! parameters, with per-layer seconds and peak memory.
 
-use crate::local_job::{argmax, run_encrypted, WorkDir};
+use crate::local_job::{run_encrypted, WorkDir};
 use anyhow::{Context, Result};
 use beaa_ckks::KeyGenerator;
 use beaa_engine::Plan;
+use beaa_model::scores::argmax;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;

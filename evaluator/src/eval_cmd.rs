@@ -2,11 +2,12 @@
 //! path or (`--encrypted`) the real encrypted path: client keys, packing, encryption, the
 //! engine, decryption - all in this process.
 
-use crate::local_job::{argmax, run_encrypted, WorkDir};
+use crate::local_job::{run_encrypted, WorkDir};
 use anyhow::{bail, Context, Result};
 use beaa_ckks::KeyGenerator;
 use beaa_engine::Plan;
 use beaa_model::range::{outside_calibration, BEYOND_CALIBRATION};
+use beaa_model::scores::argmax;
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -169,10 +169,3 @@ impl Drop for WorkDir {
         }
     }
 }
-
-/// Index of the largest value.
-pub fn argmax(v: &[f64]) -> usize {
-    (0..v.len())
-        .max_by(|&i, &j| v[i].total_cmp(&v[j]))
-        .unwrap_or(0)
-}

@@ -123,13 +123,6 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn softmax(v: &[f64]) -> Vec<f64> {
-    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
 pub fn run(args: &PredictArgs) -> Result<()> {
     let server = args.server.trim_end_matches('/');
     let m = fetch_model(server, &args.model)?;
@@ -230,10 +223,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         .zip(&logits)
         .zip(&outside)
         .map(|((f, l), &outside)| {
-            let p = softmax(l);
-            let best = (0..p.len())
-                .max_by(|&x, &y| p[x].total_cmp(&p[y]))
-                .unwrap_or(0);
+            let p = beaa_model::scores::softmax(l);
+            // the same rule as the page: the first most probable class
+            let best = beaa_model::scores::argmax(&p);
             json!({
                 "image": f.display().to_string(),
                 "class": classes.get(best).cloned().unwrap_or_default(),

@@ -80,6 +80,7 @@ pub mod eval;
 pub mod graph;
 pub mod packing;
 pub mod range;
+pub mod scores;
 pub mod testing;
 pub use testing::measure_ranges;
 
@@ -585,14 +586,7 @@ impl Model {
     pub fn predict(&self, batch: &[f64], n: usize) -> Result<Vec<usize>, ModelError> {
         let k = self.manifest.classes.len();
         let logits = self.forward(batch, n)?;
-        Ok(logits
-            .chunks_exact(k)
-            .map(|r| {
-                r.iter()
-                    .enumerate()
-                    .fold(0, |best, (i, v)| if *v > r[best] { i } else { best })
-            })
-            .collect())
+        Ok(logits.chunks_exact(k).map(scores::argmax).collect())
     }
 
     /// Activation evaluations per image, counted from the graph (elements through Poly/Relu).

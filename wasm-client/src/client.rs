@@ -163,36 +163,7 @@ pub fn join_result(cts: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// Row-wise softmax of image-major logits (`classes` per row), numerically stable.
-pub fn softmax_rows(logits: &[f64], classes: usize) -> Vec<f64> {
-    let mut out = Vec::with_capacity(logits.len());
-    for row in logits.chunks(classes.max(1)) {
-        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = row.iter().map(|&x| (x - m).exp()).collect();
-        let s: f64 = e.iter().sum();
-        out.extend(e.iter().map(|x| x / s));
-    }
-    out
-}
-
-/// Index of the largest value of each row (`classes` per row).
-pub fn argmax_rows(values: &[f64], classes: usize) -> Vec<usize> {
-    values
-        .chunks(classes.max(1))
-        .map(|row| {
-            row.iter()
-                .enumerate()
-                .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 {
-                        (i, v)
-                    } else {
-                        best
-                    }
-                })
-                .0
-        })
-        .collect()
-}
+pub use beaa_model::scores::{argmax_rows, softmax_rows};
 
 #[cfg(test)]
 mod tests {
@@ -226,13 +197,6 @@ mod tests {
         extra.push(0);
         assert!(split_result(&extra).is_err());
         assert!(split_result(&[1, 0]).is_err());
-    }
-
-    #[test]
-    fn softmax_and_argmax() {
-        let p = softmax_rows(&[0.0, 0.0, 1000.0, 0.0], 2);
-        assert!((p[0] - 0.5).abs() < 1e-12 && (p[2] - 1.0).abs() < 1e-12);
-        assert_eq!(argmax_rows(&[0.1, 0.7, 0.2, 3.0, -1.0, 2.0], 3), vec![1, 0]);
     }
 
     #[test]
