@@ -173,6 +173,7 @@ impl Plan {
             params.log_q_at(level.max(0) as usize) - 1.0 - (bound * scale).log2()
         };
         let ranges = &model.manifest.ranges;
+        let one_image = (params.slots() as f64).log2();
         let mut out = Vec::new();
         for layer in &self.graph.layers {
             match &layer.kind {
@@ -217,6 +218,7 @@ impl Plan {
                             }
                         }
                     }
+                    worst.one_image_bits = worst.bits + one_image;
                     out.push(worst);
                 }
                 LayerKind::Output => {
@@ -232,15 +234,11 @@ impl Plan {
                         layer: layer.name.clone(),
                         bits: h,
                         bound: r.max_abs,
-                        one_image_bits: f64::INFINITY,
+                        one_image_bits: h + one_image,
                     });
                 }
                 _ => {}
             }
-        }
-        let one_image = (params.slots() as f64).log2();
-        for h in &mut out {
-            h.one_image_bits = h.bits + one_image;
         }
         out.sort_by(|a, b| a.bits.total_cmp(&b.bits));
         out
