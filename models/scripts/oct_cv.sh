@@ -4,7 +4,9 @@
 # so the pooled table row scores all 366 images once instead of one 98-image split.
 # Re-running resumes/skips finished runs. One thread. Usage:
 #   BIN=target/release/beaa-train DATA=/work/data/OCTDL RUNS=/work/runs/oct-cv FOLDS=5 SIZE=64 \
-#     bash models/scripts/oct_cv.sh [act ...]      (students; default: element)
+#     STUDENT_FLAGS="--freeze-bn" TAG=-fb bash models/scripts/oct_cv.sh [act ...]
+# (students: element by default; `none` trains the teachers only). TAG names the student runs
+# of one STUDENT_FLAGS setting.
 set -euo pipefail
 BIN=${BIN:-target/release/beaa-train}
 DATA=${DATA:-/work/data/OCTDL}
@@ -12,6 +14,8 @@ RUNS=${RUNS:-/work/runs/oct-cv}
 FOLDS=${FOLDS:-5}
 SIZE=${SIZE:-64}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
+TAG=${TAG:-}
+read -r -a student_flags <<< "${STUDENT_FLAGS:-}"
 acts=("$@")
 [ ${#acts[@]} -gt 0 ] || acts=(element)
 export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
@@ -20,6 +24,8 @@ for ((k = 0; k < FOLDS; k++)); do
   t="$RUNS/relu-$SIZE-e$TEACHER_EPOCHS-f$k"
   "$BIN" fit --run "$t" "${common[@]}" --act relu --epochs "$TEACHER_EPOCHS" --lr 0.05
   for act in "${acts[@]}"; do
-    "$BIN" distill --run "$RUNS/$act-kd-$SIZE-e$TEACHER_EPOCHS-f$k" "${common[@]}" --act "$act" --teacher "$t" --epochs 20
+    [ "$act" = none ] && continue
+    "$BIN" distill --run "$RUNS/$act-kd$TAG-$SIZE-e$TEACHER_EPOCHS-f$k" "${common[@]}" --act "$act" \
+      --teacher "$t" --epochs 20 ${student_flags[@]+"${student_flags[@]}"}
   done
 done

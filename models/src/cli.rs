@@ -137,12 +137,17 @@ fn variant(cfg: &TrainConfig) -> String {
 }
 
 /// The settings that make runs folds of one cross-validated experiment: everything but the
-/// fold index and the per-fold paths (data, teacher, starting weights).
+/// fold index, the per-fold paths (data, teacher, starting weights) and the input
+/// normalization (measured on each fold's own training images).
 fn experiment_key(cfg: &TrainConfig) -> Result<String> {
     let mut v = serde_json::to_value(cfg)?;
     if let Some(m) = v.as_object_mut() {
         for k in ["fold", "data", "teacher", "init_from", "checkpoint_minutes"] {
             m.remove(k);
+        }
+        if let Some(input) = m.get_mut("input").and_then(|i| i.as_object_mut()) {
+            input.remove("mean");
+            input.remove("std");
         }
         m.insert("folds".into(), json!(cfg.fold.map(|f| f.count)));
     }
@@ -294,10 +299,15 @@ mod tests {
     fn table_pools_the_folds_of_one_experiment() -> Result<()> {
         let root = std::env::temp_dir().join(format!("beaa-table-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let fold = |index, teacher: &str| TrainConfig {
-            fold: Some(Fold { index, count: 2 }),
-            teacher: Some(root.join(teacher)),
-            ..tiny_config(root.join("data"))
+        let fold = |index, teacher: &str| {
+            let mut cfg = TrainConfig {
+                fold: Some(Fold { index, count: 2 }),
+                teacher: Some(root.join(teacher)),
+                ..tiny_config(root.join("data"))
+            };
+            // each fold normalizes by its own training images
+            cfg.input.mean = vec![0.1 * index as f32; 3];
+            cfg
         };
         // fold 0: class 0 3/4 right, class 1 1/1; fold 1: class 0 1/2, class 1 2/4
         write_run(
