@@ -128,10 +128,12 @@ fn variant(cfg: &TrainConfig) -> String {
     };
     let kd = if cfg.teacher.is_some() { " + KD" } else { "" };
     // How the quadratics started (students only): it moves accuracy by several points.
-    let fit = if cfg.poly_fit_progressive && cfg.act != ActKind::Relu {
-        " (progressive fit)"
-    } else {
-        ""
+    let poly = cfg.act != ActKind::Relu;
+    let fit = match (poly && cfg.poly_fit_progressive, poly && cfg.freeze_bn) {
+        (true, true) => " (progressive fit, frozen BN)",
+        (true, false) => " (progressive fit)",
+        (false, true) => " (frozen BN)",
+        (false, false) => "",
     };
     format!("{base}{kd}{fit}")
 }
