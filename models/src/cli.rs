@@ -215,8 +215,16 @@ fn pool_folds(runs: &[PathBuf]) -> Result<Vec<(PathBuf, TrainConfig, TrainState,
 
 /// Writes `<out>.md` and `<out>.json`; returns the markdown. Runs that are folds of one
 /// cross-validated experiment (`--folds`) become one row with their pooled predictions.
-pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
-    let mut rows = Vec::new();
+/// `keep`: the rows of an earlier table's JSON, kept (run directories do not outlive a
+/// machine) unless a run given here has the same path; rows stay grouped by data set.
+pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String> {
+    let mut rows: Vec<serde_json::Value> = match keep {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+        )
+        .with_context(|| format!("{}: not a table's JSON rows", p.display()))?,
+        None => Vec::new(),
+    };
     for (r, cfg, state, pooled) in pool_folds(runs)? {
         let evals: usize = cfg
             .arch
@@ -233,14 +241,23 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
                 name.push_str(&format!(" ({pooled} of {} folds)", f.count));
             }
         }
+        let run = r.display().to_string();
+        rows.retain(|row| row["run"] != run.as_str());
         rows.push(json!({
-            "run": r.display().to_string(), "dataset": cfg.dataset_name, "variant": name, "folds_pooled": pooled,
+            "run": run, "dataset": cfg.dataset_name, "variant": name, "folds_pooled": pooled,
             "epochs": state.epoch, "planned_epochs": cfg.epochs,
             "accuracy": v.map(|v| v.accuracy), "balanced_accuracy": v.map(|v| v.balanced_accuracy),
             "per_class_recall": v.map(|v| v.per_class_recall.clone()), "validation_images": v.map(|v| v.n),
             "activation_parameters": activation_parameters(&cfg.arch, cfg.act), "activation_evaluations": evals,
         }));
     }
+    let mut datasets: Vec<serde_json::Value> = Vec::new();
+    for r in &rows {
+        if !datasets.contains(&r["dataset"]) {
+            datasets.push(r["dataset"].clone());
+        }
+    }
+    rows.sort_by_key(|r| datasets.iter().position(|d| *d == r["dataset"]));
     let pct = |v: &serde_json::Value| {
         v.as_f64()
             .map_or("-".to_string(), |x| format!("{:.2}", 100.0 * x))
@@ -269,7 +286,7 @@ pub fn table(runs: &[PathBuf], out: &Path) -> Result<String> {
          OCT rows marked K-fold CV pool K runs, each validated on its own fold of the patients, so every image is scored once. \
          Per-class recall in class order (CIFAR-10: airplane ... truck; OCT: ERM / NO). \
          Activation parameters count the trainable (a, b, c) triples: 3 per layer, channel or element. \
-         Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX`.\n",
+         Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX` (`--keep PREFIX.json` keeps earlier rows whose runs are not on this machine).\n",
     );
     std::fs::write(out.with_extension("md"), &md)?;
     std::fs::write(
@@ -331,7 +348,7 @@ mod tests {
         };
         write_run(&root.join("g0"), &other, 2, vec![vec![1, 0], vec![0, 1]])?;
         let runs = ["f0", "g0", "f1"].map(|r| root.join(r));
-        let md = table(&runs, &root.join("t"))?;
+        let md = table(&runs, &root.join("t"), None)?;
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(root.join("t.json"))?)?;
         assert_eq!(rows.len(), 2, "{md}");
@@ -344,7 +361,17 @@ mod tests {
         assert!(md.contains("element-wise + KD, 2-fold CV |"), "{md}");
         assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
         // the same fold twice is an error, not a silently doubled count
-        assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u")).is_err());
+        assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u"), None).is_err());
+        // an earlier table's rows are kept, a rerun run replaces its own row
+        let md = table(
+            &[root.join("g0")],
+            &root.join("v"),
+            Some(&root.join("t.json")),
+        )?;
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(root.join("v.json"))?)?;
+        assert_eq!(rows.len(), 2, "{md}");
+        assert_eq!(rows[0]["folds_pooled"], 2);
         std::fs::remove_dir_all(&root)?;
         Ok(())
     }

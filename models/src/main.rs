@@ -61,6 +61,10 @@ enum Cmd {
         /// Output path prefix: writes PREFIX.md and PREFIX.json.
         #[arg(long)]
         out: PathBuf,
+        /// Keep the rows of this earlier table JSON (their run directories may be gone); a
+        /// run given here replaces the row of the same path.
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
     /// Time training steps of the network (for BENCHMARKS.md).
     Bench {
@@ -296,8 +300,8 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
-        Cmd::Table { runs, out } => {
-            let md = models::cli::table(&runs, &out)?;
+        Cmd::Table { runs, out, keep } => {
+            let md = models::cli::table(&runs, &out, keep.as_deref())?;
             println!("{md}");
         }
         Cmd::Bench {
