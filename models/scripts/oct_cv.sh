@@ -6,7 +6,8 @@
 #   BIN=target/release/beaa-train DATA=/work/data/OCTDL RUNS=/work/runs/oct-cv FOLDS=5 SIZE=64 \
 #     STUDENT_FLAGS="--freeze-bn" TAG=-fb bash models/scripts/oct_cv.sh [act ...]
 # (students: element by default; `none` trains the teachers only). TAG names the student runs
-# of one STUDENT_FLAGS setting.
+# of one STUDENT_FLAGS setting. ONLY="0 2 4" runs just those folds (two processes, one per
+# core, on disjoint folds).
 set -euo pipefail
 BIN=${BIN:-target/release/beaa-train}
 DATA=${DATA:-/work/data/OCTDL}
@@ -19,7 +20,8 @@ read -r -a student_flags <<< "${STUDENT_FLAGS:-}"
 acts=("$@")
 [ ${#acts[@]} -gt 0 ] || acts=(element)
 export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
-for ((k = 0; k < FOLDS; k++)); do
+read -r -a only <<< "${ONLY:-$(seq -s ' ' 0 $((FOLDS - 1)))}"
+for k in "${only[@]}"; do
   common=(--data "$DATA" --preset octdl --size "$SIZE" --width 0.5 --batch 32 --seed 1 --folds "$FOLDS" --fold "$k")
   t="$RUNS/relu-$SIZE-e$TEACHER_EPOCHS-f$k"
   "$BIN" fit --run "$t" "${common[@]}" --act relu --epochs "$TEACHER_EPOCHS" --lr 0.05

@@ -235,6 +235,15 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
             .sum();
         let v = state.last_val.as_ref();
         let mut name = variant(&cfg);
+        let preset = if cfg.dataset_name.starts_with("oct") {
+            "octdl"
+        } else {
+            "cifar10"
+        };
+        let usual = crate::train::default_input(preset);
+        if (cfg.input.height, cfg.input.width) != (usual.height, usual.width) {
+            name.push_str(&format!(", {}x{} input", cfg.input.height, cfg.input.width));
+        }
         if let Some(f) = cfg.fold {
             name.push_str(&format!(", {}-fold CV", f.count));
             if pooled != f.count {
@@ -358,7 +367,7 @@ mod tests {
         let b = rows[0]["balanced_accuracy"].as_f64().unwrap_or(0.0);
         assert!((b - (4.0 / 6.0 + 3.0 / 5.0) / 2.0).abs() < 1e-12, "{b}");
         assert_eq!(rows[0]["epochs"], 1);
-        assert!(md.contains("element-wise + KD, 2-fold CV |"), "{md}");
+        assert!(md.contains("element-wise + KD, 8x8 input, 2-fold CV |"), "{md}");
         assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
         // the same fold twice is an error, not a silently doubled count
         assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u"), None).is_err());
