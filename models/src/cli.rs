@@ -367,7 +367,10 @@ mod tests {
         let b = rows[0]["balanced_accuracy"].as_f64().unwrap_or(0.0);
         assert!((b - (4.0 / 6.0 + 3.0 / 5.0) / 2.0).abs() < 1e-12, "{b}");
         assert_eq!(rows[0]["epochs"], 1);
-        assert!(md.contains("element-wise + KD, 8x8 input, 2-fold CV |"), "{md}");
+        assert!(
+            md.contains("element-wise + KD, 8x8 input, 2-fold CV |"),
+            "{md}"
+        );
         assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
         // the same fold twice is an error, not a silently doubled count
         assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u"), None).is_err());
