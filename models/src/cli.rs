@@ -156,12 +156,21 @@ fn experiment_key(cfg: &TrainConfig) -> Result<String> {
     Ok(v.to_string())
 }
 
+/// One table row before formatting: a run, or the pooled folds of one cross-validated
+/// experiment (`folds` holds the fold indices seen; empty for a run without folds).
+struct PooledRun {
+    run: PathBuf,
+    cfg: TrainConfig,
+    state: TrainState,
+    key: Option<String>,
+    folds: std::collections::BTreeSet<usize>,
+}
+
 /// Pools the folds of cross-validated runs (same experiment key) into one result: their
 /// confusion matrices summed, so every image is scored once by the run that never saw it.
-/// Returns runs in first-seen order, each with its state and the number of folds pooled.
-fn pool_folds(runs: &[PathBuf]) -> Result<Vec<(PathBuf, TrainConfig, TrainState, usize)>> {
-    let mut out: Vec<(PathBuf, TrainConfig, TrainState, usize)> = Vec::new();
-    let mut keys: Vec<Option<(String, std::collections::BTreeSet<usize>)>> = Vec::new();
+/// Returns runs in first-seen order.
+fn pool_folds(runs: &[PathBuf]) -> Result<Vec<PooledRun>> {
+    let mut out: Vec<PooledRun> = Vec::new();
     for r in runs {
         let cfg: TrainConfig = serde_json::from_str(
             &std::fs::read_to_string(r.join("config.json"))
@@ -171,33 +180,30 @@ fn pool_folds(runs: &[PathBuf]) -> Result<Vec<(PathBuf, TrainConfig, TrainState,
             Ok(s) => serde_json::from_str(&s)?,
             Err(_) => TrainState::default(),
         };
-        let Some(fold) = cfg.fold else {
-            out.push((r.clone(), cfg, state, 1));
-            keys.push(None);
+        let key = cfg.fold.map(|_| experiment_key(&cfg)).transpose()?;
+        let slot = key
+            .as_ref()
+            .and_then(|k| out.iter_mut().find(|p| p.key.as_ref() == Some(k)));
+        let (Some(pooled), Some(fold)) = (slot, cfg.fold) else {
+            out.push(PooledRun {
+                run: r.clone(),
+                folds: cfg.fold.map(|f| f.index).into_iter().collect(),
+                cfg,
+                state,
+                key,
+            });
             continue;
         };
-        let key = experiment_key(&cfg)?;
-        let slot = keys
-            .iter()
-            .position(|k| k.as_ref().is_some_and(|(k, _)| *k == key));
-        let Some(i) = slot else {
-            out.push((r.clone(), cfg, state, 1));
-            keys.push(Some((key, [fold.index].into())));
-            continue;
-        };
-        let seen = &mut keys[i].as_mut().expect("fold slot").1;
-        if !seen.insert(fold.index) {
+        if !pooled.folds.insert(fold.index) {
             bail!(
                 "{}: fold {} of this experiment given twice",
                 r.display(),
                 fold.index
             );
         }
-        let pooled = &mut out[i];
-        pooled.3 += 1;
         // a partly trained fold makes the whole row partly trained
-        pooled.2.epoch = pooled.2.epoch.min(state.epoch);
-        pooled.2.last_val = match (pooled.2.last_val.take(), state.last_val) {
+        pooled.state.epoch = pooled.state.epoch.min(state.epoch);
+        pooled.state.last_val = match (pooled.state.last_val.take(), state.last_val) {
             (Some(a), Some(b)) if a.confusion.len() == b.confusion.len() => {
                 let conf = a
                     .confusion
@@ -225,7 +231,15 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
         .with_context(|| format!("{}: not a table's JSON rows", p.display()))?,
         None => Vec::new(),
     };
-    for (r, cfg, state, pooled) in pool_folds(runs)? {
+    for PooledRun {
+        run: r,
+        cfg,
+        state,
+        folds,
+        ..
+    } in pool_folds(runs)?
+    {
+        let pooled = folds.len().max(1);
         let evals: usize = cfg
             .arch
             .units()
