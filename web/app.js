@@ -751,9 +751,9 @@ async function finishJob(pool, model, job, entries) {
   const result = await download(job);
   step('decrypt', { status: 'active', detail: `decrypting ${model.classes.length} logit ciphertexts...` });
   const calibrated = model.logits_calibration_max_abs ?? null;
-  const { probs, outside, corrupt } = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length, calibrated }, [result]);
+  const { probs, top, outside, corrupt } = await pool.call(0, 'decrypt', { result, nImages: entries.length, classes: model.classes.length, calibrated }, [result]);
   step('decrypt', { value: 1, max: 1, status: 'done', detail: `${entries.length} image(s)` });
-  showResults(model, entries, probs, outside, corrupt);
+  showResults(model, entries, probs, top, outside, corrupt);
   api(`jobs/${job.id}`, { method: 'DELETE', token: job.token }).catch(() => {});
   if (keystore.available()) await keystore.deleteJob(job.id).catch(() => {});
 }
@@ -982,16 +982,11 @@ async function download(job) {
 
 // The results: a summary per class, a CSV of all, and the table a page of RESULTS_PER_PAGE rows
 // at a time (16384 rows of bars at once would be one long main-thread task).
-function showResults(model, entries, probs, outside, corrupt) {
+// `top`: each image's class, from the worker (wasm `argmaxRows` over the logits).
+function showResults(model, entries, probs, top, outside, corrupt) {
   const C = model.classes.length;
-  const top = new Uint16Array(entries.length);
   const counts = new Array(C).fill(0);
-  for (let b = 0; b < entries.length; b++) {
-    let best = 0;
-    for (let c = 1; c < C; c++) if (probs[b * C + c] > probs[b * C + best]) best = c;
-    top[b] = best;
-    counts[best]++;
-  }
+  for (let b = 0; b < entries.length; b++) counts[top[b]]++;
   state.results = { model, entries, probs, top, outside, page: 0 };
   clearMessages('results');
   const flagged = outside.reduce((n, f) => n + f, 0);

@@ -3,7 +3,7 @@
 // started it (postMessage); it makes no network request except loading the wasm package.
 //
 // Messages: {id, op, ...args} -> {id, ok: true, result} | {id, ok: false, error}.
-import init, { Batch, ClientKeys, batchLooksCorrupt, outsideCalibration, preprocessImage, softmaxRows } from './pkg/wasm_client.js';
+import init, { Batch, ClientKeys, argmaxRows, batchLooksCorrupt, outsideCalibration, preprocessImage, softmaxRows } from './pkg/wasm_client.js';
 
 const ready = init();
 let keys = null; // ClientKeys: the user's secret, in this worker's memory only
@@ -122,16 +122,18 @@ const ops = {
     const ct = keys.encryptFeature(batch, k);
     return { value: ct, transfer: [ct.buffer] };
   },
-  // Probabilities, per image 1 when its logits leave the model's calibrated range
+  // Probabilities, each image's class (argmax of its logits, the rule of `beaa predict`),
+  // per image 1 when its logits leave the model's calibrated range
   // (`calibrated`: the model's logits_calibration_max_abs; null: no flags), and whether most
   // of the batch is flagged (it overflowed).
   decrypt({ result, nImages, classes, calibrated }) {
     if (!keys) throw new Error('worker has no key');
     const logits = keys.decryptLogits(new Uint8Array(result), nImages, classes);
     const probs = softmaxRows(logits, classes);
+    const top = argmaxRows(logits, classes);
     const outside = calibrated ? outsideCalibration(logits, classes, calibrated) : new Uint8Array(nImages);
     const corrupt = batchLooksCorrupt(outside);
-    return { value: { probs, outside, corrupt }, transfer: [probs.buffer, outside.buffer] };
+    return { value: { probs, top, outside, corrupt }, transfer: [probs.buffer, top.buffer, outside.buffer] };
   },
   reset() {
     dropKeys();

@@ -188,3 +188,10 @@ fn preprocess_pack_encrypt_decrypt_at_a_spec() {
         )
     );
 }
+
+#[wasm_bindgen_test]
+fn argmax_rows_picks_the_first_largest_and_never_nan() {
+    // Rows of two: [NaN, 1] -> 1, [3, 3] -> 0 (the first), [-inf, -5] -> 1.
+    let logits = [f64::NAN, 1.0, 3.0, 3.0, f64::NEG_INFINITY, -5.0];
+    assert_eq!(argmax_rows_js(&logits, 2), vec![1, 0, 1]);
+}

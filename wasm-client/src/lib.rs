@@ -284,6 +284,16 @@ pub fn softmax_rows_js(logits: &[f64], classes: usize) -> Vec<f64> {
     softmax_rows(logits, classes)
 }
 
+/// Per image the index of its class: the first largest logit of each row of `classes`
+/// ([`beaa_model::scores::argmax`], NaN never wins), the same rule as `beaa predict`.
+#[wasm_bindgen(js_name = argmaxRows)]
+pub fn argmax_rows_js(logits: &[f64], classes: usize) -> Vec<u32> {
+    argmax_rows(logits, classes)
+        .into_iter()
+        .map(|c| c as u32)
+        .collect()
+}
+
 /// Per image 1 when its decrypted logits leave the model's calibrated range (more than
 /// `beaa_model::range::BEYOND_CALIBRATION` x `calibrated_max_abs`, the `GET /api/models`
 /// field `logits_calibration_max_abs`), else 0: its class is not reliable, and when most of
