@@ -127,15 +127,23 @@ fn variant(cfg: &TrainConfig) -> String {
         ActKind::Element => "element-wise",
     };
     let kd = if cfg.teacher.is_some() { " + KD" } else { "" };
-    // How the quadratics started (students only): it moves accuracy by several points.
+    // How the quadratics started and trained (students only): it moves accuracy by points.
     let poly = cfg.act != ActKind::Relu;
-    let fit = match (poly && cfg.poly_fit_progressive, poly && cfg.freeze_bn) {
-        (true, true) => " (progressive fit, frozen BN)",
-        (true, false) => " (progressive fit)",
-        (false, true) => " (frozen BN)",
-        (false, false) => "",
-    };
-    format!("{base}{kd}{fit}")
+    let mut how = Vec::new();
+    if poly && cfg.poly_fit_progressive {
+        how.push("progressive fit".to_string());
+    }
+    if poly && cfg.freeze_bn {
+        how.push("frozen BN".to_string());
+    }
+    if poly && cfg.outlier_loss > 0.0 {
+        how.push(format!("images over loss {} left out", cfg.outlier_loss));
+    }
+    if how.is_empty() {
+        format!("{base}{kd}")
+    } else {
+        format!("{base}{kd} ({})", how.join(", "))
+    }
 }
 
 /// The settings that make runs folds of one cross-validated experiment: everything but the
@@ -249,12 +257,7 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
             .sum();
         let v = state.last_val.as_ref();
         let mut name = variant(&cfg);
-        let preset = if cfg.dataset_name.starts_with("oct") {
-            "octdl"
-        } else {
-            "cifar10"
-        };
-        let usual = crate::train::default_input(preset);
+        let usual = crate::train::Preset::of_dataset(&cfg.dataset_name).default_input();
         if (cfg.input.height, cfg.input.width) != (usual.height, usual.width) {
             name.push_str(&format!(", {}x{} input", cfg.input.height, cfg.input.width));
         }

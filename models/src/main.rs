@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use models::data::{Augment, SplitKind};
 use models::net::{ActKind, Arch};
-use models::train::{self, TrainConfig};
+use models::train::{self, Preset, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -87,9 +87,9 @@ struct TrainArgs {
     /// Data directory: class-per-folder tree or CIFAR-10 binary batches.
     #[arg(long)]
     data: PathBuf,
-    /// Preset for input size, split and augmentation: cifar10 or octdl.
-    #[arg(long, default_value = "cifar10")]
-    preset: String,
+    /// Preset for input size, split and augmentation.
+    #[arg(long, value_enum, default_value_t = Preset::Cifar10)]
+    preset: Preset,
     #[arg(long, value_enum, default_value_t = ActKind::Relu)]
     act: ActKind,
     #[arg(long)]
@@ -133,6 +133,10 @@ struct TrainArgs {
     /// clean training images at the start (0 = off); keeps unusual images from exploding.
     #[arg(long, default_value_t = 0.0)]
     range_penalty: f64,
+    /// Leave out of each step the images whose own loss exceeds this (0 = off): exploded
+    /// augmented images otherwise set the clipped step's direction.
+    #[arg(long, default_value_t = 0.0)]
+    outlier_loss: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -158,7 +162,7 @@ struct TrainArgs {
 }
 
 fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
-    let oct = a.preset.starts_with("oct");
+    let oct = a.preset == Preset::Octdl;
     let fold = match (a.fold, a.folds) {
         (Some(index), Some(count)) => {
             anyhow::ensure!(oct, "--folds needs a patient split (--preset octdl)");
@@ -170,7 +174,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         }
         _ => None,
     };
-    let mut input = train::default_input(&a.preset);
+    let mut input = a.preset.default_input();
     if let Some(s) = a.size {
         input.height = s;
         input.width = s;
@@ -186,11 +190,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
     let student = distill || a.init_from.is_some();
     Ok(TrainConfig {
         data: a.data.clone(),
-        dataset_name: if oct {
-            "octdl-erm-no".into()
-        } else {
-            "cifar10".into()
-        },
+        dataset_name: a.preset.dataset_name().into(),
         input,
         split: if oct {
             SplitKind::Group
@@ -248,6 +248,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         poly_fit_progressive: a.poly_fit_progressive,
         freeze_bn: a.freeze_bn,
         range_penalty: a.range_penalty,
+        outlier_loss: a.outlier_loss,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -77,6 +77,13 @@ pub struct TrainConfig {
     /// Validate on this cross-validation fold of the groups instead of `val_fraction`.
     #[serde(default)]
     pub fold: Option<Fold>,
+    /// Leave out of each step the images whose own loss exceeds this (0 = off). Stacked
+    /// quadratics send a few augmented images to losses of 1e10 and more; such an image's
+    /// gradient, clipped, then sets the whole step's direction. Left out, the step follows the
+    /// ordinary images. (The log's training accuracy still counts every image; its loss is
+    /// each step's loss over the images kept.)
+    #[serde(default)]
+    pub outlier_loss: f64,
 }
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
@@ -114,24 +121,55 @@ pub fn tune_allocator() {
     }
 }
 
-pub fn default_input(dataset: &str) -> InputSpec {
-    match dataset {
-        "octdl" | "oct" => InputSpec {
-            channels: 1,
-            height: 64,
-            width: 64,
-            mean: vec![0.0],
-            std: vec![1.0],
-            resize: ResizePolicy::Stretch,
-        },
-        _ => InputSpec {
-            channels: 3,
-            height: 32,
-            width: 32,
-            mean: vec![0.0; 3],
-            std: vec![1.0; 3],
-            resize: ResizePolicy::ShorterSideCenterCrop,
-        },
+/// The data sets we train on. The input, the split and the augmentation follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// 32x32 RGB, the last 500 images of each class validate.
+    #[value(name = "cifar10", alias = "cifar")]
+    Cifar10,
+    /// 64x64 grey retinal OCT (ERM vs NO), split by patient.
+    #[value(name = "octdl", alias = "oct")]
+    Octdl,
+}
+
+impl Preset {
+    /// The data set name a run's config records (`TrainConfig::dataset_name`).
+    pub fn dataset_name(self) -> &'static str {
+        match self {
+            Preset::Cifar10 => "cifar10",
+            Preset::Octdl => "octdl-erm-no",
+        }
+    }
+
+    /// The preset of a recorded run, from its data set name.
+    pub fn of_dataset(dataset_name: &str) -> Preset {
+        if dataset_name == Preset::Octdl.dataset_name() {
+            Preset::Octdl
+        } else {
+            Preset::Cifar10
+        }
+    }
+
+    /// The model input a run of this preset uses unless `--size` says otherwise.
+    pub fn default_input(self) -> InputSpec {
+        match self {
+            Preset::Octdl => InputSpec {
+                channels: 1,
+                height: 64,
+                width: 64,
+                mean: vec![0.0],
+                std: vec![1.0],
+                resize: ResizePolicy::Stretch,
+            },
+            Preset::Cifar10 => InputSpec {
+                channels: 3,
+                height: 32,
+                width: 32,
+                mean: vec![0.0; 3],
+                std: vec![1.0; 3],
+                resize: ResizePolicy::ShorterSideCenterCrop,
+            },
+        }
     }
 }
 
@@ -233,6 +271,70 @@ pub fn kd_loss(
     let kl = (lpt.exp()? * (lpt - lps)?)?.sum_all()? / n;
     let ce = cross_entropy(student, labels, class_w)?;
     Ok(((kl? * (alpha * temp * temp))? + (ce * (1.0 - alpha))?)?)
+}
+
+/// One image's training loss from its logits, in f64 and without class weights: KD's
+/// `alpha*T^2*KL + (1-alpha)*CE` when teacher logits are given, else cross-entropy. Infinite
+/// when a logit is not finite. Decides which images `--outlier-loss` leaves out of a step.
+pub fn per_image_loss(
+    student: &[f32],
+    teacher: Option<&[f32]>,
+    label: u32,
+    alpha: f64,
+    temp: f64,
+) -> f64 {
+    fn log_softmax(z: &[f32], t: f64) -> Vec<f64> {
+        let m = z
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+        let lse = m + z
+            .iter()
+            .map(|&v| (v as f64 / t - m).exp())
+            .sum::<f64>()
+            .ln();
+        z.iter().map(|&v| v as f64 / t - lse).collect()
+    }
+    if student.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let ce = -log_softmax(student, 1.0)[label as usize];
+    match teacher {
+        None => ce,
+        Some(t) => {
+            let (lpt, lps) = (log_softmax(t, temp), log_softmax(student, temp));
+            let kl: f64 = lpt.iter().zip(&lps).map(|(a, b)| a.exp() * (a - b)).sum();
+            alpha * temp * temp * kl + (1.0 - alpha) * ce
+        }
+    }
+}
+
+/// The rows of a batch whose own loss is at most `limit` (never none: if every image is over,
+/// the one with the smallest loss is kept).
+pub fn rows_within_loss(
+    student: &Tensor,
+    teacher: Option<&Tensor>,
+    labels: &[u32],
+    alpha: f64,
+    temp: f64,
+    limit: f64,
+) -> Result<Vec<u32>> {
+    let s = student.to_vec2::<f32>()?;
+    let t = teacher.map(|t| t.to_vec2::<f32>()).transpose()?;
+    let losses: Vec<f64> = s
+        .iter()
+        .enumerate()
+        .map(|(i, row)| per_image_loss(row, t.as_ref().map(|t| &t[i][..]), labels[i], alpha, temp))
+        .collect();
+    let mut keep: Vec<u32> = (0..losses.len() as u32)
+        .filter(|&i| losses[i as usize] <= limit)
+        .collect();
+    if keep.is_empty() {
+        let best = (0..losses.len())
+            .min_by(|&a, &b| losses[a].total_cmp(&losses[b]))
+            .unwrap_or(0);
+        keep.push(best as u32);
+    }
+    Ok(keep)
 }
 
 /// Accuracy, balanced accuracy and per-class recall of a net (eval mode) on a data set.
@@ -728,6 +830,8 @@ pub fn run_limited(
         // Sum of the range penalty's unweighted term (0 when the penalty is off).
         let mut excess_acc = 0.0f64;
         let mut gnorm_max = 0.0f64;
+        // Images left out of their step by --outlier-loss.
+        let mut dropped_acc = 0usize;
         while state.step < steps_per_epoch {
             let s = state.step;
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
@@ -746,19 +850,49 @@ pub fn run_limited(
             } else {
                 net.forward(&x, !cfg.freeze_bn, None)?
             };
-            let loss = match teacher.as_mut() {
-                Some(t) => {
-                    let tl = t.forward(&x, false, None)?.detach();
-                    kd_loss(
-                        &logits,
-                        &tl,
-                        &y,
-                        cfg.kd_alpha,
-                        cfg.kd_temperature,
-                        class_w.as_deref(),
-                    )?
+            let teacher_logits = match teacher.as_mut() {
+                Some(t) => Some(t.forward(&x, false, None)?.detach()),
+                None => None,
+            };
+            // The images this step learns from (all, unless --outlier-loss leaves some out).
+            let kept = if cfg.outlier_loss > 0.0 {
+                let rows = rows_within_loss(
+                    &logits,
+                    teacher_logits.as_ref(),
+                    &y,
+                    cfg.kd_alpha,
+                    cfg.kd_temperature,
+                    cfg.outlier_loss,
+                )?;
+                dropped_acc += y.len() - rows.len();
+                (rows.len() < y.len()).then_some(rows)
+            } else {
+                None
+            };
+            let (step_logits, step_teacher, step_labels) = match &kept {
+                Some(rows) => {
+                    let ix = Tensor::new(rows.as_slice(), &dev)?;
+                    (
+                        logits.index_select(&ix, 0)?,
+                        teacher_logits
+                            .as_ref()
+                            .map(|t| t.index_select(&ix, 0))
+                            .transpose()?,
+                        rows.iter().map(|&r| y[r as usize]).collect(),
+                    )
                 }
-                None => cross_entropy(&logits, &y, class_w.as_deref())?,
+                None => (logits.clone(), teacher_logits, y.clone()),
+            };
+            let loss = match step_teacher {
+                Some(tl) => kd_loss(
+                    &step_logits,
+                    &tl,
+                    &step_labels,
+                    cfg.kd_alpha,
+                    cfg.kd_temperature,
+                    class_w.as_deref(),
+                )?,
+                None => cross_entropy(&step_logits, &step_labels, class_w.as_deref())?,
             };
             let loss = if excess.is_empty() {
                 loss
@@ -794,7 +928,7 @@ pub fn run_limited(
                     dir,
                     &serde_json::json!({"event": "step", "epoch": epoch, "step": state.step, "lr": lr,
                     "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64,
-                    "range_excess": excess_acc / seen as f64}),
+                    "range_excess": excess_acc / seen as f64, "outliers_left_out": dropped_acc}),
                 )?;
             }
             steps_done += 1;
@@ -836,7 +970,7 @@ pub fn run_limited(
         log_line(
             dir,
             &serde_json::json!({"event": "epoch", "epoch": state.epoch, "train_loss": train_loss,
-            "train_acc": train_acc, "val": v, "seconds": state.seconds}),
+            "train_acc": train_acc, "val": v, "seconds": state.seconds, "outliers_left_out": dropped_acc}),
         )?;
         state.last_val = Some(v);
         save_checkpoint(dir, &net, &mom, &state)?;
@@ -1090,6 +1224,83 @@ pub(crate) mod tests {
     /// Interrupting a run mid-epoch and resuming gives bit-identical weights to an
     /// uninterrupted run (seeded order and augmentation, saved momentum and BN statistics).
     #[test]
+    fn a_preset_is_recovered_from_the_data_set_name_it_records() {
+        for p in [Preset::Cifar10, Preset::Octdl] {
+            assert_eq!(Preset::of_dataset(p.dataset_name()), p);
+        }
+        assert_eq!(Preset::Octdl.default_input().channels, 1);
+        assert_eq!(Preset::Cifar10.default_input().height, 32);
+    }
+
+    #[test]
+    fn per_image_loss_agrees_with_the_batch_losses() -> Result<()> {
+        let dev = Device::Cpu;
+        let s = [1.5f32, -0.5, 3.0, 0.25];
+        let t = [0.5f32, 2.0, -1.0, 0.0];
+        let st = Tensor::new(&[s], &dev)?;
+        let tt = Tensor::new(&[t], &dev)?;
+        for label in 0..4u32 {
+            let ce = cross_entropy(&st, &[label], None)?.to_scalar::<f32>()? as f64;
+            assert!((per_image_loss(&s, None, label, 0.9, 4.0) - ce).abs() < 1e-5);
+            let kd = kd_loss(&st, &tt, &[label], 0.9, 4.0, None)?.to_scalar::<f32>()? as f64;
+            assert!((per_image_loss(&s, Some(&t), label, 0.9, 4.0) - kd).abs() < 1e-4);
+        }
+        assert_eq!(
+            per_image_loss(&[f32::NAN, 0.0], None, 0, 0.9, 4.0),
+            f64::INFINITY
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rows_within_loss_leave_out_exploded_images_but_never_all() -> Result<()> {
+        let dev = Device::Cpu;
+        // Row 1 has exploded (loss ~1e6 for its label); rows 0 and 2 are ordinary.
+        let s = Tensor::new(&[[2.0f32, 0.0], [-1e6, 1e6], [0.0, 1.0]], &dev)?;
+        let t = Tensor::new(&[[1.0f32, 0.0], [1.0, 0.0], [0.0, 1.0]], &dev)?;
+        assert_eq!(
+            rows_within_loss(&s, Some(&t), &[0, 0, 1], 0.9, 4.0, 100.0)?,
+            vec![0, 2]
+        );
+        assert_eq!(
+            rows_within_loss(&s, None, &[0, 0, 1], 0.9, 4.0, 100.0)?,
+            vec![0, 2]
+        );
+        // Every image over the limit: the smallest loss stays.
+        assert_eq!(
+            rows_within_loss(&s, None, &[1, 0, 0], 0.9, 4.0, 1e-3)?,
+            vec![2]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn outlier_loss_limit_leaves_images_out_of_their_steps() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-outlier-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        write_two_class_images(&data, 10)?;
+        // A limit below any loss: each step keeps exactly its best image.
+        let cfg = TrainConfig {
+            outlier_loss: 1e-9,
+            ..tiny_config(data)
+        };
+        let state = run(&root.join("run"), cfg)?;
+        assert_eq!(state.epoch, 2);
+        let log = std::fs::read_to_string(root.join("run/log.jsonl"))?;
+        let left_out: Vec<u64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "epoch")
+            .map(|v| v["outliers_left_out"].as_u64().unwrap_or(0))
+            .collect();
+        // 16 training images in batches of 4: 4 steps, each leaving out 3.
+        assert_eq!(left_out, vec![12, 12]);
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
     fn resume_mid_epoch_is_exact() -> Result<()> {
         resume_mid_epoch_is_exact_with(0.0)
     }
@@ -1165,6 +1376,7 @@ pub(crate) mod tests {
             poly_fit_progressive: false,
             freeze_bn: false,
             range_penalty: 0.0,
+            outlier_loss: 0.0,
             fold: None,
         }
     }
