@@ -6,7 +6,7 @@
 use crate::exec::ExecError;
 use beaa_ckks::{Ciphertext, Params};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -161,26 +161,37 @@ impl Store for DirStore {
         Ok(())
     }
 
+    /// Reads the tile one ciphertext at a time into one reused buffer: a whole tile (up to
+    /// ~360 MB at full width) read at once was an allocation that glibc maps and unmaps per
+    /// read in a worker thread's arena, every page faulting again.
     fn get(&self, layer: u32, tile: u32) -> Result<Vec<Ciphertext>, ExecError> {
         let path = self.path(layer, tile);
         let bad = |what: &str| ExecError::Io(format!("{}: {what}", path.display()));
-        let bytes = std::fs::read(&path).map_err(|e| bad(&e.to_string()))?;
-        let mut rest = bytes.as_slice();
-        let mut take = |n: usize| -> Result<&[u8], ExecError> {
-            if rest.len() < n {
+        let file = std::fs::File::open(&path).map_err(|e| bad(&e.to_string()))?;
+        let mut left = file.metadata().map_err(|e| bad(&e.to_string()))?.len();
+        let mut file = std::io::BufReader::with_capacity(1 << 16, file);
+        // Every length is checked against the bytes the file still has before anything is
+        // allocated for it.
+        let mut read = |buf: &mut Vec<u8>, n: u64| -> Result<(), ExecError> {
+            if n > left {
                 return Err(bad("truncated tile file"));
             }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            Ok(head)
+            left -= n;
+            buf.resize(n as usize, 0);
+            file.read_exact(buf).map_err(|e| bad(&e.to_string()))
         };
-        let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+        let mut buf = Vec::new();
+        read(&mut buf, 4)?;
+        let count = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
         let mut out = Vec::with_capacity(count.min(4096));
         for _ in 0..count {
-            let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
-            let ct = Ciphertext::from_bytes(&self.params, take(len)?)
-                .map_err(|e| bad(&e.to_string()))?;
-            out.push(ct);
+            read(&mut buf, 8)?;
+            let len = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+            read(&mut buf, len)?;
+            out.push(Ciphertext::from_bytes(&self.params, &buf).map_err(|e| bad(&e.to_string()))?);
+        }
+        if left != 0 {
+            return Err(bad("tile file longer than its ciphertexts"));
         }
         Ok(out)
     }
@@ -209,5 +220,57 @@ impl Store for DirStore {
 
     fn bytes_held(&self) -> u64 {
         self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beaa_ckks::{Encryptor, KeyGenerator, ParamSpec};
+
+    fn tile(params: &Params, n: usize) -> Vec<Ciphertext> {
+        let sk = KeyGenerator::new(params).secret_key();
+        let mut enc = Encryptor::new(params);
+        (0..n)
+            .map(|k| {
+                let v = vec![k as f64 * 0.25; 4];
+                enc.encrypt_values_sk(&sk, &v, params.default_scale(), params.max_level())
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tile_files_round_trip_and_damaged_ones_are_refused() {
+        let params = Params::insecure_for_tests(ParamSpec::chain(10, 3, 40, 2)).unwrap();
+        let dir = std::env::temp_dir().join(format!("beaa-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = DirStore::open(&dir, &params, "test plan").unwrap();
+        let cts = tile(&params, 3);
+        store.put(1, 7, &cts).unwrap();
+        let back = store.get(1, 7).unwrap();
+        assert_eq!(back.len(), 3);
+        for (a, b) in cts.iter().zip(&back) {
+            assert_eq!(a.to_bytes(), b.to_bytes());
+        }
+        let path = store.path(1, 7);
+        let bytes = std::fs::read(&path).unwrap();
+        let refuse = |b: &[u8], why: &str| {
+            std::fs::write(&path, b).unwrap();
+            let e = store.get(1, 7).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        };
+        refuse(&bytes[..bytes.len() - 1], "truncated");
+        refuse(&[&bytes[..], &[0u8]].concat(), "longer than");
+        // A length field claiming far more than the file holds: refused, nothing allocated.
+        let mut huge = bytes.clone();
+        huge[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        refuse(&huge, "truncated");
+        // The first ciphertext's header (its magic) damaged: refused by the ciphertext reader.
+        let mut flipped = bytes.clone();
+        flipped[12] ^= 0x40;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(store.get(1, 7).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
