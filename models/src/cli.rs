@@ -136,6 +136,12 @@ fn variant(cfg: &TrainConfig) -> String {
     if poly && cfg.freeze_bn {
         how.push("frozen BN".to_string());
     }
+    if poly && cfg.relu_blend_epochs > 0.0 {
+        how.push(format!(
+            "ReLU blended out over {} epochs",
+            cfg.relu_blend_epochs
+        ));
+    }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
     }

@@ -137,6 +137,10 @@ struct TrainArgs {
     /// augmented images otherwise set the clipped step's direction.
     #[arg(long, default_value_t = 0.0)]
     outlier_loss: f64,
+    /// Students: move each activation from ReLU to its quadratic over this many first
+    /// epochs (0 = start from the quadratics).
+    #[arg(long, default_value_t = 0.0)]
+    relu_blend_epochs: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -249,6 +253,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         freeze_bn: a.freeze_bn,
         range_penalty: a.range_penalty,
         outlier_loss: a.outlier_loss,
+        relu_blend_epochs: a.relu_blend_epochs,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -155,6 +155,10 @@ pub struct Net {
     pub calibrating: bool,
     /// Activations evaluated as ReLU whatever `act` is (progressive polynomial fitting).
     pub relu_units: std::collections::BTreeSet<String>,
+    /// While `Some(l)` with `l < 1`, every polynomial activation is `(1-l) relu(x) + l p(x)`:
+    /// a student eases from its teacher's ReLU to the quadratics (`--relu-blend-epochs`).
+    /// `None` (inference, export, validation) is the quadratics alone.
+    pub relu_blend: Option<f32>,
 }
 
 /// Seeded standard normal samples (candle's CPU RNG cannot be seeded).
@@ -226,6 +230,7 @@ impl Net {
             buffers,
             calibrating: false,
             relu_units: Default::default(),
+            relu_blend: None,
         })
     }
 
@@ -249,7 +254,8 @@ impl Net {
             let u = units.iter().find(|u| u.name == name).expect("unit");
             let w = net.var(&format!("{name}.weight"))?.clone();
             let b = net.var(&format!("{name}.bias"))?.clone();
-            if train && u.act && observe.is_none() {
+            // The fused kernel has no ReLU blend.
+            if train && u.act && observe.is_none() && net.relu_blend.is_none() {
                 return net.fused_unit(name, u, x, &w, &b);
             }
             let y = conv2d_nhwc(x, &w, Some(&b), u.k, u.k / 2)?;
@@ -340,10 +346,15 @@ impl Net {
         let a = self.var(&format!("{name}.poly_a"))?;
         let b = self.var(&format!("{name}.poly_b"))?;
         let c = self.var(&format!("{name}.poly_c"))?;
-        x.broadcast_mul(a)?
+        let p = x
+            .broadcast_mul(a)?
             .broadcast_add(b)?
             .mul(x)?
-            .broadcast_add(c)
+            .broadcast_add(c)?;
+        match self.relu_blend {
+            Some(l) if l < 1.0 => (x.relu()? * (1.0 - l as f64))? + (p * l as f64)?,
+            _ => Ok(p),
+        }
     }
 
     fn batch_norm(&mut self, name: &str, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -505,6 +516,37 @@ mod tests {
             conv2: 6,
             conv3: 5,
         }
+    }
+
+    /// Blend 0 is the ReLU network, 1 the quadratics alone, and in between the mix of both.
+    #[test]
+    fn relu_blend_moves_from_relu_to_the_quadratics() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut net = Net::new(small_arch(), ActKind::Element, 4, &dev)?;
+        let x = Tensor::from_vec(
+            normal_vec(&mut ChaCha8Rng::seed_from_u64(3), 2 * 8 * 8 * 3, 1.0),
+            (2, 8, 8, 3),
+            &dev,
+        )?;
+        let poly = net.forward(&x, false, None)?;
+        net.relu_units = net.arch.units().into_iter().map(|u| u.name).collect();
+        let relu = net.forward(&x, false, None)?;
+        net.relu_units.clear();
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(
+            max_diff(&poly, &relu)? > 1e-3,
+            "the test needs the two to differ"
+        );
+        net.relu_blend = Some(0.0);
+        assert!(max_diff(&net.forward(&x, false, None)?, &relu)? < 1e-5);
+        net.relu_blend = Some(1.0);
+        assert!(max_diff(&net.forward(&x, false, None)?, &poly)? < 1e-5);
+        net.relu_blend = Some(0.5);
+        let half = net.forward(&x, false, None)?;
+        assert!(max_diff(&half, &relu)? > 1e-4 && max_diff(&half, &poly)? > 1e-4);
+        Ok(())
     }
 
     /// One extreme image moves the plain variance by orders of magnitude but not the median

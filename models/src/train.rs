@@ -84,7 +84,24 @@ pub struct TrainConfig {
     /// each step's loss over the images kept.)
     #[serde(default)]
     pub outlier_loss: f64,
+    /// Students: over this many first epochs each polynomial activation moves linearly from
+    /// the teacher's ReLU to the quadratic (`(1-l) relu + l p`, `l` from 0 to 1; 0 = off), so
+    /// the network adapts while it still works instead of starting from the fit's function
+    /// (CIFAR-10: 52% before training). Validation always runs the quadratics alone.
+    #[serde(default)]
+    pub relu_blend_epochs: f64,
 }
+
+/// The ReLU blend at `progress` epochs ([`TrainConfig::relu_blend_epochs`]); `None` once the
+/// quadratics stand alone.
+pub fn relu_blend_at(cfg: &TrainConfig, progress: f64) -> Option<f32> {
+    (cfg.act.is_poly() && progress < cfg.relu_blend_epochs)
+        .then(|| (progress / cfg.relu_blend_epochs) as f32)
+}
+
+/// Steps between batch-norm re-estimations while the ReLU blend moves (its statistics follow
+/// the function being trained).
+const BLEND_CALIBRATION_STEPS: usize = 25;
 
 /// Progress of a run; stored as `state.json` next to `checkpoint.safetensors`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -783,6 +800,10 @@ pub fn run_limited(
             v.accuracy, v.balanced_accuracy
         );
         log_line(dir, &serde_json::json!({"event": "init", "val": v}))?;
+        net.relu_blend = relu_blend_at(&cfg, 0.0);
+        if net.relu_blend.is_some() {
+            calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
+        }
     }
     if cfg.range_penalty > 0.0 && state.range_bounds.is_empty() {
         let images = cfg.poly_fit_images.max(cfg.batch);
@@ -837,6 +858,10 @@ pub fn run_limited(
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ ((epoch as u64) << 32) ^ s as u64);
             let (x, y) = make_batch(&train, idx, &cfg.augment, &spec, &mut rng, &dev)?;
+            net.relu_blend = relu_blend_at(&cfg, epoch as f64 + s as f64 / steps_per_epoch as f64);
+            if net.relu_blend.is_some() && s > 0 && s % BLEND_CALIBRATION_STEPS == 0 {
+                calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
+            }
             let mut excess: Vec<Tensor> = Vec::new();
             let logits = if cfg.range_penalty > 0.0 {
                 let bounds = &state.range_bounds;
@@ -948,8 +973,14 @@ pub fn run_limited(
             }
         }
         pb.finish_and_clear();
+        net.relu_blend = None;
         calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         let v = evaluate(&mut net, &val, &spec, &dev)?;
+        // Statistics for the function the next epoch starts training.
+        net.relu_blend = relu_blend_at(&cfg, (epoch + 1) as f64);
+        if net.relu_blend.is_some() {
+            calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
+        }
         state.epoch += 1;
         state.step = 0;
         state.seconds = base_seconds + start.elapsed().as_secs_f64();
@@ -1302,14 +1333,20 @@ pub(crate) mod tests {
 
     #[test]
     fn resume_mid_epoch_is_exact() -> Result<()> {
-        resume_mid_epoch_is_exact_with(0.0)
+        resume_mid_epoch_is_exact_with(0.0, 0.0)
+    }
+
+    /// Stopped inside the ReLU blend: the blend follows from the step, so resuming is exact.
+    #[test]
+    fn resume_inside_the_relu_blend_is_exact() -> Result<()> {
+        resume_mid_epoch_is_exact_with(0.0, 1.5)
     }
 
     /// With the range penalty: the bounds are fixed at the start and kept in state.json, so a
     /// resumed run trains exactly as an uninterrupted one.
     #[test]
     fn resume_with_range_penalty_is_exact() -> Result<()> {
-        resume_mid_epoch_is_exact_with(0.5)
+        resume_mid_epoch_is_exact_with(0.5, 0.0)
     }
 
     #[test]
@@ -1377,13 +1414,14 @@ pub(crate) mod tests {
             freeze_bn: false,
             range_penalty: 0.0,
             outlier_loss: 0.0,
+            relu_blend_epochs: 0.0,
             fold: None,
         }
     }
 
-    fn resume_mid_epoch_is_exact_with(range_penalty: f64) -> Result<()> {
+    fn resume_mid_epoch_is_exact_with(range_penalty: f64, relu_blend_epochs: f64) -> Result<()> {
         let root = std::env::temp_dir().join(format!(
-            "beaa-resume-{}-{range_penalty}",
+            "beaa-resume-{}-{range_penalty}-{relu_blend_epochs}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&root);
@@ -1391,6 +1429,7 @@ pub(crate) mod tests {
         write_two_class_images(&data, 10)?;
         let cfg = TrainConfig {
             range_penalty,
+            relu_blend_epochs,
             ..tiny_config(data.clone())
         };
         let whole = run(&root.join("a"), cfg.clone())?;
