@@ -152,6 +152,25 @@ fn variant(cfg: &TrainConfig) -> String {
     }
 }
 
+/// What a run started from: `scratch`, or the run directory name of its starting weights (a
+/// student's teacher); for folds the fold suffix `f<i>` becomes `f*` (each fold starts from
+/// its own fold's teacher).
+fn starts_from(cfg: &TrainConfig) -> String {
+    let Some(init) = &cfg.init_from else {
+        return "scratch".into();
+    };
+    let name = init.file_name().map_or_else(
+        || init.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    match cfg.fold {
+        Some(f) => name
+            .strip_suffix(&format!("f{}", f.index))
+            .map_or(name.clone(), |stem| format!("{stem}f*")),
+        None => name,
+    }
+}
+
 /// The settings that make runs folds of one cross-validated experiment: everything but the
 /// fold index, the per-fold paths (data, teacher, starting weights) and the input
 /// normalization (measured on each fold's own training images).
@@ -277,6 +296,7 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
         rows.retain(|row| row["run"] != run.as_str());
         rows.push(json!({
             "run": run, "dataset": cfg.dataset_name, "variant": name, "folds_pooled": pooled,
+            "starts_from": starts_from(&cfg),
             "epochs": state.epoch, "planned_epochs": cfg.epochs,
             "accuracy": v.map(|v| v.accuracy), "balanced_accuracy": v.map(|v| v.balanced_accuracy),
             "per_class_recall": v.map(|v| v.per_class_recall.clone()), "validation_images": v.map(|v| v.n),
@@ -294,15 +314,16 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
         v.as_f64()
             .map_or("-".to_string(), |x| format!("{:.2}", 100.0 * x))
     };
-    let mut md = String::from("| data | variant | epochs | accuracy % | balanced acc. % | per-class recall % | activation params | activation evals / image |\n|---|---|---|---|---|---|---|---|\n");
+    let mut md = String::from("| data | variant | starts from | epochs | accuracy % | balanced acc. % | per-class recall % | activation params | activation evals / image |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         let rec = r["per_class_recall"].as_array().map_or("-".into(), |a| {
             a.iter().map(&pct).collect::<Vec<_>>().join(" / ")
         });
         md.push_str(&format!(
-            "| {} | {} | {}/{} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {}/{} | {} | {} | {} | {} | {} |\n",
             r["dataset"].as_str().unwrap_or(""),
             r["variant"].as_str().unwrap_or(""),
+            r["starts_from"].as_str().unwrap_or("-"),
             r["epochs"],
             r["planned_epochs"],
             pct(&r["accuracy"]),
@@ -317,6 +338,7 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
          OCT = all images of 25% of the patients of each class (seeded), unseen in training; \
          OCT rows marked K-fold CV pool K runs, each validated on its own fold of the patients, so every image is scored once. \
          Per-class recall in class order (CIFAR-10: airplane ... truck; OCT: ERM / NO). \
+         Starts from: the run whose weights a run started from (a student's teacher; `f*`: each fold its own fold's), or scratch. \
          Activation parameters count the trainable (a, b, c) triples: 3 per layer, channel or element. \
          Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX` (`--keep PREFIX.json` keeps earlier rows whose runs are not on this machine).\n",
     );
@@ -354,6 +376,7 @@ mod tests {
             let mut cfg = TrainConfig {
                 fold: Some(Fold { index, count: 2 }),
                 teacher: Some(root.join(teacher)),
+                init_from: Some(root.join(format!("relu-f{index}"))),
                 ..tiny_config(root.join("data"))
             };
             // each fold normalizes by its own training images
@@ -395,6 +418,8 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
+        // each fold started from its own fold's teacher
+        assert_eq!(rows[0]["starts_from"], "relu-f*");
         // the same fold twice is an error, not a silently doubled count
         assert!(table(&[root.join("f0"), root.join("f0")], &root.join("u"), None).is_err());
         // an earlier table's rows are kept, a rerun run replaces its own row
