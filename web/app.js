@@ -218,6 +218,21 @@ async function loadModels() {
   resumeStoredJob();
 }
 
+// What the model was measured to be worth when it was exported (on its own validation
+// images, not a promise about yours).
+function validationText(m) {
+  const v = m.validation;
+  if (!v) return 'This model has no recorded validation result.';
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  const held = v.split === 'Group' ? 'images of patients it never saw' : 'held-out images';
+  let text = `Validated on ${v.images} ${held}: accuracy ${pct(v.accuracy)}, ` +
+    `balanced accuracy ${pct(v.balanced_accuracy)}`;
+  if (m.classes.length <= 4) {
+    text += ` (recall ${m.classes.map((c, k) => `${c} ${pct(v.per_class_recall[k])}`).join(', ')})`;
+  }
+  return `${text}.`;
+}
+
 function selectModel(name) {
   const m = state.models.find((x) => x.name === name) || null;
   const changedInput = !state.model || !m || JSON.stringify(state.model.input) !== JSON.stringify(m.input);
@@ -232,6 +247,7 @@ function selectModel(name) {
   } else {
     $('#model-info').textContent = '';
   }
+  $('#model-validation').textContent = m ? validationText(m) : '';
   if (changedInput) queuePreprocess(state.images);
   refreshControls();
 }

@@ -82,6 +82,7 @@ pub mod packing;
 pub mod range;
 pub mod scores;
 pub mod testing;
+pub mod validation;
 pub use testing::measure_ranges;
 
 pub use graph::{Activation, Node, Op, SqueezeNetSpec};
@@ -580,6 +581,11 @@ impl Model {
             .get(&self.manifest.output)
             .map(|r| r.max_abs)
             .filter(|m| m.is_finite() && *m > 0.0)
+    }
+
+    /// The validation result recorded at export, when the manifest has a well-formed one.
+    pub fn validation(&self) -> Option<validation::ValidationSummary> {
+        validation::ValidationSummary::of(&self.manifest)
     }
 
     /// Predicted class per image.

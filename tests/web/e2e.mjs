@@ -335,6 +335,15 @@ test('page: encrypted diagnosis equals the plaintext reference; no pixels or sec
   const { expected, model, imagePaths, badPath, fx, base } = env;
   const { page, requests, pageErrors } = await openPage(t);
   assert.equal(await page.isVisible('#insecure-banner'), true, 'red banner for insecure test parameters');
+  // The model's recorded validation result, as the server announces it.
+  const v = expected.validation;
+  const shown = await page.textContent('#model-validation');
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  for (const part of [`Validated on ${v.images} images of patients it never saw`,
+    `balanced accuracy ${pct(v.balanced_accuracy)}`,
+    `${expected.classes[0]} ${pct(v.per_class_recall[0])}`]) {
+    assert.ok(shown.includes(part), `validation line "${shown}" lacks "${part}"`);
+  }
 
   // Add the images and one unreadable file.
   await page.setInputFiles('#file-input', [...imagePaths, badPath]);

@@ -37,7 +37,10 @@ pub fn spec() -> Value {
                     "output_ciphertexts": {"type": "integer"}, "max_batch": {"type": "integer"},
                     "input_ciphertext_bytes": {"type": "integer"}, "relin_key_bytes": {"type": "integer"},
                     "work_dir_bytes": {"type": "integer", "description": "the most bytes of intermediate ciphertexts a running job keeps on the server's disk"},
-                    "logits_calibration_max_abs": {"type": ["number", "null"], "description": "the largest |logit| on the calibration images; clients flag images beyond 4x as unreliable"}}},
+                    "logits_calibration_max_abs": {"type": ["number", "null"], "description": "the largest |logit| on the calibration images; clients flag images beyond 4x as unreliable"},
+                    "validation": {"type": ["object", "null"], "description": "the model's validation result recorded at export (null if it has none): accuracy, balanced_accuracy and per_class_recall (fractions, per_class_recall in class order), images, split (LastPerClass: held-out images of each class; Group: every image of unseen patients)", "properties": {
+                        "accuracy": {"type": "number"}, "balanced_accuracy": {"type": "number"}, "images": {"type": "integer"},
+                        "per_class_recall": {"type": "array", "items": {"type": "number"}}, "split": {"type": ["string", "null"]}}}}},
                 "JobStatus": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "model": {"type": "string"}, "batch": {"type": "integer"},
                     "state": {"type": "string", "enum": ["uploading", "queued", "running", "done", "failed", "cancelled"]},

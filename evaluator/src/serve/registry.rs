@@ -184,6 +184,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
         "relin_key_bytes": rlk_len,
         "work_dir_bytes": work_peak,
         "logits_calibration_max_abs": model.logit_calibration(),
+        "validation": model.validation(),
     });
     let ev = Evaluator::new(&params);
     Ok(ReadyModel {

@@ -139,7 +139,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
     }
-    let (model, chosen) = found.ok_or("no model seed gave clear predictions over >= 2 classes")?;
+    let (mut model, chosen) =
+        found.ok_or("no model seed gave clear predictions over >= 2 classes")?;
+    // A recorded validation result as `beaa-train export` writes it (fixture values: a random
+    // model has no real one), so the page test can check what the page tells its user.
+    model.manifest.metrics = json!({
+        "validation": {"accuracy": 0.75, "balanced_accuracy": 0.7, "n": 40,
+                       "per_class_recall": [0.5, 0.9, 0.6, 0.8], "loss": 1.0},
+        "validation_split": "Group",
+    });
     let model_dir = out.join("zoo").join(MODEL_NAME);
     model.save(&model_dir)?;
     let images_dir = out.join("images");
@@ -162,6 +170,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "model": MODEL_NAME,
         "classes": model.manifest.classes,
         "input": spec,
+        "validation": model.validation(),
         "images": chosen,
     });
     std::fs::write(
