@@ -289,12 +289,25 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             if constant != 0.0 {
                 self.ev.add_const_assign(&mut x, constant)?;
             }
-            self.ev.rescale_assign(&mut x)?;
             if layer.reads_lazy {
-                // A sum of unrelinearized squares: one more rescale, then one key switch at
-                // the lower level.
+                // A sum of unrelinearized squares: two rescales and one key switch. Rescaling
+                // a degree-2 ciphertext rounds its s^2 part too, a noise of about 0.2 N per
+                // coefficient instead of ~0.3 sqrt(h) for degree 1. Inside the network
+                // (scale 2^40) that is far below the values and the key switch is cheaper
+                // two levels down; the logits end at a small scale (`LOGIT_WEIGHT_BITS`),
+                // where it made the logits' error 4e-2 at N = 32768 (a random width/16
+                // model; 1.2e-4 with the key switch first), so they switch keys first.
+                let relinearize_first = layer.kind == LayerKind::Output;
+                if relinearize_first {
+                    self.ev.relinearize_assign(&mut x, self.rlk)?;
+                }
                 self.ev.rescale_assign(&mut x)?;
-                self.ev.relinearize_assign(&mut x, self.rlk)?;
+                self.ev.rescale_assign(&mut x)?;
+                if !relinearize_first {
+                    self.ev.relinearize_assign(&mut x, self.rlk)?;
+                }
+            } else {
+                self.ev.rescale_assign(&mut x)?;
             }
             let y = match &layer.kind {
                 LayerKind::Activation { beta, lazy } => {

@@ -150,7 +150,9 @@ fn shipped_cifar10_encrypted_agrees_with_plaintext() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["n"], 4);
     assert_eq!(v["agreement_with_plaintext"], 1.0, "{stderr}");
-    assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-3, "{v}");
+    // The logits end at a small scale (engine LOGIT_WEIGHT_BITS): rescaling their degree-2
+    // sums before the key switch gave 5.9e-4 here (and 4e-2 at N = 32768); 1.2e-5 after.
+    assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-4, "{v}");
 }
 
 #[test]
