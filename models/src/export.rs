@@ -124,7 +124,12 @@ pub fn folded_tensors(net: &Net) -> Result<BTreeMap<String, TensorData>> {
         let (h, w) = (u.h, u.w);
         let coef: Vec<Vec<f32>> = ["a", "b", "c"]
             .iter()
-            .map(|p| vec_of(net, &format!("{}.poly_{p}", u.name)))
+            .map(|p| {
+                net.poly_coef(&u.name, p)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+                    .map_err(Into::into)
+            })
             .collect::<Result<_>>()?;
         let mut folded = [
             vec![0f32; o * h * w],
@@ -243,7 +248,7 @@ pub fn export_run(
             "lr": cfg.lr, "lr_min": cfg.lr_min, "warmup_epochs": cfg.warmup_epochs, "schedule": "linear warmup then cosine",
             "batch": cfg.batch, "clip_norm": cfg.clip_norm, "augment": cfg.augment, "class_weighted": cfg.class_weighted,
             "kd_alpha": cfg.teacher.as_ref().map(|_| cfg.kd_alpha), "kd_temperature": cfg.teacher.as_ref().map(|_| cfg.kd_temperature),
-            "init_from": cfg.init_from, "arch": cfg.arch, "act": cfg.act, "freeze_bn": cfg.freeze_bn, "range_penalty": cfg.range_penalty, "outlier_loss": cfg.outlier_loss, "relu_blend_epochs": cfg.relu_blend_epochs,
+            "init_from": cfg.init_from, "arch": cfg.arch, "act": cfg.act, "freeze_bn": cfg.freeze_bn, "range_penalty": cfg.range_penalty, "outlier_loss": cfg.outlier_loss, "relu_blend_epochs": cfg.relu_blend_epochs, "poly_channel_share": cfg.poly_channel_share,
             "poly_fit": cfg.init_from.as_ref().map(|_| serde_json::json!({
                 "progressive": cfg.poly_fit_progressive, "images": cfg.poly_fit_images,
                 "shrink": cfg.poly_fit_shrink, "range": cfg.poly_fit_range,
@@ -281,17 +286,27 @@ mod tests {
             conv2: 6,
             conv3: 5,
         };
-        for act in [
-            ActKind::Relu,
-            ActKind::Layer,
-            ActKind::Channel,
-            ActKind::Element,
+        // (element-wise twice: plain, and with channel shares, which export must fold in)
+        for (act, share) in [
+            (ActKind::Relu, false),
+            (ActKind::Layer, false),
+            (ActKind::Channel, false),
+            (ActKind::Element, false),
+            (ActKind::Element, true),
         ] {
             let mut net = Net::new(arch.clone(), act, 5, &dev)?;
-            // non-trivial BN statistics and polynomials
+            if share {
+                net = net.with_channel_share()?;
+            }
+            // non-trivial BN statistics and polynomials (and shares)
             let mut rng = ChaCha8Rng::seed_from_u64(17);
+            let mut share_rng = ChaCha8Rng::seed_from_u64(18);
             for (k, v) in net.vars.iter() {
-                if !k.ends_with("weight") {
+                if k.ends_with(".channel") {
+                    // shares: their own draws, so the other tensors match the plain case
+                    let noise = crate::net::normal_vec(&mut share_rng, v.elem_count(), 0.002);
+                    v.set(&(v.as_tensor() + Tensor::from_vec(noise, v.shape(), &dev)?)?)?;
+                } else if !k.ends_with("weight") {
                     let noise = crate::net::normal_vec(&mut rng, v.elem_count(), 0.2);
                     v.set(&(v.as_tensor() + Tensor::from_vec(noise, v.shape(), &dev)?)?)?;
                 }

@@ -141,6 +141,10 @@ struct TrainArgs {
     /// epochs (0 = start from the quadratics).
     #[arg(long, default_value_t = 0.0)]
     relu_blend_epochs: f64,
+    /// Element-wise students: each coefficient a per-channel share plus a per-element offset,
+    /// so the common part learns at the channel-wise rate (see models/README.md).
+    #[arg(long)]
+    poly_channel_share: bool,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -254,6 +258,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         range_penalty: a.range_penalty,
         outlier_loss: a.outlier_loss,
         relu_blend_epochs: a.relu_blend_epochs,
+        poly_channel_share: a.poly_channel_share,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -234,6 +234,54 @@ impl Net {
         })
     }
 
+    /// Splits each element-wise coefficient into a per-channel share plus a per-element
+    /// offset (`{unit}.poly_{a,b,c}.channel`, shape `[C]`, zero at first; the effective
+    /// coefficient is their sum, so the function is unchanged). Why: under SGD a per-element
+    /// coefficient gets only its own element's gradient, while a channel-wise one gets the sum
+    /// over the channel's H*W positions, so at one learning rate element-wise polynomials move
+    /// up to H*W (64-1024) times slower than channel-wise ones. With the share their common
+    /// part moves at the channel-wise rate and the offsets refine it. A no-op for other kinds.
+    pub fn with_channel_share(mut self) -> Result<Self> {
+        if self.act != ActKind::Element {
+            return Ok(self);
+        }
+        for u in self.arch.units().into_iter().filter(|u| u.act) {
+            for k in ["a", "b", "c"] {
+                let dev = self.vars[&format!("{}.poly_{k}", u.name)].device().clone();
+                self.vars.insert(
+                    format!("{}.poly_{k}.channel", u.name),
+                    Var::zeros(u.cout, DType::F32, &dev)?,
+                );
+            }
+        }
+        Ok(self)
+    }
+
+    /// The effective coefficient `k` (a, b or c) of a unit's quadratic, shaped as
+    /// [`UnitSpec::poly_shape`]: the stored tensor plus its channel share if there is one.
+    pub fn poly_coef(&self, unit: &str, k: &str) -> Result<Tensor> {
+        let t = self.var(&format!("{unit}.poly_{k}"))?;
+        match self.vars.get(&format!("{unit}.poly_{k}.channel")) {
+            Some(share) => t.broadcast_add(share.as_tensor()),
+            None => Ok(t.clone()),
+        }
+    }
+
+    /// Sets the effective coefficient `k` of a unit's quadratic: the stored tensor takes
+    /// `value` (shaped as [`UnitSpec::poly_shape`]) and the channel share, if any, is zeroed.
+    pub fn set_poly_coef(&self, unit: &str, k: &str, value: &Tensor) -> Result<()> {
+        let name = format!("{unit}.poly_{k}");
+        let v = self
+            .vars
+            .get(&name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("missing parameter {name}")))?;
+        v.set(value)?;
+        if let Some(share) = self.vars.get(&format!("{name}.channel")) {
+            share.set(&share.as_tensor().zeros_like()?)?;
+        }
+        Ok(())
+    }
+
     fn var(&self, name: &str) -> Result<&Tensor> {
         self.vars
             .get(name)
@@ -307,7 +355,7 @@ impl Net {
         let mut rows = vec![b.reshape((1, c))?];
         if self.act.is_poly() {
             for k in ["a", "b", "c"] {
-                let t = self.var(&format!("{name}.poly_{k}"))?;
+                let t = self.poly_coef(name, k)?;
                 let t = match self.act {
                     ActKind::Element => t.reshape((p, c))?,
                     _ => t.reshape((1, t.elem_count()))?.broadcast_as((p, c))?,
@@ -343,14 +391,14 @@ impl Net {
         if !self.act.is_poly() || self.relu_units.contains(name) {
             return x.relu();
         }
-        let a = self.var(&format!("{name}.poly_a"))?;
-        let b = self.var(&format!("{name}.poly_b"))?;
-        let c = self.var(&format!("{name}.poly_c"))?;
+        let a = self.poly_coef(name, "a")?;
+        let b = self.poly_coef(name, "b")?;
+        let c = self.poly_coef(name, "c")?;
         let p = x
-            .broadcast_mul(a)?
-            .broadcast_add(b)?
+            .broadcast_mul(&a)?
+            .broadcast_add(&b)?
             .mul(x)?
-            .broadcast_add(c)?;
+            .broadcast_add(&c)?;
         match self.relu_blend {
             Some(l) if l < 1.0 => (x.relu()? * (1.0 - l as f64))? + (p * l as f64)?,
             _ => Ok(p),
@@ -546,6 +594,65 @@ mod tests {
         net.relu_blend = Some(0.5);
         let half = net.forward(&x, false, None)?;
         assert!(max_diff(&half, &relu)? > 1e-4 && max_diff(&half, &poly)? > 1e-4);
+        Ok(())
+    }
+
+    /// A channel share changes nothing at first, adds to every element of its channel, gets
+    /// the sum of its elements' gradients, and `set_poly_coef` folds it away.
+    #[test]
+    fn channel_share_is_a_per_channel_offset_with_the_summed_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let x = Tensor::from_vec(
+            normal_vec(&mut ChaCha8Rng::seed_from_u64(7), 4 * 8 * 8 * 3, 1.0),
+            (4, 8, 8, 3),
+            &dev,
+        )?;
+        let mut plain = Net::new(small_arch(), ActKind::Element, 4, &dev)?;
+        let mut shared = Net::new(small_arch(), ActKind::Element, 4, &dev)?.with_channel_share()?;
+        let act_units = small_arch().units().iter().filter(|u| u.act).count();
+        assert_eq!(shared.vars.len(), plain.vars.len() + 3 * act_units);
+        let y0 = plain.forward(&x, false, None)?;
+        assert!(max_diff(&shared.forward(&x, false, None)?, &y0)? < 1e-6);
+        // a nonzero share: the same function as the plain net with the share added per element
+        let share = Tensor::from_vec(vec![0.05f32, -0.1, 0.2, 0.0, 0.3, -0.02], 6, &dev)?;
+        shared.vars["conv1.poly_b.channel"].set(&share)?;
+        let eff = plain.vars["conv1.poly_b"]
+            .as_tensor()
+            .broadcast_add(&share)?;
+        plain.set_poly_coef("conv1", "b", &eff)?;
+        let y1 = plain.forward(&x, false, None)?;
+        assert!(max_diff(&y1, &y0)? > 1e-3, "the share must matter");
+        assert!(max_diff(&shared.forward(&x, false, None)?, &y1)? < 1e-5);
+        // folding: set_poly_coef stores the effective value and zeroes the share
+        let mut folded = Net::new(small_arch(), ActKind::Element, 4, &dev)?.with_channel_share()?;
+        folded.vars["conv1.poly_b.channel"].set(&share)?;
+        folded.set_poly_coef("conv1", "b", &eff)?;
+        assert_eq!(
+            folded.vars["conv1.poly_b.channel"]
+                .as_tensor()
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+            0.0
+        );
+        assert!(max_diff(&folded.forward(&x, false, None)?, &y1)? < 1e-5);
+        // training mode (the fused kernel): the share's gradient is the sum over positions
+        let loss = shared.forward(&x, true, None)?.sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        let g_elem = grads
+            .get(shared.vars["conv1.poly_b"].as_tensor())
+            .expect("element gradient");
+        let g_share = grads
+            .get(shared.vars["conv1.poly_b.channel"].as_tensor())
+            .expect("share gradient");
+        let summed = g_elem.sum((0, 1))?;
+        assert!(
+            max_diff(&summed, g_share)?
+                < 1e-3 * (1.0 + g_share.abs()?.max_all()?.to_scalar::<f32>()?)
+        );
         Ok(())
     }
 

@@ -90,6 +90,21 @@ pub struct TrainConfig {
     /// (CIFAR-10: 52% before training). Validation always runs the quadratics alone.
     #[serde(default)]
     pub relu_blend_epochs: f64,
+    /// Element-wise students: each coefficient is a per-channel share plus a per-element
+    /// offset (see [`Net::with_channel_share`]), so the common part learns at the channel-wise
+    /// rate. Exported models fold the two into one per-element tensor.
+    #[serde(default)]
+    pub poly_channel_share: bool,
+}
+
+/// A fresh net for a run's configuration (architecture, activation, channel shares).
+pub fn net_for(cfg: &TrainConfig, dev: &Device) -> Result<Net> {
+    let net = Net::new(cfg.arch.clone(), cfg.act, cfg.seed, dev)?;
+    if cfg.poly_channel_share {
+        Ok(net.with_channel_share()?)
+    } else {
+        Ok(net)
+    }
 }
 
 /// The ReLU blend at `progress` epochs ([`TrainConfig::relu_blend_epochs`]); `None` once the
@@ -406,7 +421,7 @@ pub fn load_run(dir: &Path, dev: &Device) -> Result<(TrainConfig, Net)> {
         &std::fs::read_to_string(dir.join("config.json"))
             .with_context(|| format!("reading {}/config.json", dir.display()))?,
     )?;
-    let mut net = Net::new(cfg.arch.clone(), cfg.act, cfg.seed, dev)?;
+    let mut net = net_for(&cfg, dev)?;
     let ck = candle_core::safetensors::load(dir.join("checkpoint.safetensors"), dev)
         .with_context(|| format!("reading {}/checkpoint.safetensors", dir.display()))?;
     let weights: HashMap<String, Tensor> = ck
@@ -638,7 +653,7 @@ fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Dev
     }
     let shape = u.poly_shape(act);
     for (p, v) in ["a", "b", "c"].iter().zip(coef) {
-        net.vars[&format!("{}.poly_{p}", u.name)].set(&Tensor::from_vec(v, shape.clone(), dev)?)?;
+        net.set_poly_coef(&u.name, p, &Tensor::from_vec(v, shape.clone(), dev)?)?;
     }
     Ok(())
 }
@@ -739,7 +754,7 @@ pub fn run_limited(
     }
     let (train, val) = load_data(&mut cfg)?;
     let spec = cfg.input.clone();
-    let mut net = Net::new(cfg.arch.clone(), cfg.act, cfg.seed, &dev)?;
+    let mut net = net_for(&cfg, &dev)?;
     let mut mom: HashMap<String, Tensor> = HashMap::new();
     let mut state = TrainState::default();
     if resuming {
@@ -760,6 +775,12 @@ pub fn run_limited(
             // penalty); polynomials are fitted to ReLU only when starting from another kind.
             let same_polys = src_cfg.act == cfg.act && cfg.act.is_poly();
             if same_polys {
+                // Effective coefficients, so channel shares on either side carry over.
+                for u in cfg.arch.units().into_iter().filter(|u| u.act) {
+                    for k in ["a", "b", "c"] {
+                        net.set_poly_coef(&u.name, k, &teacher.poly_coef(&u.name, k)?)?;
+                    }
+                }
                 eprintln!(
                     "{} has {} polynomials: kept, not refitted",
                     src.display(),
@@ -1333,20 +1354,26 @@ pub(crate) mod tests {
 
     #[test]
     fn resume_mid_epoch_is_exact() -> Result<()> {
-        resume_mid_epoch_is_exact_with(0.0, 0.0)
+        resume_mid_epoch_is_exact_with(0.0, 0.0, false)
     }
 
     /// Stopped inside the ReLU blend: the blend follows from the step, so resuming is exact.
     #[test]
     fn resume_inside_the_relu_blend_is_exact() -> Result<()> {
-        resume_mid_epoch_is_exact_with(0.0, 1.5)
+        resume_mid_epoch_is_exact_with(0.0, 1.5, false)
     }
 
     /// With the range penalty: the bounds are fixed at the start and kept in state.json, so a
     /// resumed run trains exactly as an uninterrupted one.
     #[test]
     fn resume_with_range_penalty_is_exact() -> Result<()> {
-        resume_mid_epoch_is_exact_with(0.5, 0.0)
+        resume_mid_epoch_is_exact_with(0.5, 0.0, false)
+    }
+
+    /// With channel shares: they are trained, checkpointed and resumed like any parameter.
+    #[test]
+    fn resume_with_channel_shares_is_exact() -> Result<()> {
+        resume_mid_epoch_is_exact_with(0.0, 0.0, true)
     }
 
     #[test]
@@ -1415,13 +1442,18 @@ pub(crate) mod tests {
             range_penalty: 0.0,
             outlier_loss: 0.0,
             relu_blend_epochs: 0.0,
+            poly_channel_share: false,
             fold: None,
         }
     }
 
-    fn resume_mid_epoch_is_exact_with(range_penalty: f64, relu_blend_epochs: f64) -> Result<()> {
+    fn resume_mid_epoch_is_exact_with(
+        range_penalty: f64,
+        relu_blend_epochs: f64,
+        poly_channel_share: bool,
+    ) -> Result<()> {
         let root = std::env::temp_dir().join(format!(
-            "beaa-resume-{}-{range_penalty}-{relu_blend_epochs}",
+            "beaa-resume-{}-{range_penalty}-{relu_blend_epochs}-{poly_channel_share}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&root);
@@ -1430,6 +1462,7 @@ pub(crate) mod tests {
         let cfg = TrainConfig {
             range_penalty,
             relu_blend_epochs,
+            poly_channel_share,
             ..tiny_config(data.clone())
         };
         let whole = run(&root.join("a"), cfg.clone())?;
@@ -1447,6 +1480,13 @@ pub(crate) mod tests {
         let a = candle_core::safetensors::load(root.join("a/checkpoint.safetensors"), &dev)?;
         let b = candle_core::safetensors::load(root.join("b/checkpoint.safetensors"), &dev)?;
         assert_eq!(a.len(), b.len());
+        if poly_channel_share {
+            let share = &a["conv1.poly_a.channel"];
+            assert!(
+                share.abs()?.max_all()?.to_scalar::<f32>()? > 0.0,
+                "shares trained"
+            );
+        }
         for (k, t) in &a {
             let d = (t - &b[k])?
                 .abs()?
