@@ -145,6 +145,9 @@ fn variant(cfg: &TrainConfig) -> String {
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
     }
+    if cfg.act == ActKind::Element && cfg.poly_channel_share {
+        how.push("channel shares".to_string());
+    }
     if how.is_empty() {
         format!("{base}{kd}")
     } else {
