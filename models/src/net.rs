@@ -271,22 +271,21 @@ impl Net {
     /// `value` (shaped as [`UnitSpec::poly_shape`]) and the channel share, if any, is zeroed.
     pub fn set_poly_coef(&self, unit: &str, k: &str, value: &Tensor) -> Result<()> {
         let name = format!("{unit}.poly_{k}");
-        let v = self
-            .vars
-            .get(&name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("missing parameter {name}")))?;
-        v.set(value)?;
+        self.var_handle(&name)?.set(value)?;
         if let Some(share) = self.vars.get(&format!("{name}.channel")) {
             share.set(&share.as_tensor().zeros_like()?)?;
         }
         Ok(())
     }
 
-    fn var(&self, name: &str) -> Result<&Tensor> {
+    fn var_handle(&self, name: &str) -> Result<&Var> {
         self.vars
             .get(name)
-            .map(|v| v.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg(format!("missing parameter {name}")))
+    }
+
+    fn var(&self, name: &str) -> Result<&Tensor> {
+        self.var_handle(name).map(|v| v.as_tensor())
     }
 
     /// Forward pass on NHWC input. In training mode batch norm uses batch statistics and
