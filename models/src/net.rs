@@ -143,6 +143,19 @@ pub type Observer<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
 
+/// The coefficients of an activation's quadratic a*x^2 + b*x + c, as parameter names spell them.
+pub const POLY_COEFS: [&str; 3] = ["a", "b", "c"];
+
+/// The stored tensor of coefficient `k` of `unit`'s quadratic.
+fn poly_name(unit: &str, k: &str) -> String {
+    format!("{unit}.poly_{k}")
+}
+
+/// The per-channel share of an element-wise coefficient (see [`Net::with_channel_share`]).
+fn channel_share_name(unit: &str, k: &str) -> String {
+    format!("{unit}.poly_{k}.channel")
+}
+
 /// Trainable parameters (vars) and batch-norm running statistics (buffers), by name.
 pub struct Net {
     pub arch: Arch,
@@ -214,9 +227,9 @@ impl Net {
                 if act.is_poly() {
                     let shape = u.poly_shape(act);
                     // ReLU least-squares quadratic on a symmetric range [-2, 2].
-                    for (p, v) in [("a", 0.1875f32), ("b", 0.5), ("c", 0.375)] {
+                    for (p, v) in POLY_COEFS.into_iter().zip([0.1875f32, 0.5, 0.375]) {
                         vars.insert(
-                            format!("{}.poly_{p}", u.name),
+                            poly_name(&u.name, p),
                             Var::from_tensor(&Tensor::full(v, shape.clone(), dev)?)?,
                         );
                     }
@@ -245,23 +258,33 @@ impl Net {
         if self.act != ActKind::Element {
             return Ok(self);
         }
-        for u in self.arch.units().into_iter().filter(|u| u.act) {
-            for k in ["a", "b", "c"] {
-                let dev = self.vars[&format!("{}.poly_{k}", u.name)].device().clone();
-                self.vars.insert(
-                    format!("{}.poly_{k}.channel", u.name),
-                    Var::zeros(u.cout, DType::F32, &dev)?,
-                );
-            }
+        for (u, k) in self.poly_coefs() {
+            let dev = self.var_handle(&poly_name(&u.name, k))?.device().clone();
+            self.vars.insert(
+                channel_share_name(&u.name, k),
+                Var::zeros(u.cout, DType::F32, &dev)?,
+            );
         }
         Ok(self)
+    }
+
+    /// Every (activation unit, coefficient name) pair of a polynomial network, in unit order;
+    /// empty for ReLU.
+    pub fn poly_coefs(&self) -> Vec<(UnitSpec, &'static str)> {
+        if !self.act.is_poly() {
+            return Vec::new();
+        }
+        let units = self.arch.units().into_iter().filter(|u| u.act);
+        units
+            .flat_map(|u| POLY_COEFS.map(|k| (u.clone(), k)))
+            .collect()
     }
 
     /// The effective coefficient `k` (a, b or c) of a unit's quadratic, shaped as
     /// [`UnitSpec::poly_shape`]: the stored tensor plus its channel share if there is one.
     pub fn poly_coef(&self, unit: &str, k: &str) -> Result<Tensor> {
-        let t = self.var(&format!("{unit}.poly_{k}"))?;
-        match self.vars.get(&format!("{unit}.poly_{k}.channel")) {
+        let t = self.var(&poly_name(unit, k))?;
+        match self.vars.get(&channel_share_name(unit, k)) {
             Some(share) => t.broadcast_add(share.as_tensor()),
             None => Ok(t.clone()),
         }
@@ -270,9 +293,8 @@ impl Net {
     /// Sets the effective coefficient `k` of a unit's quadratic: the stored tensor takes
     /// `value` (shaped as [`UnitSpec::poly_shape`]) and the channel share, if any, is zeroed.
     pub fn set_poly_coef(&self, unit: &str, k: &str, value: &Tensor) -> Result<()> {
-        let name = format!("{unit}.poly_{k}");
-        self.var_handle(&name)?.set(value)?;
-        if let Some(share) = self.vars.get(&format!("{name}.channel")) {
+        self.var_handle(&poly_name(unit, k))?.set(value)?;
+        if let Some(share) = self.vars.get(&channel_share_name(unit, k)) {
             share.set(&share.as_tensor().zeros_like()?)?;
         }
         Ok(())
@@ -353,7 +375,7 @@ impl Net {
         let p = h * wd;
         let mut rows = vec![b.reshape((1, c))?];
         if self.act.is_poly() {
-            for k in ["a", "b", "c"] {
+            for k in POLY_COEFS {
                 let t = self.poly_coef(name, k)?;
                 let t = match self.act {
                     ActKind::Element => t.reshape((p, c))?,

@@ -652,7 +652,7 @@ fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Dev
         coef[2][gi] = cc as f32;
     }
     let shape = u.poly_shape(act);
-    for (p, v) in ["a", "b", "c"].iter().zip(coef) {
+    for (p, v) in crate::net::POLY_COEFS.iter().zip(coef) {
         net.set_poly_coef(&u.name, p, &Tensor::from_vec(v, shape.clone(), dev)?)?;
     }
     Ok(())
@@ -776,10 +776,8 @@ pub fn run_limited(
             let same_polys = src_cfg.act == cfg.act && cfg.act.is_poly();
             if same_polys {
                 // Effective coefficients, so channel shares on either side carry over.
-                for u in cfg.arch.units().into_iter().filter(|u| u.act) {
-                    for k in ["a", "b", "c"] {
-                        net.set_poly_coef(&u.name, k, &teacher.poly_coef(&u.name, k)?)?;
-                    }
+                for (u, k) in net.poly_coefs() {
+                    net.set_poly_coef(&u.name, k, &teacher.poly_coef(&u.name, k)?)?;
                 }
                 eprintln!(
                     "{} has {} polynomials: kept, not refitted",
