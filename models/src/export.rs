@@ -1,7 +1,7 @@
 //! Export a trained candle net to the beaa-model directory format, folding batch norm.
 
 use crate::data::Dataset;
-use crate::net::{ActKind, Arch, Net, BN_EPS};
+use crate::net::{ActKind, Arch, Net, BN_EPS, POLY_COEFS};
 use crate::train::{TrainConfig, TrainState};
 use anyhow::{Context, Result};
 use beaa_model::{
@@ -122,7 +122,7 @@ pub fn folded_tensors(net: &Net) -> Result<BTreeMap<String, TensorData>> {
         }
         // BN(a x^2 + b x + c) = (s a) x^2 + (s b) x + (s c + t), broadcast to [C, H, W]
         let (h, w) = (u.h, u.w);
-        let coef: Vec<Vec<f32>> = ["a", "b", "c"]
+        let coef: Vec<Vec<f32>> = POLY_COEFS
             .iter()
             .map(|p| {
                 net.poly_coef(&u.name, p)?
@@ -151,7 +151,7 @@ pub fn folded_tensors(net: &Net) -> Result<BTreeMap<String, TensorData>> {
                 }
             }
         }
-        for (p, v) in ["a", "b", "c"].iter().zip(folded) {
+        for (p, v) in POLY_COEFS.iter().zip(folded) {
             out.insert(
                 format!("{}.poly_{p}", u.name),
                 TensorData {

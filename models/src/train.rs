@@ -2,7 +2,7 @@
 //! optional knowledge distillation from a teacher run, checkpoints with exact resume.
 
 use crate::data::{augment_normalize, split, Augment, Dataset, Fold, SplitKind};
-use crate::net::{ActKind, Arch, Net, UnitSpec};
+use crate::net::{ActKind, Arch, Net, UnitSpec, POLY_COEFS};
 use anyhow::{bail, Context, Result};
 use beaa_model::{InputSpec, ResizePolicy};
 use candle_core::{DType, Device, Tensor, D};
@@ -652,7 +652,7 @@ fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Dev
         coef[2][gi] = cc as f32;
     }
     let shape = u.poly_shape(act);
-    for (p, v) in crate::net::POLY_COEFS.iter().zip(coef) {
+    for (p, v) in POLY_COEFS.iter().zip(coef) {
         net.set_poly_coef(&u.name, p, &Tensor::from_vec(v, shape.clone(), dev)?)?;
     }
     Ok(())
