@@ -2,6 +2,7 @@
 //! cancellation. This is the entry point the service and the command line use.
 
 use crate::exec::ExecError;
+use crate::optime::OpTimes;
 use crate::plan::Plan;
 use crate::store::{DirStore, MemStore, Store};
 use crate::stream::Runner;
@@ -89,6 +90,7 @@ pub struct RunControl<'a> {
     cancel: Option<Arc<AtomicBool>>,
     on_progress: Option<ProgressFn<'a>>,
     work_dir: Option<PathBuf>,
+    times: Option<Arc<OpTimes>>,
 }
 
 impl<'a> RunControl<'a> {
@@ -109,6 +111,11 @@ impl<'a> RunControl<'a> {
     /// checkpoints: running again with the same directory skips finished tiles.
     pub fn work_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.work_dir = Some(dir.into());
+        self
+    }
+    /// Add the job's thread-seconds per kind of operation to `times`.
+    pub fn op_times(mut self, times: Arc<OpTimes>) -> Self {
+        self.times = Some(times);
         self
     }
 }
@@ -161,6 +168,7 @@ pub fn run_job(
             &mem
         }
     };
+    let times = control.times.clone().unwrap_or_default();
     let runner = Runner {
         g: &plan.graph,
         schedule: &plan.schedule,
@@ -170,6 +178,7 @@ pub fn run_job(
         inputs,
         store,
         cancel: cancel.as_deref(),
+        times: &times,
     };
     let total: u64 = plan
         .schedule

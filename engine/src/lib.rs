@@ -14,11 +14,13 @@
 //!
 //! - [`exec`]: the executor, generic over real ciphertexts and level/scale metadata;
 //! - [`job`]: a whole job with progress and cancellation (what the service runs);
+//! - [`optime`]: where a job's time goes (thread-seconds per kind of operation);
 //! - [`plan`]: the same walk on metadata only: depth, levels, scales, before any encryption.
 
 pub mod exec;
 pub mod graph;
 pub mod job;
+pub mod optime;
 pub mod plan;
 pub mod schedule;
 pub mod store;
@@ -26,4 +28,5 @@ pub mod stream;
 
 pub use exec::{run, ExecError};
 pub use job::{run_job, FileInputs, InputSource, Progress, RunControl};
+pub use optime::{Op, OpTimes};
 pub use plan::{Headroom, Plan, PlanError};

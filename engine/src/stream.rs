@@ -5,6 +5,7 @@
 use crate::exec::ExecError;
 use crate::graph::{LayerKind, Meta, ValueGraph, ValueRef};
 use crate::job::InputSource;
+use crate::optime::{Op, OpTimes};
 use crate::schedule::{tile_sources, Schedule, Segment, TileRef};
 use crate::store::Store;
 use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
@@ -53,6 +54,7 @@ pub struct Runner<'a, I: InputSource + ?Sized> {
     pub inputs: &'a I,
     pub store: &'a dyn Store,
     pub cancel: Option<&'a AtomicBool>,
+    pub times: &'a OpTimes,
 }
 
 impl<I: InputSource + ?Sized> Runner<'_, I> {
@@ -101,7 +103,10 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 .collect();
             let compute = |x: &usize| -> Result<(), ExecError> {
                 let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
-                self.store.put(stage.layer, *x as u32, &values)
+                let times = self.times;
+                times.time(Op::Store, || {
+                    self.store.put(stage.layer, *x as u32, &values)
+                })
             };
             if outer {
                 todo.par_iter().try_for_each(compute)?;
@@ -137,18 +142,20 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             return Ok(Arc::clone(tile));
         }
         let layer = &self.g.layers[l as usize];
-        let values = if layer.kind == LayerKind::Input {
-            layer
-                .tile_elems(t as usize)
-                .map(|k| {
-                    let ct = self.inputs.load(k)?;
-                    check_meta(&ct, layer.meta[k], &layer.name)?;
-                    Ok(ct)
-                })
-                .collect::<Result<Vec<_>, ExecError>>()?
-        } else {
-            self.store.get(l, t)?
-        };
+        let values = self.times.time(Op::Load, || {
+            if layer.kind == LayerKind::Input {
+                layer
+                    .tile_elems(t as usize)
+                    .map(|k| {
+                        let ct = self.inputs.load(k)?;
+                        check_meta(&ct, layer.meta[k], &layer.name)?;
+                        Ok(ct)
+                    })
+                    .collect::<Result<Vec<_>, ExecError>>()
+            } else {
+                self.store.get(l, t)
+            }
+        })?;
         if values.len() != layer.shape[0] {
             return Err(ExecError::Model(format!(
                 "tile {t} of {} has {} values, expected {}",
@@ -237,10 +244,10 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 })
                 .collect();
             let mut out: Vec<Option<Ciphertext>> = vec![None; elems.len()];
-            for (j, ct) in which
-                .into_iter()
-                .zip(self.ev.linear_combinations(&inputs, &rows)?)
-            {
+            let combined = self
+                .times
+                .time(Op::Gemm, || self.ev.linear_combinations(&inputs, &rows))?;
+            for (j, ct) in which.into_iter().zip(combined) {
                 out[j] = Some(ct);
             }
             Ok(out)
@@ -250,7 +257,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
          -> Result<Vec<Option<Ciphertext>>, ExecError> {
             for (x, y) in a.iter_mut().zip(b) {
                 match (x.as_mut(), y) {
-                    (Some(x), Some(y)) => self.ev.add_assign(x, &y)?,
+                    (Some(x), Some(y)) => self.times.time(Op::Add, || self.ev.add_assign(x, &y))?,
                     (None, Some(y)) => *x = Some(y),
                     _ => {}
                 }
@@ -287,7 +294,8 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             }
             let constant = layer.forms[e].constant;
             if constant != 0.0 {
-                self.ev.add_const_assign(&mut x, constant)?;
+                self.times
+                    .time(Op::Add, || self.ev.add_const_assign(&mut x, constant))?;
             }
             if layer.reads_lazy {
                 // A sum of unrelinearized squares: two rescales and one key switch. Rescaling
@@ -298,25 +306,37 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 // where it made the logits' error 4e-2 at N = 32768 (a random width/16
                 // model; 1.2e-4 with the key switch first), so they switch keys first.
                 let relinearize_first = layer.kind == LayerKind::Output;
+                let relinearize = |x: &mut Ciphertext| {
+                    self.times
+                        .time(Op::KeySwitch, || self.ev.relinearize_assign(x, self.rlk))
+                };
                 if relinearize_first {
-                    self.ev.relinearize_assign(&mut x, self.rlk)?;
+                    relinearize(&mut x)?;
                 }
-                self.ev.rescale_assign(&mut x)?;
-                self.ev.rescale_assign(&mut x)?;
+                self.times.time(Op::Rescale, || -> Result<(), ExecError> {
+                    self.ev.rescale_assign(&mut x)?;
+                    Ok(self.ev.rescale_assign(&mut x)?)
+                })?;
                 if !relinearize_first {
-                    self.ev.relinearize_assign(&mut x, self.rlk)?;
+                    relinearize(&mut x)?;
                 }
             } else {
-                self.ev.rescale_assign(&mut x)?;
+                self.times
+                    .time(Op::Rescale, || self.ev.rescale_assign(&mut x))?;
             }
             let y = match &layer.kind {
                 LayerKind::Activation { beta, lazy } => {
-                    let mut y = self.ev.square(&x)?;
-                    let s = x.scale();
-                    self.ev.mul_const_assign(&mut x, beta[e], s)?;
-                    self.ev.add_assign(&mut y, &x)?;
+                    let mut y = self.times.time(Op::Square, || -> Result<_, ExecError> {
+                        let mut y = self.ev.square(&x)?;
+                        let s = x.scale();
+                        self.ev.mul_const_assign(&mut x, beta[e], s)?;
+                        self.ev.add_assign(&mut y, &x)?;
+                        Ok(y)
+                    })?;
                     if !lazy {
-                        self.ev.relinearize_rescale_assign(&mut y, self.rlk)?;
+                        self.times.time(Op::KeySwitch, || {
+                            self.ev.relinearize_rescale_assign(&mut y, self.rlk)
+                        })?;
                     }
                     y
                 }
@@ -365,17 +385,20 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                     };
                     let x = &tile[c];
                     found[j] += 1;
-                    match acc[j].as_mut() {
-                        None => {
-                            let mut first = x.clone();
-                            if *w < 0.0 {
-                                self.ev.neg_assign(&mut first)?;
+                    self.times.time(Op::Add, || -> Result<(), ExecError> {
+                        match acc[j].as_mut() {
+                            None => {
+                                let mut first = x.clone();
+                                if *w < 0.0 {
+                                    self.ev.neg_assign(&mut first)?;
+                                }
+                                acc[j] = Some(first);
                             }
-                            acc[j] = Some(first);
+                            Some(a) if *w < 0.0 => self.ev.sub_assign(a, x)?,
+                            Some(a) => self.ev.add_assign(a, x)?,
                         }
-                        Some(a) if *w < 0.0 => self.ev.sub_assign(a, x)?,
-                        Some(a) => self.ev.add_assign(a, x)?,
-                    }
+                        Ok(())
+                    })?;
                 }
             }
         }

@@ -233,18 +233,40 @@ fn run_job_reports_progress_and_can_be_cancelled() {
     let ev = Evaluator::new(&params);
 
     let mut seen = Vec::new();
+    let times = Arc::new(beaa_engine::OpTimes::default());
+    let start = std::time::Instant::now();
     let out = run_job(
         &model,
         &plan,
         &ev,
         &rlk,
         inputs.as_slice(),
-        RunControl::new().on_progress(|p| seen.push(p.fraction)),
+        RunControl::new()
+            .on_progress(|p| seen.push(p.fraction))
+            .op_times(Arc::clone(&times)),
     )
     .unwrap();
+    let wall = start.elapsed().as_secs_f64();
     assert_eq!(out.len(), spec.classes);
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     assert_eq!(seen.last().copied(), Some(1.0));
+    // The time split: the work this model does shows up, and the timed operations never
+    // overlap, so they add up to at most every thread busy for the whole job.
+    use beaa_engine::Op;
+    for op in [Op::Load, Op::Gemm, Op::Rescale, Op::KeySwitch, Op::Square] {
+        assert!(
+            times.seconds(op) > 0.0,
+            "{}: {:?}",
+            op.name(),
+            times.all_seconds()
+        );
+    }
+    let busy: f64 = times.all_seconds().iter().map(|(_, s)| s).sum();
+    let threads = rayon::current_num_threads() as f64;
+    assert!(
+        busy <= threads * wall * 1.01,
+        "{busy} s busy in {wall} s on {threads} threads"
+    );
 
     // Cancel from the progress callback after the first layer: the job stops with Cancelled.
     let flag = Arc::new(AtomicBool::new(false));

@@ -42,6 +42,9 @@ struct Report {
     work_dir_peak_bytes: u64,
     /// Seconds per stage (a stored layer with the layers computed inside it).
     per_layer_s: Vec<(String, f64)>,
+    /// Thread-seconds per kind of operation, summed over the threads (`beaa_engine::Op`): where
+    /// the time goes. What `threads x total_s` has beyond their sum is waiting and bookkeeping.
+    thread_s_by_op: Vec<(&'static str, f64)>,
     squares: usize,
     relinearizations: usize,
     plan_s: f64,
@@ -111,6 +114,13 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         eprintln!("  {name:<24} {secs:>9.2} s");
     }
     let per_layer = run.per_stage_s.clone();
+    let busy: f64 = run.op_thread_s.iter().map(|(_, s)| s).sum();
+    for (op, secs) in &run.op_thread_s {
+        eprintln!(
+            "  {op:<24} {secs:>9.2} thread-s ({:.1}%)",
+            100.0 * secs / busy.max(1e-9)
+        );
+    }
 
     // Check against the plaintext reference on the same images (in parallel: at full width
     // this single-threaded f64 pass took longer than a stage).
@@ -146,6 +156,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         peak_rss_bytes: peak_rss_bytes(),
         work_dir_peak_bytes: run.work_dir_peak_bytes,
         per_layer_s: per_layer,
+        thread_s_by_op: run.op_thread_s.clone(),
         squares: plan.squares(),
         relinearizations: plan.relinearizations(),
         plan_s,

@@ -5,11 +5,12 @@
 
 use anyhow::{ensure, Context, Result};
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, Params, RelinKey, SecretKey};
-use beaa_engine::{run_job, FileInputs, Plan, RunControl};
+use beaa_engine::{run_job, FileInputs, OpTimes, Plan, RunControl};
 use beaa_model::packing::{feature_slots, image_logits};
 use beaa_model::Model;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct LocalRun {
@@ -21,6 +22,8 @@ pub struct LocalRun {
     pub per_stage_s: Vec<(String, f64)>,
     /// The most bytes of intermediate tiles the work directory held (seen at progress reports).
     pub work_dir_peak_bytes: u64,
+    /// Thread-seconds per kind of operation ([`beaa_engine::Op`]), summed over jobs.
+    pub op_thread_s: Vec<(&'static str, f64)>,
 }
 
 /// Runs `images` (`n` preprocessed images, `[C, H, W]` each, flattened) through the encrypted
@@ -51,7 +54,9 @@ pub fn run_encrypted(
         eval_s: 0.0,
         per_stage_s: Vec::new(),
         work_dir_peak_bytes: 0,
+        op_thread_s: Vec::new(),
     };
+    let times = Arc::new(OpTimes::default());
     let slots = params.slots();
     let mut first = 0;
     while first < n {
@@ -92,6 +97,7 @@ pub fn run_encrypted(
             &FileInputs::new(params, paths),
             RunControl::new()
                 .work_dir(work.join("tiles"))
+                .op_times(Arc::clone(&times))
                 .on_progress(|p| {
                     if current.as_deref() != Some(p.stage.as_str()) {
                         // The new stage began right after the previous report.
@@ -138,6 +144,7 @@ pub fn run_encrypted(
         std::fs::remove_dir_all(&input_dir).ok();
         first += batch;
     }
+    out.op_thread_s = times.all_seconds();
     Ok(out)
 }
 
