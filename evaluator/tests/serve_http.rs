@@ -490,6 +490,17 @@ fn full_job_matches_plaintext_and_survives_kill9() {
     );
     assert_eq!(s, 404);
     assert!(!data.join("jobs").join(&job.id).exists());
+
+    // The operator's log says where each computed job's time went.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    let computed: Vec<&str> = log.lines().filter(|l| l.contains("job computed")).collect();
+    assert!(!computed.is_empty(), "no \"job computed\" line in:\n{log}");
+    assert!(
+        computed
+            .iter()
+            .all(|l| l.contains("gemm ") && l.contains("key_switch ")),
+        "{computed:?}"
+    );
 }
 
 /// Sends raw bytes and returns the status line's code (None if the server closed).

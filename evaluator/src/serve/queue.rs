@@ -157,11 +157,13 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
     };
     let mut last: Option<Instant> = None;
     let db = &st.db;
+    let times = Arc::new(beaa_engine::OpTimes::default());
     let control =
         // Finished tiles are checkpoints: a restarted job skips them.
         RunControl::new()
             .work_dir(st.job_dir(job_id).join(super::util::WORK_DIR))
             .cancel_flag(flag)
+            .op_times(Arc::clone(&times))
             .on_progress(move |p: &beaa_engine::Progress| {
                 if last
                     .is_none_or(|t| t.elapsed() >= Duration::from_millis(st.progress_interval_ms))
@@ -171,6 +173,13 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
                 }
             });
     let logits = run_job(&m.model, &m.plan, &m.ev, &rlk, &inputs, control)?;
+    // For operators: where this run's time went (a resumed job counts only this run).
+    let split: Vec<String> = times
+        .all_seconds()
+        .iter()
+        .map(|(op, s)| format!("{op} {s:.1}"))
+        .collect();
+    tracing::info!(job_id = %job_id, thread_seconds = %split.join(", "), "job computed");
     let mut out = Vec::new();
     out.extend_from_slice(&(logits.len() as u32).to_le_bytes());
     for ct in &logits {
