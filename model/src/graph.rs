@@ -83,6 +83,34 @@ pub struct ConvUnit {
 }
 
 impl SqueezeNetSpec {
+    /// The widths used for 32x32 CIFAR-10 (models/README.md says why).
+    pub fn cifar(classes: usize) -> Self {
+        SqueezeNetSpec {
+            in_channels: 3,
+            height: 32,
+            width: 32,
+            classes,
+            conv1: 64,
+            fire1: (32, 64, 64),
+            fire2: (32, 64, 64),
+            conv2: 192,
+            conv3: 192,
+        }
+    }
+
+    /// Every width scaled by `mult`, rounded, at least 4 channels each.
+    pub fn scaled(&self, mult: f64) -> Self {
+        let s = |c: usize| ((c as f64 * mult).round() as usize).max(4);
+        SqueezeNetSpec {
+            conv1: s(self.conv1),
+            fire1: (s(self.fire1.0), s(self.fire1.1), s(self.fire1.2)),
+            fire2: (s(self.fire2.0), s(self.fire2.1), s(self.fire2.2)),
+            conv2: s(self.conv2),
+            conv3: s(self.conv3),
+            ..self.clone()
+        }
+    }
+
     /// Conv layers in forward order.
     pub fn units(&self) -> Vec<ConvUnit> {
         let (h2, w2) = (self.height / 2, self.width / 2);
@@ -226,5 +254,32 @@ impl SqueezeNetSpec {
             shape: [self.classes, 1, 1],
         });
         nodes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaled_widths_round_and_keep_four_channels() {
+        let c = SqueezeNetSpec::cifar(10);
+        let half = c.scaled(0.5);
+        assert_eq!(
+            (half.conv1, half.fire1, half.fire2, half.conv2, half.conv3),
+            (32, (16, 32, 32), (16, 32, 32), 96, 96)
+        );
+        // Input, classes and image size are not widths.
+        assert_eq!(
+            (half.in_channels, half.classes, half.height, half.width),
+            (3, 10, 32, 32)
+        );
+        let tiny = c.scaled(0.01);
+        assert_eq!((tiny.conv1, tiny.fire1, tiny.conv3), (4, (4, 4, 4), 4));
+        // The units follow the widths: fire2.squeeze reads both expands of fire1.
+        let u = half.units();
+        let f2s = u.iter().find(|u| u.name == "fire2.squeeze").unwrap();
+        assert_eq!((f2s.cin, f2s.cout, f2s.h), (64, 16, 16));
+        assert_eq!(u.last().unwrap().cout, 10);
     }
 }

@@ -85,7 +85,7 @@ pub mod testing;
 pub mod validation;
 pub use testing::measure_ranges;
 
-pub use graph::{Activation, Node, Op, SqueezeNetSpec};
+pub use graph::{Activation, ConvUnit, Node, Op, SqueezeNetSpec};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! Training-step timing on random data (compared with PyTorch in models/scripts/).
 
-use crate::net::{ActKind, Arch, Net};
+use crate::net::{ActKind, Net, SqueezeNetSpec};
 use crate::train::cross_entropy;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -19,7 +19,7 @@ pub struct BenchResult {
 
 pub fn bench_train_step(batch: usize, steps: usize, act: ActKind) -> anyhow::Result<BenchResult> {
     let dev = Device::Cpu;
-    let mut net = Net::new(Arch::cifar(10), act, 0, &dev)?;
+    let mut net = Net::new(SqueezeNetSpec::cifar(10), act, 0, &dev)?;
     let x = Tensor::from_vec(
         crate::net::normal_vec(
             &mut rand_core::SeedableRng::seed_from_u64(1),

@@ -1,27 +1,11 @@
 //! Export a trained candle net to the beaa-model directory format, folding batch norm.
 
 use crate::data::Dataset;
-use crate::net::{ActKind, Arch, Net, BN_EPS, POLY_COEFS};
+use crate::net::{ActKind, Net, SqueezeNetSpec, BN_EPS, POLY_COEFS};
 use crate::train::{TrainConfig, TrainState};
 use anyhow::{Context, Result};
-use beaa_model::{
-    Activation, InputSpec, Manifest, Model, Provenance, SqueezeNetSpec, TensorData, FORMAT_VERSION,
-};
+use beaa_model::{Activation, InputSpec, Manifest, Model, Provenance, TensorData, FORMAT_VERSION};
 use std::collections::BTreeMap;
-
-pub fn spec_of(arch: &Arch) -> SqueezeNetSpec {
-    SqueezeNetSpec {
-        in_channels: arch.in_channels,
-        height: arch.height,
-        width: arch.width,
-        classes: arch.classes,
-        conv1: arch.conv1,
-        fire1: arch.fire1,
-        fire2: arch.fire2,
-        conv2: arch.conv2,
-        conv3: arch.conv3,
-    }
-}
 
 pub fn activation_of(act: ActKind) -> Activation {
     match act {
@@ -33,7 +17,7 @@ pub fn activation_of(act: ActKind) -> Activation {
 }
 
 /// Trainable activation parameters of a net (Table 3): 3 per layer, channel or element.
-pub fn activation_parameters(arch: &Arch, act: ActKind) -> usize {
+pub fn activation_parameters(arch: &SqueezeNetSpec, act: ActKind) -> usize {
     arch.units()
         .iter()
         .filter(|u| u.act)
@@ -166,7 +150,7 @@ pub fn folded_tensors(net: &Net) -> Result<BTreeMap<String, TensorData>> {
 
 /// Builds the model (without ranges or metrics) from a net.
 pub fn to_model(net: &Net, input: &InputSpec, classes: &[String], name: &str) -> Result<Model> {
-    let spec = spec_of(&net.arch);
+    let spec = net.arch.clone();
     let nodes = spec.graph(net.act == ActKind::Relu);
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -275,7 +259,7 @@ mod tests {
     #[test]
     fn f64_forward_matches_candle_eval_forward() -> Result<()> {
         let dev = Device::Cpu;
-        let arch = Arch {
+        let arch = SqueezeNetSpec {
             in_channels: 3,
             height: 8,
             width: 8,

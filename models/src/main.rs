@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use models::data::{Augment, SplitKind};
-use models::net::{ActKind, Arch};
+use models::net::{ActKind, SqueezeNetSpec};
 use models::train::{self, Preset, TrainConfig};
 use std::path::PathBuf;
 
@@ -187,8 +187,8 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         input.height = s;
         input.width = s;
     }
-    let base = Arch::cifar(10);
-    let arch = Arch {
+    let base = SqueezeNetSpec::cifar(10);
+    let arch = SqueezeNetSpec {
         in_channels: input.channels,
         height: input.height,
         width: input.width,

@@ -12,6 +12,9 @@ use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The architecture is the model format's: training and inference share one definition.
+pub use beaa_model::{ConvUnit, SqueezeNetSpec};
+
 /// Activation granularity. Polynomials are a*x^2 + b*x + c.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -39,101 +42,13 @@ impl ActKind {
     }
 }
 
-/// Channel widths. Defaults are chosen for 32x32 CIFAR-10 (see models/README.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Arch {
-    pub in_channels: usize,
-    pub height: usize,
-    pub width: usize,
-    pub classes: usize,
-    pub conv1: usize,
-    /// (squeeze, expand1x1, expand3x3)
-    pub fire1: (usize, usize, usize),
-    pub fire2: (usize, usize, usize),
-    pub conv2: usize,
-    pub conv3: usize,
-}
-
-impl Arch {
-    pub fn cifar(classes: usize) -> Self {
-        Arch {
-            in_channels: 3,
-            height: 32,
-            width: 32,
-            classes,
-            conv1: 64,
-            fire1: (32, 64, 64),
-            fire2: (32, 64, 64),
-            conv2: 192,
-            conv3: 192,
-        }
-    }
-
-    /// Scales every width by `mult` (at least 4 channels each).
-    pub fn scaled(&self, mult: f64) -> Self {
-        let s = |c: usize| ((c as f64 * mult).round() as usize).max(4);
-        Arch {
-            conv1: s(self.conv1),
-            fire1: (s(self.fire1.0), s(self.fire1.1), s(self.fire1.2)),
-            fire2: (s(self.fire2.0), s(self.fire2.1), s(self.fire2.2)),
-            conv2: s(self.conv2),
-            conv3: s(self.conv3),
-            ..self.clone()
-        }
-    }
-
-    /// The conv units in forward order: (name, in, out, k, out_h, out_w).
-    pub fn units(&self) -> Vec<UnitSpec> {
-        let (h, w) = (self.height, self.width);
-        let (h2, w2) = (h / 2, w / 2);
-        let (h4, w4) = (h2 / 2, w2 / 2);
-        let f1_out = self.fire1.1 + self.fire1.2;
-        let f2_out = self.fire2.1 + self.fire2.2;
-        let u = |name: &str, cin, cout, k, h, w, act| UnitSpec {
-            name: name.to_string(),
-            cin,
-            cout,
-            k,
-            h,
-            w,
-            act,
-        };
-        vec![
-            u("conv1", self.in_channels, self.conv1, 3, h, w, true),
-            u("fire1.squeeze", self.conv1, self.fire1.0, 1, h2, w2, true),
-            u("fire1.expand1", self.fire1.0, self.fire1.1, 1, h2, w2, true),
-            u("fire1.expand3", self.fire1.0, self.fire1.2, 3, h2, w2, true),
-            u("fire2.squeeze", f1_out, self.fire2.0, 1, h2, w2, true),
-            u("fire2.expand1", self.fire2.0, self.fire2.1, 1, h2, w2, true),
-            u("fire2.expand3", self.fire2.0, self.fire2.2, 3, h2, w2, true),
-            u("conv2", f2_out, self.conv2, 3, h4, w4, true),
-            u("conv3", self.conv2, self.conv3, 3, h4, w4, true),
-            u("conv4", self.conv3, self.classes, 1, h4, w4, false),
-        ]
-    }
-}
-
-/// One conv layer; `act` units also have an activation and a batch norm.
-#[derive(Debug, Clone)]
-pub struct UnitSpec {
-    pub name: String,
-    pub cin: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub h: usize,
-    pub w: usize,
-    pub act: bool,
-}
-
-impl UnitSpec {
-    /// Shape of the polynomial coefficient tensors for a granularity (NHWC broadcastable).
-    pub fn poly_shape(&self, kind: ActKind) -> Vec<usize> {
-        match kind {
-            ActKind::Relu => vec![],
-            ActKind::Layer => vec![1],
-            ActKind::Channel => vec![self.cout],
-            ActKind::Element => vec![self.h, self.w, self.cout],
-        }
+/// Shape of a unit's polynomial coefficient tensors for a granularity (NHWC broadcastable).
+pub fn poly_shape(u: &ConvUnit, kind: ActKind) -> Vec<usize> {
+    match kind {
+        ActKind::Relu => vec![],
+        ActKind::Layer => vec![1],
+        ActKind::Channel => vec![u.cout],
+        ActKind::Element => vec![u.h, u.w, u.cout],
     }
 }
 
@@ -158,7 +73,7 @@ fn channel_share_name(unit: &str, k: &str) -> String {
 
 /// Trainable parameters (vars) and batch-norm running statistics (buffers), by name.
 pub struct Net {
-    pub arch: Arch,
+    pub arch: SqueezeNetSpec,
     pub act: ActKind,
     pub vars: BTreeMap<String, Var>,
     pub buffers: BTreeMap<String, Tensor>,
@@ -191,7 +106,7 @@ pub fn normal_vec(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
 impl Net {
     /// Fresh network: He-normal conv weights, zero biases, identity batch norms, and
     /// polynomials initialised to a generic ReLU-like quadratic (refit from a teacher later).
-    pub fn new(arch: Arch, act: ActKind, seed: u64, dev: &Device) -> Result<Self> {
+    pub fn new(arch: SqueezeNetSpec, act: ActKind, seed: u64, dev: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut vars = BTreeMap::new();
         let mut buffers = BTreeMap::new();
@@ -225,7 +140,7 @@ impl Net {
                     Tensor::ones(u.cout, DType::F32, dev)?,
                 );
                 if act.is_poly() {
-                    let shape = u.poly_shape(act);
+                    let shape = poly_shape(&u, act);
                     // ReLU least-squares quadratic on a symmetric range [-2, 2].
                     for (p, v) in POLY_COEFS.into_iter().zip([0.1875f32, 0.5, 0.375]) {
                         vars.insert(
@@ -270,7 +185,7 @@ impl Net {
 
     /// Every (activation unit, coefficient name) pair of a polynomial network, in unit order;
     /// empty for ReLU.
-    pub fn poly_coefs(&self) -> Vec<(UnitSpec, &'static str)> {
+    pub fn poly_coefs(&self) -> Vec<(ConvUnit, &'static str)> {
         if !self.act.is_poly() {
             return Vec::new();
         }
@@ -281,7 +196,7 @@ impl Net {
     }
 
     /// The effective coefficient `k` (a, b or c) of a unit's quadratic, shaped as
-    /// [`UnitSpec::poly_shape`]: the stored tensor plus its channel share if there is one.
+    /// [`poly_shape`]: the stored tensor plus its channel share if there is one.
     pub fn poly_coef(&self, unit: &str, k: &str) -> Result<Tensor> {
         let t = self.var(&poly_name(unit, k))?;
         match self.vars.get(&channel_share_name(unit, k)) {
@@ -291,7 +206,7 @@ impl Net {
     }
 
     /// Sets the effective coefficient `k` of a unit's quadratic: the stored tensor takes
-    /// `value` (shaped as [`UnitSpec::poly_shape`]) and the channel share, if any, is zeroed.
+    /// `value` (shaped as [`poly_shape`]) and the channel share, if any, is zeroed.
     pub fn set_poly_coef(&self, unit: &str, k: &str, value: &Tensor) -> Result<()> {
         self.var_handle(&poly_name(unit, k))?.set(value)?;
         if let Some(share) = self.vars.get(&channel_share_name(unit, k)) {
@@ -365,7 +280,7 @@ impl Net {
     fn fused_unit(
         &mut self,
         name: &str,
-        u: &UnitSpec,
+        u: &ConvUnit,
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
@@ -573,8 +488,8 @@ pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    fn small_arch() -> Arch {
-        Arch {
+    fn small_arch() -> SqueezeNetSpec {
+        SqueezeNetSpec {
             in_channels: 3,
             height: 8,
             width: 8,

@@ -2,7 +2,7 @@
 //! optional knowledge distillation from a teacher run, checkpoints with exact resume.
 
 use crate::data::{augment_normalize, split, Augment, Dataset, Fold, SplitKind};
-use crate::net::{ActKind, Arch, Net, UnitSpec, POLY_COEFS};
+use crate::net::{poly_shape, ActKind, ConvUnit, Net, SqueezeNetSpec, POLY_COEFS};
 use anyhow::{bail, Context, Result};
 use beaa_model::{InputSpec, ResizePolicy};
 use candle_core::{DType, Device, Tensor, D};
@@ -25,7 +25,7 @@ pub struct TrainConfig {
     pub split: SplitKind,
     pub val_per_class: usize,
     pub val_fraction: f64,
-    pub arch: Arch,
+    pub arch: SqueezeNetSpec,
     pub act: ActKind,
     pub epochs: usize,
     pub batch: usize,
@@ -573,7 +573,7 @@ fn uniform_moments(lo: f64, hi: f64, mass: f64) -> [f64; 8] {
 }
 
 /// Solves and sets the quadratics of unit `u` from its input moments.
-fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Device) -> Result<()> {
+fn solve_unit(net: &mut Net, u: &ConvUnit, m: &Moments, fit: &PolyFit, dev: &Device) -> Result<()> {
     let act = net.act;
     let (h, w, c) = (u.h, u.w, u.cout);
     let vals: Vec<Vec<f64>> = m
@@ -651,7 +651,7 @@ fn solve_unit(net: &mut Net, u: &UnitSpec, m: &Moments, fit: &PolyFit, dev: &Dev
         coef[1][gi] = b as f32;
         coef[2][gi] = cc as f32;
     }
-    let shape = u.poly_shape(act);
+    let shape = poly_shape(u, act);
     for (p, v) in POLY_COEFS.iter().zip(coef) {
         net.set_poly_coef(&u.name, p, &Tensor::from_vec(v, shape.clone(), dev)?)?;
     }
@@ -672,7 +672,7 @@ pub fn fit_polys_to_relu(
     if !net.act.is_poly() {
         return Ok(());
     }
-    let units: Vec<UnitSpec> = net.arch.units().into_iter().filter(|u| u.act).collect();
+    let units: Vec<ConvUnit> = net.arch.units().into_iter().filter(|u| u.act).collect();
     let all: std::collections::BTreeSet<String> = units.iter().map(|u| u.name.clone()).collect();
     if !fit.progressive {
         net.relu_units = all;
@@ -1159,8 +1159,8 @@ pub(crate) mod tests {
     }
 
     /// The SqueezeNet graph at 8x8 input, two classes and 2-4 channels per layer.
-    fn tiny_arch() -> Arch {
-        Arch {
+    fn tiny_arch() -> SqueezeNetSpec {
+        SqueezeNetSpec {
             in_channels: 3,
             height: 8,
             width: 8,
