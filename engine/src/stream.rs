@@ -103,8 +103,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 .collect();
             let compute = |x: &usize| -> Result<(), ExecError> {
                 let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
-                let times = self.times;
-                times.time(Op::Store, || {
+                self.times.time(Op::Store, || {
                     self.store.put(stage.layer, *x as u32, &values)
                 })
             };
