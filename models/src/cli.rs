@@ -148,6 +148,9 @@ fn variant(cfg: &TrainConfig) -> String {
     if cfg.act == ActKind::Element && cfg.poly_channel_share {
         how.push("channel shares".to_string());
     }
+    if cfg.act == ActKind::Element && cfg.poly_spread_decay > 0.0 {
+        how.push(format!("spread decay {}", cfg.poly_spread_decay));
+    }
     if how.is_empty() {
         format!("{base}{kd}")
     } else {

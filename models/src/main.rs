@@ -145,6 +145,10 @@ struct TrainArgs {
     /// so the common part learns at the channel-wise rate (see models/README.md).
     #[arg(long)]
     poly_channel_share: bool,
+    /// Element-wise students: L2 decay of each coefficient's deviation from its channel's
+    /// mean (0 = off; pulls element-wise toward channel-wise, see models/README.md).
+    #[arg(long, default_value_t = 0.0)]
+    poly_spread_decay: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -259,6 +263,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         outlier_loss: a.outlier_loss,
         relu_blend_epochs: a.relu_blend_epochs,
         poly_channel_share: a.poly_channel_share,
+        poly_spread_decay: a.poly_spread_decay,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

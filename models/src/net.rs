@@ -195,6 +195,16 @@ impl Net {
             .collect()
     }
 
+    /// The stored per-element coefficient tensors (`[H, W, C]`) of an element-wise network;
+    /// empty for the other kinds.
+    pub fn element_poly_names(&self) -> Vec<String> {
+        if self.act != ActKind::Element {
+            return Vec::new();
+        }
+        let coefs = self.poly_coefs().into_iter();
+        coefs.map(|(u, k)| poly_name(&u.name, k)).collect()
+    }
+
     /// The effective coefficient `k` (a, b or c) of a unit's quadratic, shaped as
     /// [`poly_shape`]: the stored tensor plus its channel share if there is one.
     pub fn poly_coef(&self, unit: &str, k: &str) -> Result<Tensor> {
