@@ -11,7 +11,7 @@ use crate::store::Store;
 use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 type Tile = Arc<Vec<Ciphertext>>;
@@ -40,9 +40,19 @@ impl Cache {
     }
 }
 
-/// What the executor reports after each batch of tiles: (the stage that computed it, work
-/// done in all stages together).
-pub type StageProgress<'a> = &'a mut dyn FnMut(usize, u64);
+/// What the executor reports as a segment's finished prefix grows: (the stage that computed
+/// it, work done in all stages together).
+pub type StageProgress<'a> = &'a mut (dyn FnMut(usize, u64) + Send);
+
+/// A running segment's bookkeeping, shared by its threads.
+struct Ledger<'a, 'p> {
+    /// Per tile of the segment: written (now or by an earlier run).
+    finished: Vec<bool>,
+    /// Tiles before this index (from the segment's start) are all finished.
+    prefix: usize,
+    done_work: &'a mut u64,
+    progress: StageProgress<'p>,
+}
 
 pub struct Runner<'a, I: InputSource + ?Sized> {
     pub g: &'a ValueGraph,
@@ -75,7 +85,10 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         self.store.get(out, 0)
     }
 
-    /// Tiles `range` of stage `si`, a few at a time, skipping those already done.
+    /// Tiles `range` of stage `si`, skipping those already done. With many tiles each thread
+    /// takes the next tile as soon as it finishes one (no barrier between batches: a thread
+    /// that drew a cheap border tile does not wait for its partner's full one); with one tile
+    /// (the logits) the tile is parallel inside.
     fn run_segment(
         &self,
         si: usize,
@@ -86,51 +99,88 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let stage = &self.schedule.stages[si];
         let threads = rayon::current_num_threads().max(1);
         let tiles = self.g.layers[stage.layer as usize].tiles();
-        // Many tiles: one per thread at a time. One tile (the logits): parallel inside.
         let outer = tiles >= 2 * threads;
-        let batch = if outer { threads } else { 1 };
         let cache = Cache {
             reads: stage.reads(range.clone()),
             map: Mutex::default(),
         };
-        let mut t = range.start;
-        while t < range.end {
-            self.check_cancel()?;
-            let start = t;
-            let end = (t + batch).min(range.end);
-            let todo: Vec<usize> = (t..end)
-                .filter(|&x| !self.store.is_done(stage.layer, x as u32))
-                .collect();
-            let compute = |x: &usize| -> Result<(), ExecError> {
-                let values = self.tile(&cache, (stage.layer, *x as u32), !outer)?;
-                self.times.time(Op::Store, || {
-                    self.store.put(stage.layer, *x as u32, &values)
-                })
-            };
-            if outer {
-                todo.par_iter().try_for_each(compute)?;
-            } else {
-                todo.iter().try_for_each(compute)?;
-            }
-            *done_work += stage.work[t..end].iter().sum::<u64>();
-            t = end;
-            // Stored tiles whose last reader is now written are consumed when no later stage
-            // reads them (never the client's inputs). A restart still finds every tile an
-            // unfinished tile needs, and knows which tiles were consumed.
-            for (&(l, tl), &u) in &stage.last_use {
-                if (start..end).contains(&(u as usize))
-                    && self.schedule.last_stage[l as usize] == Some(si)
-                    && self.g.layers[l as usize].kind != LayerKind::Input
-                {
-                    self.store.consume(l, tl);
+        let todo: Vec<usize> = range
+            .clone()
+            .filter(|&x| !self.store.is_done(stage.layer, x as u32))
+            .collect();
+        let ledger = Mutex::new(Ledger {
+            finished: range
+                .clone()
+                .map(|x| todo.binary_search(&x).is_err())
+                .collect(),
+            prefix: 0,
+            done_work,
+            progress,
+        });
+        // Tiles finished by an earlier run: counted and consumed now, not news.
+        self.advance(
+            si,
+            range.start,
+            &mut ledger.lock().expect("ledger lock"),
+            false,
+        );
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = |_| -> Result<(), ExecError> {
+            while !failed.load(Ordering::Relaxed) {
+                self.check_cancel()?;
+                let Some(&x) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                let done = self
+                    .tile(&cache, (stage.layer, x as u32), !outer)
+                    .and_then(|values| {
+                        self.times
+                            .time(Op::Store, || self.store.put(stage.layer, x as u32, &values))
+                    });
+                if let Err(e) = done {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
+                let mut ledger = ledger.lock().expect("ledger lock");
+                ledger.finished[x - range.start] = true;
+                self.advance(si, range.start, &mut ledger, true);
             }
-            // Batches finished by an earlier run are not news.
-            if !todo.is_empty() {
-                progress(si, *done_work);
+            Ok(())
+        };
+        if outer {
+            (0..threads).into_par_iter().try_for_each(worker)
+        } else {
+            worker(0)
+        }
+    }
+
+    /// Moves the segment's finished prefix forward: counts its work, reports progress, and
+    /// consumes the stored tiles whose last reader is now written when no later stage reads
+    /// them (never the client's inputs). Only the prefix: a restart still finds every tile an
+    /// unfinished tile needs, and knows which tiles were consumed.
+    fn advance(&self, si: usize, first: usize, ledger: &mut Ledger<'_, '_>, report: bool) {
+        let stage = &self.schedule.stages[si];
+        let from = ledger.prefix;
+        while ledger.finished.get(ledger.prefix) == Some(&true) {
+            ledger.prefix += 1;
+        }
+        if ledger.prefix == from {
+            return;
+        }
+        let (start, end) = (first + from, first + ledger.prefix);
+        *ledger.done_work += stage.work[start..end].iter().sum::<u64>();
+        for (&(l, tl), &u) in &stage.last_use {
+            if (start..end).contains(&(u as usize))
+                && self.schedule.last_stage[l as usize] == Some(si)
+                && self.g.layers[l as usize].kind != LayerKind::Input
+            {
+                self.store.consume(l, tl);
             }
         }
-        Ok(())
+        if report {
+            (ledger.progress)(si, *ledger.done_work);
+        }
     }
 
     /// A stored tile, loading it on first use.
