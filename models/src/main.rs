@@ -53,6 +53,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Two model directories on the same images, paired: images only one gets right, and
+    /// McNemar's exact test (a difference too small for two error bars can still be real).
+    Compare {
+        #[arg(long)]
+        a: PathBuf,
+        #[arg(long)]
+        b: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// all = every image in --data; val = the validation split both manifests record.
+        #[arg(long, default_value = "all")]
+        split: String,
+        /// Compare on at most this many images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
     /// Regenerate the accuracy table (markdown + JSON) from run directories.
     Table {
         /// Run directories (each with config.json and state.json).
@@ -315,6 +331,16 @@ fn main() -> Result<()> {
             } else {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
+        }
+        Cmd::Compare {
+            a,
+            b,
+            data,
+            split,
+            limit,
+        } => {
+            let r = models::cli::compare(&a, &b, &data, &split, limit)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::Table { runs, out, keep } => {
             let md = models::cli::table(&runs, &out, keep.as_deref())?;
