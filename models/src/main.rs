@@ -42,14 +42,8 @@ enum Cmd {
     Evaluate {
         #[arg(long)]
         model: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-        /// all = every image in --data; val = the validation split recorded in the manifest.
-        #[arg(long, default_value = "all")]
-        split: String,
-        /// Evaluate at most this many images (0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
+        #[command(flatten)]
+        images: Images,
         #[arg(long)]
         json: bool,
     },
@@ -60,14 +54,8 @@ enum Cmd {
         a: PathBuf,
         #[arg(long)]
         b: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-        /// all = every image in --data; val = the validation split both manifests record.
-        #[arg(long, default_value = "all")]
-        split: String,
-        /// Compare on at most this many images (0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
+        #[command(flatten)]
+        images: Images,
     },
     /// Regenerate the accuracy table (markdown + JSON) from run directories.
     Table {
@@ -93,6 +81,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The images `evaluate` and `compare` run a model on.
+#[derive(Args)]
+struct Images {
+    #[arg(long)]
+    data: PathBuf,
+    /// all = every image in --data; val = the validation split recorded in the manifest(s).
+    #[arg(long, default_value = "all")]
+    split: String,
+    /// At most this many images, spread over the set (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
 }
 
 #[derive(Args, Clone)]
@@ -320,26 +321,18 @@ fn main() -> Result<()> {
         }
         Cmd::Evaluate {
             model,
-            data,
-            split,
-            limit,
+            images,
             json,
         } => {
-            let r = models::cli::evaluate(&model, &data, &split, limit)?;
+            let r = models::cli::evaluate(&model, &images.data, &images.split, images.limit)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
-        Cmd::Compare {
-            a,
-            b,
-            data,
-            split,
-            limit,
-        } => {
-            let r = models::cli::compare(&a, &b, &data, &split, limit)?;
+        Cmd::Compare { a, b, images } => {
+            let r = models::cli::compare(&a, &b, &images.data, &images.split, images.limit)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::Table { runs, out, keep } => {
