@@ -272,22 +272,28 @@ fn variant(cfg: &TrainConfig) -> String {
 }
 
 /// What a run started from: `scratch`, or the run directory name of its starting weights (a
-/// student's teacher); for folds the fold suffix `f<i>` becomes `f*` (each fold starts from
+/// student's teacher, or another task's run marked `(pretrained)`); for folds the fold suffix `f<i>` becomes `f*` (each fold starts from
 /// its own fold's teacher).
 fn starts_from(cfg: &TrainConfig) -> String {
-    let Some(init) = &cfg.init_from else {
+    let Some(init) = cfg.init_from.as_ref().or(cfg.pretrained.as_ref()) else {
         return "scratch".into();
+    };
+    let pretrained = if cfg.init_from.is_none() {
+        " (pretrained)"
+    } else {
+        ""
     };
     let name = init.file_name().map_or_else(
         || init.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    match cfg.fold {
+    let name = match cfg.fold {
         Some(f) => name
             .strip_suffix(&format!("f{}", f.index))
             .map_or(name.clone(), |stem| format!("{stem}f*")),
         None => name,
-    }
+    };
+    format!("{name}{pretrained}")
 }
 
 /// The settings that make runs folds of one cross-validated experiment: everything but the

@@ -137,6 +137,10 @@ struct TrainArgs {
     /// Start from these weights (default for distill: the teacher).
     #[arg(long)]
     init_from: Option<PathBuf>,
+    /// Start from another task's run of the same widths (transfer learning): convolutions
+    /// and batch norms copied, a colour first convolution summed to grey, a fresh classifier.
+    #[arg(long)]
+    pretrained: Option<PathBuf>,
     #[arg(long, default_value_t = 0.9)]
     alpha: f64,
     #[arg(long, default_value_t = 4.0)]
@@ -281,6 +285,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         relu_blend_epochs: a.relu_blend_epochs,
         poly_channel_share: a.poly_channel_share,
         poly_spread_decay: a.poly_spread_decay,
+        pretrained: a.pretrained.clone(),
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

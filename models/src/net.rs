@@ -412,6 +412,57 @@ impl Net {
         m
     }
 
+    /// Starts this network from another task's trained weights (transfer learning, e.g. an
+    /// OCT teacher from a CIFAR-10 one of the same widths): tensors of the same name and shape
+    /// are copied; a first convolution trained on colour, loaded into a grey one, is summed
+    /// over its input channels (the response to a grey image repeated in R, G and B, up to
+    /// the normalisation); the rest keeps its fresh initialisation - the classifier, whose
+    /// class count differs, and anything the source lacks. Errors if no convolution weight
+    /// could be taken (different widths), so a mismatch cannot pass for a transfer.
+    pub fn load_pretrained(&mut self, src: &BTreeMap<String, Tensor>) -> Result<Transferred> {
+        let mut t = Transferred::default();
+        let first = self.arch.units().into_iter().next();
+        for (k, v) in self.vars.iter() {
+            let Some(s) = src.get(k) else {
+                t.fresh.push(k.clone());
+                continue;
+            };
+            if s.dims() == v.dims() {
+                v.set(s)?;
+                t.copied.push(k.clone());
+                continue;
+            }
+            let grey_first = first
+                .as_ref()
+                .filter(|u| *k == format!("{}.weight", u.name) && u.cin == 1);
+            match (grey_first, s.dims()) {
+                (Some(u), &[cout, cols]) if cout == u.cout && cols % (u.k * u.k) == 0 => {
+                    let summed = s.reshape((cout, u.k * u.k, cols / (u.k * u.k)))?.sum(2)?;
+                    v.set(&summed)?;
+                    t.adapted.push(k.clone());
+                }
+                _ => t.fresh.push(k.clone()),
+            }
+        }
+        for (k, v) in self.buffers.iter_mut() {
+            match src.get(k) {
+                Some(s) if s.dims() == v.dims() => {
+                    *v = s.clone();
+                    t.copied.push(k.clone());
+                }
+                _ => t.fresh.push(k.clone()),
+            }
+        }
+        let conv_weights =
+            |names: &[String]| names.iter().filter(|n| n.ends_with(".weight")).count();
+        if conv_weights(&t.copied) + conv_weights(&t.adapted) == 0 {
+            candle_core::bail!(
+                "no convolution weight of the pretrained run fits this network (other widths?)"
+            );
+        }
+        Ok(t)
+    }
+
     /// Overwrites every tensor present in `src` (matching names and shapes); returns the names
     /// it set. Missing names keep their current values (e.g. polynomials loaded from a ReLU net).
     pub fn load_from(
@@ -439,6 +490,17 @@ impl Net {
         }
         Ok(set)
     }
+}
+
+/// What [`Net::load_pretrained`] did with each of the network's tensors.
+#[derive(Debug, Default)]
+pub struct Transferred {
+    /// Same name and shape in the source: copied.
+    pub copied: Vec<String>,
+    /// The first convolution, colour to grey: summed over the input channels.
+    pub adapted: Vec<String>,
+    /// Not in the source or of another shape: left as initialised.
+    pub fresh: Vec<String>,
 }
 
 /// Images per group in batch-norm re-estimation: the training batch size.
@@ -510,6 +572,59 @@ mod tests {
             conv2: 6,
             conv3: 5,
         }
+    }
+
+    /// A colour 3-class net into a grey 2-class one of other input size: the first conv is
+    /// summed over colour, the middle copied, the classifier fresh; other widths are refused.
+    #[test]
+    fn pretrained_weights_transfer_to_a_grey_task() -> Result<()> {
+        let dev = Device::Cpu;
+        let colour = Net::new(small_arch(), ActKind::Relu, 1, &dev)?;
+        let src = colour.tensors();
+        let grey_arch = SqueezeNetSpec {
+            in_channels: 1,
+            height: 16,
+            width: 16,
+            classes: 2,
+            ..small_arch()
+        };
+        let mut grey = Net::new(grey_arch.clone(), ActKind::Relu, 2, &dev)?;
+        let before = grey.tensors();
+        let t = grey.load_pretrained(&src)?;
+        assert_eq!(t.adapted, vec!["conv1.weight".to_string()]);
+        assert!(t.fresh.contains(&"conv4.weight".to_string()));
+        assert!(t.fresh.contains(&"conv4.bias".to_string()));
+        assert!(t.copied.contains(&"conv2.weight".to_string()));
+        assert!(t.copied.contains(&"conv1.bn.mean".to_string()));
+        let after = grey.tensors();
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> {
+            Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0)
+        };
+        assert!(same(&after["conv2.weight"], &src["conv2.weight"])?);
+        assert!(same(&after["conv4.weight"], &before["conv4.weight"])?);
+        // conv1: [6, 3*3*3] ordered (ky, kx, c) -> [6, 3*3], each tap the sum of its colours.
+        let w = src["conv1.weight"].to_vec2::<f32>()?;
+        let g = after["conv1.weight"].to_vec2::<f32>()?;
+        for (o, row) in g.iter().enumerate() {
+            for (tap, v) in row.iter().enumerate() {
+                let sum: f32 = (0..3).map(|c| w[o][tap * 3 + c]).sum();
+                assert!((v - sum).abs() < 1e-6);
+            }
+        }
+        let narrow = SqueezeNetSpec {
+            conv1: 4,
+            fire1: (3, 3, 3),
+            fire2: (3, 3, 3),
+            conv2: 4,
+            conv3: 4,
+            ..grey_arch
+        };
+        let mut other = Net::new(narrow, ActKind::Relu, 3, &dev)?;
+        assert!(
+            other.load_pretrained(&src).is_err(),
+            "no weight fits: refused"
+        );
+        Ok(())
     }
 
     /// Blend 0 is the ReLU network, 1 the quadratics alone, and in between the mix of both.

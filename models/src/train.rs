@@ -102,6 +102,11 @@ pub struct TrainConfig {
     /// validation fell after epoch 8; this is the regulariser aimed at exactly that freedom.
     #[serde(default)]
     pub poly_spread_decay: f64,
+    /// Start from another task's trained run of the same widths (transfer learning; see
+    /// [`Net::load_pretrained`]): its convolutions and batch norms, not its classifier. For
+    /// small sets such as OCTDL (366 images), where features learned from scratch are few.
+    #[serde(default)]
+    pub pretrained: Option<PathBuf>,
 }
 
 /// A fresh net for a run's configuration (architecture, activation, channel shares).
@@ -803,6 +808,21 @@ pub fn run_limited(
                 fit_polys_to_relu(&mut net, &train, &spec, &cfg.augment, &fit, &dev)?;
                 calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
             }
+        }
+        if let Some(src) = &cfg.pretrained {
+            if cfg.init_from.is_some() {
+                bail!("--pretrained and --init-from both choose the starting weights: give one");
+            }
+            let (_, other) = load_run(src, &dev)?;
+            let t = net.load_pretrained(&other.tensors())?;
+            eprintln!(
+                "pretrained from {}: {} tensors copied, {} adapted (colour to grey), {} fresh ({})",
+                src.display(),
+                t.copied.len(),
+                t.adapted.len(),
+                t.fresh.len(),
+                t.fresh.join(", ")
+            );
         }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     }
@@ -1507,6 +1527,7 @@ pub(crate) mod tests {
             relu_blend_epochs: 0.0,
             poly_channel_share: false,
             poly_spread_decay: 0.0,
+            pretrained: None,
             fold: None,
         }
     }
