@@ -8,8 +8,8 @@
 # (students: element by default; `none` trains the teachers only). TAG names the student runs
 # of one STUDENT_FLAGS setting; TEACHER_TAG the teachers of one TEACHER_FLAGS setting (e.g.
 # TEACHER_FLAGS="--pretrained /work/runs/cifar-relu-w05" TEACHER_TAG=-pt: teachers started
-# from a CIFAR-10 run of the same widths; TEACHER_LR sets their peak rate, 0.05 by default). ONLY="0 2 4" runs just those folds (two processes, one per
-# core, on disjoint folds).
+# from a CIFAR-10 run of the same widths; TEACHER_LR sets their peak rate, 0.05 by default).
+# ONLY="0 2 4" runs just those folds (two processes, one per core, on disjoint folds).
 set -euo pipefail
 BIN=${BIN:-target/release/beaa-train}
 DATA=${DATA:-/work/data/OCTDL}
