@@ -156,7 +156,7 @@ pub fn compare(
             b.manifest.classes
         );
     }
-    if which == "val" && a.manifest.metrics["split"] != b.manifest.metrics["split"] {
+    if which == "val" && !same_split(&a.manifest.metrics["split"], &b.manifest.metrics["split"]) {
         bail!(
             "the models recorded different validation splits ({} and {}): one's validation \
              images may be the other's training images",
@@ -175,6 +175,24 @@ pub fn compare(
         "both_right": c.both, "only_a_right": c.only_a, "only_b_right": c.only_b, "neither_right": c.neither,
         "mcnemar_exact_p": mcnemar_exact_p(c.only_a, c.only_b),
     }))
+}
+
+/// Whether two recorded validation splits are the same. A field recorded as `null` equals an
+/// absent one: exports from before `fold` existed leave it out, later ones write `null` for
+/// "no fold".
+fn same_split(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    let set = |v: &serde_json::Value| -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.iter()
+                    .filter(|(_, x)| !x.is_null())
+                    .map(|(k, x)| (k.clone(), x.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    };
+    set(a) == set(b)
 }
 
 /// Per image: both models right, only A, only B, neither.
@@ -524,6 +542,19 @@ mod tests {
         assert!(PairedCounts::of(&a, &b[..3]).is_err());
         assert!(PairedCounts::of(&a, &[(1, 0), (1, 1), (1, 0), (0, 1)]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn a_null_field_of_a_split_equals_an_absent_one() {
+        let old = json!({"kind": "group", "seed": 1, "val_fraction": 0.25});
+        let new = json!({"kind": "group", "seed": 1, "val_fraction": 0.25, "fold": null});
+        assert!(same_split(&old, &new));
+        let fold = json!({"kind": "group", "seed": 1, "val_fraction": 0.25, "fold": {"index": 0, "count": 5}});
+        assert!(!same_split(&old, &fold));
+        assert!(!same_split(
+            &new,
+            &json!({"kind": "group", "seed": 2, "val_fraction": 0.25})
+        ));
     }
 
     /// The shipped model against itself on images the test makes: all agreement, p = 1.
