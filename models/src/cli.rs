@@ -250,6 +250,10 @@ fn mcnemar_exact_p(only_a: usize, only_b: usize) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// Peak learning rate of a polynomial student unless `--lr` says otherwise; the table names
+/// any other rate in the variant.
+pub const STUDENT_LR: f64 = 0.01;
+
 fn variant(cfg: &TrainConfig) -> String {
     let base = match cfg.act {
         ActKind::Relu => "ReLU",
@@ -272,6 +276,9 @@ fn variant(cfg: &TrainConfig) -> String {
             "ReLU blended out over {} epochs",
             cfg.relu_blend_epochs
         ));
+    }
+    if poly && cfg.lr != STUDENT_LR {
+        how.push(format!("peak rate {}", cfg.lr));
     }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
@@ -628,7 +635,12 @@ mod tests {
         assert!((b - (4.0 / 6.0 + 3.0 / 5.0) / 2.0).abs() < 1e-12, "{b}");
         assert_eq!(rows[0]["epochs"], 1);
         assert!(
-            md.contains("element-wise + KD, 8x8 input, 2-fold CV |"),
+            md.contains("element-wise + KD (peak rate 0.05), 8x8 input, 2-fold CV |"),
+            "{md}"
+        );
+        // the other experiment's rate is in its variant's name
+        assert!(
+            md.contains("(peak rate 0.5), 8x8 input, 2-fold CV (1 of 2 folds)"),
             "{md}"
         );
         assert!(md.contains("2-fold CV (1 of 2 folds)"), "{md}");
