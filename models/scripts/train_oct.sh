@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # OCT (OCTDL ERM vs NO) family: ReLU teacher from scratch, then polynomial students
 # initialised from it (least-squares ReLU fit), fine-tuned with and without KD.
+# This is the table's single-split family from teachers trained from scratch; the shipped
+# models/zoo/octdl (since 2026-12-05) starts its teacher from a CIFAR-10 run instead
+# (--pretrained): its commands are in models/README.md, "OCT cross-validation".
 # Re-running resumes/skips finished runs. One thread. Usage:
 #   BIN=target-models/release/beaa-train DATA=/work/data/OCTDL RUNS=/work/runs bash models/scripts/train_oct.sh
 set -euo pipefail
