@@ -1,9 +1,9 @@
 //! The export / evaluate / table subcommands of `beaa-train`.
 
-use crate::data::{split, Dataset};
+use crate::data::{split, Dataset, Fold, SplitKind};
 use crate::export::{activation_parameters, chw_inputs, export_run};
 use crate::net::ActKind;
-use crate::train::{load_data, load_run, summarize, TrainConfig, TrainState};
+use crate::train::{load_data, load_run, summarize, TrainConfig, TrainState, STUDENT_LR};
 use anyhow::{bail, Context, Result};
 use beaa_model::Model;
 use candle_core::Device;
@@ -53,6 +53,41 @@ pub fn export(
     )
 }
 
+/// The validation split a model's manifest records, decoded with the defaults of manifests
+/// that predate a field (`fold` absent or `null`: no fold). Two models validate on the same
+/// images exactly when these are equal.
+#[derive(Debug, PartialEq)]
+struct RecordedSplit {
+    kind: SplitKind,
+    val_per_class: usize,
+    val_fraction: f64,
+    seed: u64,
+    fold: Option<Fold>,
+}
+
+impl RecordedSplit {
+    fn of(model: &Model) -> Result<Self> {
+        Self::from_json(&model.manifest.metrics["split"])
+    }
+
+    fn from_json(s: &serde_json::Value) -> Result<Self> {
+        Ok(RecordedSplit {
+            kind: serde_json::from_value(s["kind"].clone())
+                .context("manifest has no recorded split")?,
+            val_per_class: s["val_per_class"].as_u64().unwrap_or(500) as usize,
+            val_fraction: s["val_fraction"].as_f64().unwrap_or(0.25),
+            seed: s["seed"].as_u64().unwrap_or(0),
+            fold: serde_json::from_value(s["fold"].clone()).unwrap_or(None),
+        })
+    }
+
+    /// Indices of the validation images of `ds`.
+    fn validation(&self, ds: &Dataset) -> Vec<usize> {
+        let s = self;
+        split(ds, s.kind, s.val_per_class, s.val_fraction, s.seed, s.fold).1
+    }
+}
+
 /// Each image's (true class, predicted class), as indices into the model's classes, with the
 /// plaintext f64 forward pass: every image of `data` (`which` = "all") or the validation split
 /// recorded in the model's manifest ("val"), at most `limit` of them spread over the set.
@@ -84,16 +119,7 @@ fn labelled_predictions(
         .collect::<Result<_>>()?;
     let mut idx: Vec<usize> = match which {
         "all" => (0..ds.len()).collect(),
-        "val" => {
-            let s = &model.manifest.metrics["split"];
-            let kind = serde_json::from_value(s["kind"].clone())
-                .context("manifest has no recorded split")?;
-            let vpc = s["val_per_class"].as_u64().unwrap_or(500) as usize;
-            let frac = s["val_fraction"].as_f64().unwrap_or(0.25);
-            let seed = s["seed"].as_u64().unwrap_or(0);
-            let fold = serde_json::from_value(s["fold"].clone()).unwrap_or(None);
-            split(&ds, kind, vpc, frac, seed, fold).1
-        }
+        "val" => RecordedSplit::of(model)?.validation(&ds),
         other => bail!("--split must be all or val, got {other}"),
     };
     if limit > 0 && idx.len() > limit {
@@ -156,7 +182,7 @@ pub fn compare(
             b.manifest.classes
         );
     }
-    if which == "val" && !same_split(&a.manifest.metrics["split"], &b.manifest.metrics["split"]) {
+    if which == "val" && RecordedSplit::of(&a)? != RecordedSplit::of(&b)? {
         bail!(
             "the models recorded different validation splits ({} and {}): one's validation \
              images may be the other's training images",
@@ -175,24 +201,6 @@ pub fn compare(
         "both_right": c.both, "only_a_right": c.only_a, "only_b_right": c.only_b, "neither_right": c.neither,
         "mcnemar_exact_p": mcnemar_exact_p(c.only_a, c.only_b),
     }))
-}
-
-/// Whether two recorded validation splits are the same. A field recorded as `null` equals an
-/// absent one: exports from before `fold` existed leave it out, later ones write `null` for
-/// "no fold".
-fn same_split(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    let set = |v: &serde_json::Value| -> serde_json::Value {
-        match v {
-            serde_json::Value::Object(m) => serde_json::Value::Object(
-                m.iter()
-                    .filter(|(_, x)| !x.is_null())
-                    .map(|(k, x)| (k.clone(), x.clone()))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
-    };
-    set(a) == set(b)
 }
 
 /// Per image: both models right, only A, only B, neither.
@@ -249,10 +257,6 @@ fn mcnemar_exact_p(only_a: usize, only_b: usize) -> f64 {
     let tail = max.exp() * terms.iter().map(|t| (t - max).exp()).sum::<f64>();
     (2.0 * tail).min(1.0)
 }
-
-/// Peak learning rate of a polynomial student unless `--lr` says otherwise; the table names
-/// any other rate in the variant.
-pub const STUDENT_LR: f64 = 0.01;
 
 fn variant(cfg: &TrainConfig) -> String {
     let base = match cfg.act {
@@ -503,7 +507,6 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::Fold;
     use crate::train::{summarize, tests::tiny_config};
 
     fn write_run(dir: &Path, cfg: &TrainConfig, epoch: usize, conf: Vec<Vec<usize>>) -> Result<()> {
@@ -552,16 +555,20 @@ mod tests {
     }
 
     #[test]
-    fn a_null_field_of_a_split_equals_an_absent_one() {
+    fn a_null_field_of_a_split_equals_an_absent_one() -> Result<()> {
         let old = json!({"kind": "group", "seed": 1, "val_fraction": 0.25});
         let new = json!({"kind": "group", "seed": 1, "val_fraction": 0.25, "fold": null});
-        assert!(same_split(&old, &new));
+        let same = |a: &serde_json::Value, b: &serde_json::Value| -> Result<bool> {
+            Ok(RecordedSplit::from_json(a)? == RecordedSplit::from_json(b)?)
+        };
+        assert!(same(&old, &new)?);
         let fold = json!({"kind": "group", "seed": 1, "val_fraction": 0.25, "fold": {"index": 0, "count": 5}});
-        assert!(!same_split(&old, &fold));
-        assert!(!same_split(
+        assert!(!same(&old, &fold)?);
+        assert!(!same(
             &new,
             &json!({"kind": "group", "seed": 2, "val_fraction": 0.25})
-        ));
+        )?);
+        Ok(())
     }
 
     /// The shipped model against itself on images the test makes: all agreement, p = 1.

@@ -242,11 +242,9 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
             30
         }),
         batch: a.batch,
-        lr: a.lr.unwrap_or(if student {
-            models::cli::STUDENT_LR
-        } else {
-            0.1
-        }),
+        lr: a
+            .lr
+            .unwrap_or(if student { train::STUDENT_LR } else { 0.1 }),
         lr_min: 0.0,
         warmup_epochs: a.warmup_epochs.unwrap_or(if student { 0.5 } else { 2.0 }),
         momentum: a.momentum,

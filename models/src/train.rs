@@ -15,6 +15,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Peak learning rate of a polynomial student unless `--lr` says otherwise (the accuracy
+/// table names any other rate in the variant).
+pub const STUDENT_LR: f64 = 0.01;
+
 /// Everything that defines a run; stored as `config.json` in the run directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
