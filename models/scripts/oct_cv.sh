@@ -8,7 +8,8 @@
 # (students: element by default; `none` trains the teachers only). TAG names the student runs
 # of one STUDENT_FLAGS setting; TEACHER_TAG the teachers of one TEACHER_FLAGS setting (e.g.
 # TEACHER_FLAGS="--pretrained /work/runs/cifar-relu-w05" TEACHER_TAG=-pt: teachers started
-# from a CIFAR-10 run of the same widths; TEACHER_LR sets their peak rate, 0.05 by default).
+# from a CIFAR-10 run of the same widths; TEACHER_LR sets their peak rate, 0.05 by default;
+# STUDENT_EPOCHS the students' epochs, 20 by default).
 # ONLY="0 2 4" runs just those folds (two processes, one per core, on disjoint folds).
 set -euo pipefail
 BIN=${BIN:-target/release/beaa-train}
@@ -18,6 +19,7 @@ FOLDS=${FOLDS:-5}
 SIZE=${SIZE:-64}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
 TEACHER_LR=${TEACHER_LR:-0.05}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-20}
 TAG=${TAG:-}
 TEACHER_TAG=${TEACHER_TAG:-}
 read -r -a student_flags <<< "${STUDENT_FLAGS:-}"
@@ -34,6 +36,6 @@ for k in "${only[@]}"; do
   for act in "${acts[@]}"; do
     [ "$act" = none ] && continue
     "$BIN" distill --run "$RUNS/$act-kd$TAG-$SIZE-e$TEACHER_EPOCHS$TEACHER_TAG-f$k" "${common[@]}" --act "$act" \
-      --teacher "$t" --epochs 20 ${student_flags[@]+"${student_flags[@]}"}
+      --teacher "$t" --epochs "$STUDENT_EPOCHS" ${student_flags[@]+"${student_flags[@]}"}
   done
 done

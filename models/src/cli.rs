@@ -3,7 +3,10 @@
 use crate::data::{split, Dataset, Fold, SplitKind};
 use crate::export::{activation_parameters, chw_inputs, export_run};
 use crate::net::ActKind;
-use crate::train::{load_data, load_run, summarize, TrainConfig, TrainState, STUDENT_LR};
+use crate::train::{
+    load_data, load_run, summarize, TrainConfig, TrainState, CLIP_NORM, KD_ALPHA, KD_TEMPERATURE,
+    STUDENT_LR,
+};
 use anyhow::{bail, Context, Result};
 use beaa_model::Model;
 use candle_core::Device;
@@ -283,6 +286,15 @@ fn variant(cfg: &TrainConfig) -> String {
     }
     if poly && cfg.lr != STUDENT_LR {
         how.push(format!("peak rate {}", cfg.lr));
+    }
+    if cfg.clip_norm != CLIP_NORM {
+        how.push(format!("gradient clip {}", cfg.clip_norm));
+    }
+    if cfg.teacher.is_some() && (cfg.kd_alpha != KD_ALPHA || cfg.kd_temperature != KD_TEMPERATURE) {
+        how.push(format!(
+            "KD alpha {} T {}",
+            cfg.kd_alpha, cfg.kd_temperature
+        ));
     }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
@@ -630,11 +642,22 @@ mod tests {
             ..fold(0, "t0")
         };
         write_run(&root.join("g0"), &other, 2, vec![vec![1, 0], vec![0, 1]])?;
-        let runs = ["f0", "g0", "f1"].map(|r| root.join(r));
+        // and so are another clip and other distillation settings
+        let looser = TrainConfig {
+            clip_norm: 20.0,
+            kd_alpha: 0.5,
+            ..fold(0, "t0")
+        };
+        write_run(&root.join("h0"), &looser, 2, vec![vec![1, 0], vec![0, 1]])?;
+        let runs = ["f0", "g0", "h0", "f1"].map(|r| root.join(r));
         let md = table(&runs, &root.join("t"), None)?;
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(root.join("t.json"))?)?;
-        assert_eq!(rows.len(), 2, "{md}");
+        assert_eq!(rows.len(), 3, "{md}");
+        assert!(
+            md.contains("(peak rate 0.05, gradient clip 20, KD alpha 0.5 T 4), 8x8 input"),
+            "{md}"
+        );
         assert_eq!(rows[0]["folds_pooled"], 2);
         assert_eq!(rows[0]["validation_images"], 11);
         // pooled: class 0 4/6, class 1 3/5; partly trained fold -> epochs 1
@@ -663,7 +686,7 @@ mod tests {
         )?;
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(root.join("v.json"))?)?;
-        assert_eq!(rows.len(), 2, "{md}");
+        assert_eq!(rows.len(), 3, "{md}");
         assert_eq!(rows[0]["folds_pooled"], 2);
         std::fs::remove_dir_all(&root)?;
         Ok(())

@@ -121,7 +121,7 @@ struct TrainArgs {
     weight_decay: f64,
     #[arg(long)]
     warmup_epochs: Option<f64>,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = train::CLIP_NORM)]
     clip_norm: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -141,9 +141,9 @@ struct TrainArgs {
     /// and batch norms copied, a colour first convolution summed to grey, a fresh classifier.
     #[arg(long)]
     pretrained: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = train::KD_ALPHA)]
     alpha: f64,
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = train::KD_TEMPERATURE)]
     temperature: f64,
     #[arg(long, default_value_t = 5.0)]
     checkpoint_minutes: f64,

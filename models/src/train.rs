@@ -18,6 +18,12 @@ use std::time::Instant;
 /// Peak learning rate of a polynomial student unless `--lr` says otherwise (the accuracy
 /// table names any other rate in the variant).
 pub const STUDENT_LR: f64 = 0.01;
+/// Gradient-norm clip unless `--clip-norm` says otherwise (the table names any other).
+pub const CLIP_NORM: f64 = 5.0;
+/// Knowledge-distillation weight and temperature unless `--alpha` / `--temperature` say
+/// otherwise (the table names any others).
+pub const KD_ALPHA: f64 = 0.9;
+pub const KD_TEMPERATURE: f64 = 4.0;
 
 /// Everything that defines a run; stored as `config.json` in the run directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
