@@ -1,10 +1,11 @@
-//! `beaa bench inference`: encrypted inference on random inputs at the planned 128-bit
-//! parameters, with per-layer seconds and peak memory.
+//! `beaa bench inference`: encrypted inference on random inputs (or the images of `--data`)
+//! at the planned 128-bit parameters, with per-layer seconds and peak memory.
 
 use crate::local_job::{run_encrypted, WorkDir};
 use anyhow::{Context, Result};
 use beaa_ckks::KeyGenerator;
 use beaa_engine::Plan;
+use beaa_model::range::outside_calibration;
 use beaa_model::scores::argmax;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -25,6 +26,11 @@ pub struct InferenceBenchArgs {
     /// default: a fresh directory under the system temp dir, removed afterwards.
     #[arg(long)]
     pub work_dir: Option<std::path::PathBuf>,
+    /// Fill the batch with the images of this class-per-folder tree (repeated as needed)
+    /// instead of random ones: a model may blow up on noise that no real image resembles
+    /// (the time does not depend on the values; the agreement check does).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +51,12 @@ struct Report {
     /// Thread-seconds per kind of operation, summed over the threads (`beaa_engine::Op`): where
     /// the time goes. What `threads x total_s` has beyond their sum is waiting and bookkeeping.
     thread_s_by_op: Vec<(&'static str, f64)>,
+    /// What the batch held: random normalized pixels, or the images of a directory.
+    inputs: String,
+    /// Images whose reference logits lie beyond the model's calibrated range (`beaa eval`'s
+    /// check): they can overflow the ciphertexts and garble the batch, so disagreements
+    /// there say nothing about the engine.
+    inputs_outside_calibrated_range: usize,
     squares: usize,
     relinearizations: usize,
     plan_s: f64,
@@ -71,6 +83,9 @@ pub fn peak_rss_bytes() -> u64 {
 
 pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     let (dir, model) = crate::models::load(&args.model)?;
+    if let Some(data) = args.data.as_ref().filter(|d| !d.is_dir()) {
+        anyhow::bail!("--data {} is not a directory", data.display());
+    }
     let t = Instant::now();
     let (params, plan) = Plan::choose(&model).context("planning")?;
     let plan_s = t.elapsed().as_secs_f64();
@@ -94,17 +109,42 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     let rlk = kg.relin_key(&sk);
     let keygen_s = t.elapsed().as_secs_f64();
 
-    // Random normalized images (public test data, not keys).
     let per = model.input_len();
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let images: Vec<f64> = (0..batch * per)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
-        })
-        .collect();
+    let (images, inputs) = match &args.data {
+        // Real images, repeated to fill the batch.
+        Some(data) => {
+            let (labels, real, _) = beaa_model::eval::load_labelled(&model, data, 0)
+                .with_context(|| format!("loading --data {}", data.display()))?;
+            if labels.is_empty() {
+                anyhow::bail!("--data {}: no images", data.display());
+            }
+            let images: Vec<f64> = real
+                .chunks(per)
+                .cycle()
+                .take(batch)
+                .flatten()
+                .copied()
+                .collect();
+            let what = format!("{} ({} images, repeated)", data.display(), labels.len());
+            (images, what)
+        }
+        // Random normalized images (public test data, not keys).
+        None => {
+            let mut state = 0x9e3779b97f4a7c15u64;
+            let images: Vec<f64> = (0..batch * per)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
+                })
+                .collect();
+            (
+                images,
+                "random normalized pixels, uniform in [-1.5, 1.5]".to_string(),
+            )
+        }
+    };
     let work = WorkDir::new(args.work_dir.as_deref(), "bench");
     let run = run_encrypted(
         &model, &params, &plan, &sk, &rlk, &images, batch, &work.path,
@@ -131,6 +171,11 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?
         .concat();
     let classes = model.manifest.classes.len();
+    let calibrated = model.logit_calibration();
+    let outside = want
+        .chunks(classes)
+        .filter(|row| calibrated.is_some_and(|c| outside_calibration(row, c)))
+        .count();
     let (mut max_err, mut agree, mut worst_gap) = (0.0f64, 0usize, 0.0f64);
     for (b, got) in run.logits.iter().enumerate() {
         let row = &want[b * classes..(b + 1) * classes];
@@ -157,6 +202,8 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         work_dir_peak_bytes: run.work_dir_peak_bytes,
         per_layer_s: per_layer,
         thread_s_by_op: run.op_thread_s.clone(),
+        inputs,
+        inputs_outside_calibrated_range: outside,
         squares: plan.squares(),
         relinearizations: plan.relinearizations(),
         plan_s,
@@ -172,6 +219,11 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         report.work_dir_peak_bytes as f64 / 1e9,
         max_err
     );
+    if outside > 0 {
+        eprintln!(
+            "{outside} of {batch} inputs have reference logits beyond the calibrated range: they can overflow and garble the batch (try --data with real images)"
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }

@@ -182,6 +182,20 @@ fn bench_ckks_refuses_insecure_chains() {
 }
 
 #[test]
+fn bench_inference_refuses_a_data_path_that_is_not_a_directory() {
+    let (ok, _, stderr) = beaa(&[
+        "bench",
+        "inference",
+        "--model",
+        "cifar10",
+        "--data",
+        "/no/such/dir",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("not a directory"), "{stderr}");
+}
+
+#[test]
 fn demo_runs_and_reports_agreement() {
     let (ok, stdout, stderr) = beaa(&["demo", "--batch", "64", "--inputs", "4", "--outputs", "2"]);
     assert!(ok, "{stderr}");
