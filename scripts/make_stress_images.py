@@ -10,6 +10,9 @@ here is committed data. Needs Pillow and numpy.
   python3 scripts/make_stress_images.py oct /work/data/OCTDL /tmp/oct
       framed/  the first 100 scans per class shrunk to half size in a black frame
       shifted/ the same shifted by up to 10% with black borders
+      noise/   25 per class of 64x64 noise uniform in +-1.5 standard deviations around the
+               shipped octdl's normalization mean (what `beaa bench inference` feeds)
+      noise255/ 25 per class of 64x64 noise uniform over 0-255
 """
 import os
 import random
@@ -74,6 +77,19 @@ def oct_scans(src, dst):
             canvas = Image.new('L', (w, h), 0)
             canvas.paste(im, (dx, dy))
             canvas.save(f'{dst}/shifted/{c}/{stem}.png')
+    # The shipped octdl's normalization (manifest input.mean / input.std).
+    mean, std = 0.23050712, 0.17387246
+    rng = np.random.default_rng(1)
+    for c in classes:
+        for kind in ['noise', 'noise255']:
+            os.makedirs(f'{dst}/{kind}/{c}', exist_ok=True)
+        for k in range(25):
+            u = rng.uniform(-1.5, 1.5, (64, 64))
+            px = np.clip((mean + std * u) * 255, 0, 255).astype(np.uint8)
+            Image.fromarray(px, 'L').save(f'{dst}/noise/{c}/{k}.png')
+        for k in range(25):
+            px = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+            Image.fromarray(px, 'L').save(f'{dst}/noise255/{c}/{k}.png')
 
 
 if __name__ == '__main__':
