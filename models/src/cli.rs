@@ -296,6 +296,12 @@ fn variant(cfg: &TrainConfig) -> String {
             cfg.kd_alpha, cfg.kd_temperature
         ));
     }
+    if poly && cfg.range_penalty > 0.0 {
+        how.push(format!("range penalty {}", cfg.range_penalty));
+    }
+    if poly && cfg.off_data_penalty > 0.0 {
+        how.push(format!("off-data penalty {}", cfg.off_data_penalty));
+    }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
     }
@@ -642,10 +648,11 @@ mod tests {
             ..fold(0, "t0")
         };
         write_run(&root.join("g0"), &other, 2, vec![vec![1, 0], vec![0, 1]])?;
-        // and so are another clip and other distillation settings
+        // and so are another clip, other distillation settings and an off-data penalty
         let looser = TrainConfig {
             clip_norm: 20.0,
             kd_alpha: 0.5,
+            off_data_penalty: 0.1,
             ..fold(0, "t0")
         };
         write_run(&root.join("h0"), &looser, 2, vec![vec![1, 0], vec![0, 1]])?;
@@ -655,7 +662,9 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(root.join("t.json"))?)?;
         assert_eq!(rows.len(), 3, "{md}");
         assert!(
-            md.contains("(peak rate 0.05, gradient clip 20, KD alpha 0.5 T 4), 8x8 input"),
+            md.contains(
+                "(peak rate 0.05, gradient clip 20, KD alpha 0.5 T 4, off-data penalty 0.1), 8x8 input"
+            ),
             "{md}"
         );
         assert_eq!(rows[0]["folds_pooled"], 2);

@@ -154,6 +154,11 @@ struct TrainArgs {
     /// clean training images at the start (0 = off); keeps unusual images from exploding.
     #[arg(long, default_value_t = 0.0)]
     range_penalty: f64,
+    /// Weight of the same penalty, logarithmic, on a probe batch of off-data images (noise,
+    /// heavily shifted, scaled and rotated images) run as inference runs them (0 = off);
+    /// keeps non-scans from exploding the encrypted batch (see models/README.md).
+    #[arg(long, default_value_t = 0.0)]
+    off_data_penalty: f64,
     /// Leave out of each step the images whose own loss exceeds this (0 = off): exploded
     /// augmented images otherwise set the clipped step's direction.
     #[arg(long, default_value_t = 0.0)]
@@ -283,6 +288,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         poly_fit_progressive: a.poly_fit_progressive,
         freeze_bn: a.freeze_bn,
         range_penalty: a.range_penalty,
+        off_data_penalty: a.off_data_penalty,
         outlier_loss: a.outlier_loss,
         relu_blend_epochs: a.relu_blend_epochs,
         poly_channel_share: a.poly_channel_share,

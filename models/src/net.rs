@@ -87,6 +87,11 @@ pub struct Net {
     /// a student eases from its teacher's ReLU to the quadratics (`--relu-blend-epochs`).
     /// `None` (inference, export, validation) is the quadratics alone.
     pub relu_blend: Option<f32>,
+    /// Per unit, a bound on the activation's input: after `observe` has seen it, the input
+    /// is clamped to `[-c, c]`. Only the off-data probe sets it (`--off-data-penalty`): on
+    /// noise the stacked quadratics reach 1e70, past f32, and the clamp keeps every layer
+    /// finite while each unit's own excess still gets its gradient. Empty otherwise.
+    pub input_clamp: BTreeMap<String, f64>,
 }
 
 /// Seeded standard normal samples (candle's CPU RNG cannot be seeded).
@@ -159,6 +164,7 @@ impl Net {
             calibrating: false,
             relu_units: Default::default(),
             relu_blend: None,
+            input_clamp: BTreeMap::new(),
         })
     }
 
@@ -259,6 +265,10 @@ impl Net {
             if let Some(f) = observe.as_mut() {
                 f(name, &y)?;
             }
+            let y = match net.input_clamp.get(name) {
+                Some(&c) => y.clamp(-c, c)?,
+                None => y,
+            };
             let y = net.activation(name, &y)?;
             net.batch_norm(name, &y, train)
         };

@@ -84,6 +84,17 @@ pub struct TrainConfig {
     /// `--freeze-bn` it also turns off the fused training kernel (slower).
     #[serde(default)]
     pub range_penalty: f64,
+    /// Weight of the off-data range penalty (0 = off). Each step also runs a probe batch of
+    /// images that are not scans or photos of the task - uniform noise over 0-255, noise
+    /// around the normalization mean, the step's images under heavy affine changes (shrunk
+    /// into black, rotated) and shifted by up to a quarter - through the function inference
+    /// runs (the quadratics alone, batch norm in eval mode) and adds `W * sum over units of
+    /// mean(ln(1 + relu(|x| - B) / B)^2)`, `B` as for `range_penalty`. Why: the OCT students
+    /// from CIFAR-pretrained teachers reach |logits| of 1e30 on noise and 1e7 on framed scans,
+    /// and one such image garbles its whole encrypted batch. Logarithmic so that values of
+    /// 1e30 give a usable gradient rather than an f32 overflow.
+    #[serde(default)]
+    pub off_data_penalty: f64,
     /// Validate on this cross-validation fold of the groups instead of `val_fraction`.
     #[serde(default)]
     pub fold: Option<Fold>,
@@ -861,7 +872,7 @@ pub fn run_limited(
             calibrate(&mut net, &train, &spec, cfg.bn_calibration_images, &dev)?;
         }
     }
-    if cfg.range_penalty > 0.0 && state.range_bounds.is_empty() {
+    if (cfg.range_penalty > 0.0 || cfg.off_data_penalty > 0.0) && state.range_bounds.is_empty() {
         let images = cfg.poly_fit_images.max(cfg.batch);
         let seen = observe_moments(
             &mut net,
@@ -906,6 +917,8 @@ pub fn run_limited(
         let (mut loss_acc, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         // Sum of the range penalty's unweighted term (0 when the penalty is off).
         let mut excess_acc = 0.0f64;
+        // The same for the off-data probe.
+        let mut off_data_acc = 0.0f64;
         let mut gnorm_max = 0.0f64;
         // Images left out of their step by --outlier-loss.
         let mut dropped_acc = 0usize;
@@ -982,6 +995,14 @@ pub fn run_limited(
                 excess_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
                 (loss + (e * cfg.range_penalty)?)?
             };
+            let loss = if cfg.off_data_penalty > 0.0 {
+                let probe = off_data_batch(&train, idx, &spec, &mut rng, &dev)?;
+                let e = off_data_excess(&mut net, &probe, &state.range_bounds)?;
+                off_data_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                (loss + (e * cfg.off_data_penalty)?)?
+            } else {
+                loss
+            };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 bail!(
@@ -1009,7 +1030,8 @@ pub fn run_limited(
                     dir,
                     &serde_json::json!({"event": "step", "epoch": epoch, "step": state.step, "lr": lr,
                     "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64,
-                    "range_excess": excess_acc / seen as f64, "outliers_left_out": dropped_acc}),
+                    "range_excess": excess_acc / seen as f64, "off_data_excess": off_data_acc / seen as f64,
+                    "outliers_left_out": dropped_acc}),
                 )?;
             }
             steps_done += 1;
@@ -1057,7 +1079,8 @@ pub fn run_limited(
         log_line(
             dir,
             &serde_json::json!({"event": "epoch", "epoch": state.epoch, "train_loss": train_loss,
-            "train_acc": train_acc, "val": v, "seconds": state.seconds, "outliers_left_out": dropped_acc}),
+            "train_acc": train_acc, "val": v, "seconds": state.seconds, "outliers_left_out": dropped_acc,
+            "off_data_excess": if seen > 0 { off_data_acc / seen as f64 } else { f64::NAN }}),
         )?;
         state.last_val = Some(v);
         save_checkpoint(dir, &net, &mom, &state)?;
@@ -1070,6 +1093,122 @@ pub fn run_limited(
 pub fn range_excess(y: &Tensor, bound: f64) -> candle_core::Result<Tensor> {
     let over = (y.abs()? - bound)?.relu()?;
     over.sqr()?.mean_all()? / (bound * bound)
+}
+
+/// `mean(ln(1 + relu(|y| - B) / B)^2)`: like [`range_excess`] for small excesses (both
+/// ~ `(excess / B)^2`), but growing only as the squared log of huge ones, so an input of 1e30
+/// still gives a finite loss and a gradient pointing back into range.
+pub fn log_range_excess(y: &Tensor, bound: f64) -> candle_core::Result<Tensor> {
+    let over = ((y.abs()? - bound)?.relu()? / bound)?;
+    (over + 1.0)?.log()?.sqr()?.mean_all()
+}
+
+/// How far past its clean range a unit's input may go in the off-data probe before it is
+/// clamped (a multiple of the bound): far enough that the log penalty still grows, near
+/// enough that the stacked quadratics after it stay finite in f32.
+const OFF_DATA_CLAMP: f64 = 1e3;
+
+/// The off-data probe: `idx.len()` images that are not from the task, cycling through four
+/// kinds - uniform noise over 0-255 (any upload), noise within 1.5 standard deviations of
+/// the normalization mean (what `beaa bench inference` feeds), and the step's own images
+/// under a heavy random affine change (scale 0.4-1.6, so often shrunk into a black frame,
+/// rotation up to 30 degrees, translation up to a quarter) or shifted by up to a quarter
+/// with black borders, half of them flipped.
+pub fn off_data_batch(
+    ds: &Dataset,
+    idx: &[usize],
+    spec: &InputSpec,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+) -> Result<Tensor> {
+    let (h, w, c) = (ds.h, ds.w, ds.c);
+    let per = h * w * c;
+    let affine = Augment {
+        pad_crop: 0,
+        hflip: true,
+        rotate_deg: 30.0,
+        scale: 0.6,
+        translate: w as f32 / 4.0,
+    };
+    let shift = Augment {
+        pad_crop: w / 4,
+        hflip: true,
+        ..Augment::none()
+    };
+    let mut buf = vec![0f32; idx.len() * per];
+    let mut pixels = vec![0u8; per];
+    for (k, (&i, out)) in idx.iter().zip(buf.chunks_exact_mut(per)).enumerate() {
+        match k % 4 {
+            0 => {
+                rand_core::RngCore::fill_bytes(rng, &mut pixels);
+                augment_normalize(
+                    &pixels,
+                    (h, w, c),
+                    &Augment::none(),
+                    &spec.mean,
+                    &spec.std,
+                    rng,
+                    out,
+                );
+            }
+            1 => {
+                for v in out.iter_mut() {
+                    *v = (rand_core::RngCore::next_u32(rng) as f64 / u32::MAX as f64 * 3.0 - 1.5)
+                        as f32;
+                }
+            }
+            2 => augment_normalize(
+                ds.image(i),
+                (h, w, c),
+                &affine,
+                &spec.mean,
+                &spec.std,
+                rng,
+                out,
+            ),
+            _ => augment_normalize(
+                ds.image(i),
+                (h, w, c),
+                &shift,
+                &spec.mean,
+                &spec.std,
+                rng,
+                out,
+            ),
+        }
+    }
+    Ok(Tensor::from_vec(buf, (idx.len(), h, w, c), dev)?)
+}
+
+/// The off-data penalty's unweighted term on `probe`: the inference function (quadratics
+/// alone, batch norm in eval mode), each unit's [`log_range_excess`] against its bound,
+/// summed over units; inputs clamped at [`OFF_DATA_CLAMP`] bounds so that deeper layers stay
+/// finite. The net's blend and clamps are restored afterwards.
+pub fn off_data_excess(
+    net: &mut Net,
+    probe: &Tensor,
+    bounds: &BTreeMap<String, f64>,
+) -> Result<Tensor> {
+    let blend = net.relu_blend.take();
+    net.input_clamp = bounds
+        .iter()
+        .map(|(k, &b)| (k.clone(), b * OFF_DATA_CLAMP))
+        .collect();
+    let mut excess: Vec<Tensor> = Vec::new();
+    let mut obs = |name: &str, y: &Tensor| -> candle_core::Result<()> {
+        if let Some(&b) = bounds.get(name) {
+            excess.push(log_range_excess(y, b)?);
+        }
+        Ok(())
+    };
+    let out = net.forward(probe, false, Some(&mut obs));
+    net.relu_blend = blend;
+    net.input_clamp.clear();
+    out?;
+    if excess.is_empty() {
+        bail!("the off-data penalty needs polynomial units with range bounds");
+    }
+    Ok(Tensor::stack(&excess, 0)?.sum_all()?)
 }
 
 /// Batch-norm re-estimation on `images` training images spread over the split (no augmentation).
@@ -1486,6 +1625,128 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    #[test]
+    fn log_range_excess_matches_the_square_near_the_range_and_stays_finite_far_out() -> Result<()> {
+        let dev = Device::Cpu;
+        let inside = Tensor::new(&[0.3f32, -2.0], &dev)?;
+        assert_eq!(log_range_excess(&inside, 2.0)?.to_scalar::<f32>()?, 0.0);
+        // A small excess: ln(1 + r)^2 ~ r^2, as range_excess.
+        let near = Tensor::new(&[2.02f32], &dev)?;
+        let (l, q) = (
+            log_range_excess(&near, 2.0)?.to_scalar::<f32>()?,
+            range_excess(&near, 2.0)?.to_scalar::<f32>()?,
+        );
+        assert!((l - q).abs() < 0.02 * q, "{l} vs {q}");
+        // 1e30 (past f32's square): finite loss, finite gradient pointing back into range.
+        let y = candle_core::Var::from_vec(vec![1e30f32, -1e30, 1.0], 3, &dev)?;
+        let e = log_range_excess(y.as_tensor(), 1.0)?;
+        let v = e.to_scalar::<f32>()?;
+        assert!(v.is_finite() && v > 1000.0, "{v}");
+        let g = e.backward()?;
+        let g = g.get(y.as_tensor()).expect("gradient").to_vec1::<f32>()?;
+        assert!(g[0] > 0.0 && g[1] < 0.0 && g[2] == 0.0, "{g:?}");
+        assert!(g.iter().all(|v| v.is_finite()));
+        Ok(())
+    }
+
+    #[test]
+    fn off_data_probe_cycles_through_its_four_kinds_reproducibly() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        write_two_class_images(&root, 10)?;
+        let mut cfg = tiny_config(root.clone());
+        let (train, _) = load_data(&mut cfg)?;
+        // Identity normalization, so that the noise kinds' spans are known.
+        let spec = tiny_config(root.clone()).input;
+        let dev = Device::Cpu;
+        let idx: Vec<usize> = (0..8).collect();
+        let probe = |seed| -> Result<Vec<Vec<f32>>> {
+            let t = off_data_batch(
+                &train,
+                &idx,
+                &spec,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                &dev,
+            )?;
+            assert_eq!(t.dims4()?, (8, 8, 8, 3));
+            Ok(t.flatten_from(1)?.to_vec2::<f32>()?)
+        };
+        let a = probe(1)?;
+        assert_eq!(
+            a,
+            probe(1)?,
+            "the same step gives the same probe (exact resume)"
+        );
+        assert_ne!(a, probe(2)?);
+        let span = |v: &[f32]| {
+            let (lo, hi) = v
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+            (lo, hi)
+        };
+        // Mean 0, std 1 here: 0-255 noise spans [0, 1], in-range noise [-1.5, 1.5].
+        for k in [0, 4] {
+            let (lo, hi) = span(&a[k]);
+            assert!(
+                (0.0..0.05).contains(&lo) && hi <= 1.0 && hi > 0.95,
+                "{lo} {hi}"
+            );
+        }
+        for k in [1, 5] {
+            let (lo, hi) = span(&a[k]);
+            assert!(
+                (-1.5..-1.3).contains(&lo) && hi <= 1.5 && hi > 1.3,
+                "{lo} {hi}"
+            );
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+        Ok(())
+    }
+
+    /// The same tiny run with and without the off-data penalty, then measured on a probe of
+    /// its own: with it, the units' inputs on off-data images end much closer to their range.
+    #[test]
+    fn off_data_penalty_pulls_probe_inputs_toward_the_clean_range() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-offdata-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        write_two_class_images(&data, 10)?;
+        let excess_after = |w: f64| -> Result<f32> {
+            let dir = root.join(format!("run-{w}"));
+            let cfg = TrainConfig {
+                off_data_penalty: w,
+                range_penalty: 1e-9,
+                epochs: 4,
+                ..tiny_config(data.clone())
+            };
+            let state = run(&dir, cfg)?;
+            let dev = Device::Cpu;
+            let (mut cfg, mut net) = load_run(&dir, &dev)?;
+            let (train, _) = load_data(&mut cfg)?;
+            let idx: Vec<usize> = (0..train.len()).collect();
+            let probe = off_data_batch(
+                &train,
+                &idx,
+                &cfg.input,
+                &mut ChaCha8Rng::seed_from_u64(99),
+                &dev,
+            )?;
+            Ok(off_data_excess(&mut net, &probe, &state.range_bounds)?.to_scalar::<f32>()?)
+        };
+        let free = excess_after(0.0)?;
+        let pulled = excess_after(10.0)?;
+        assert!(
+            free > 0.0,
+            "off-data images leave the clean range without the penalty"
+        );
+        assert!(
+            pulled < free / 4.0,
+            "excess {pulled} with the penalty, {free} without"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+        Ok(())
+    }
+
     /// A tiny element-wise run on `data` (8x8 images, two classes, two epochs).
     pub(crate) fn tiny_config(data: PathBuf) -> TrainConfig {
         TrainConfig {
@@ -1533,6 +1794,7 @@ pub(crate) mod tests {
             poly_fit_progressive: false,
             freeze_bn: false,
             range_penalty: 0.0,
+            off_data_penalty: 0.0,
             outlier_loss: 0.0,
             relu_blend_epochs: 0.0,
             poly_channel_share: false,
