@@ -300,7 +300,14 @@ fn variant(cfg: &TrainConfig) -> String {
         how.push(format!("range penalty {}", cfg.range_penalty));
     }
     if poly && cfg.off_data_penalty > 0.0 {
-        how.push(format!("off-data penalty {}", cfg.off_data_penalty));
+        how.push(if cfg.off_data_slack == 1.0 {
+            format!("off-data penalty {}", cfg.off_data_penalty)
+        } else {
+            format!(
+                "off-data penalty {} at {}x the bound",
+                cfg.off_data_penalty, cfg.off_data_slack
+            )
+        });
     }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
@@ -653,6 +660,7 @@ mod tests {
             clip_norm: 20.0,
             kd_alpha: 0.5,
             off_data_penalty: 0.1,
+            off_data_slack: 8.0,
             ..fold(0, "t0")
         };
         write_run(&root.join("h0"), &looser, 2, vec![vec![1, 0], vec![0, 1]])?;
@@ -663,7 +671,7 @@ mod tests {
         assert_eq!(rows.len(), 3, "{md}");
         assert!(
             md.contains(
-                "(peak rate 0.05, gradient clip 20, KD alpha 0.5 T 4, off-data penalty 0.1), 8x8 input"
+                "(peak rate 0.05, gradient clip 20, KD alpha 0.5 T 4, off-data penalty 0.1 at 8x the bound), 8x8 input"
             ),
             "{md}"
         );

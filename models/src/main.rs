@@ -159,6 +159,10 @@ struct TrainArgs {
     /// keeps non-scans from exploding the encrypted batch (see models/README.md).
     #[arg(long, default_value_t = 0.0)]
     off_data_penalty: f64,
+    /// The off-data penalty's bound as a multiple of the range penalty's (twice the largest
+    /// clean |input|); looser asks less of the network.
+    #[arg(long, default_value_t = 1.0)]
+    off_data_slack: f64,
     /// Leave out of each step the images whose own loss exceeds this (0 = off): exploded
     /// augmented images otherwise set the clipped step's direction.
     #[arg(long, default_value_t = 0.0)]
@@ -289,6 +293,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         freeze_bn: a.freeze_bn,
         range_penalty: a.range_penalty,
         off_data_penalty: a.off_data_penalty,
+        off_data_slack: a.off_data_slack,
         outlier_loss: a.outlier_loss,
         relu_blend_epochs: a.relu_blend_epochs,
         poly_channel_share: a.poly_channel_share,

@@ -95,6 +95,11 @@ pub struct TrainConfig {
     /// 1e30 give a usable gradient rather than an f32 overflow.
     #[serde(default)]
     pub off_data_penalty: f64,
+    /// The off-data penalty's bound as a multiple of the range bound `B` (1 when unset):
+    /// encryption needs off-data values only well inside what a ciphertext holds, not
+    /// inside twice the clean range, and a looser bound asks less of the network.
+    #[serde(default = "one")]
+    pub off_data_slack: f64,
     /// Validate on this cross-validation fold of the groups instead of `val_fraction`.
     #[serde(default)]
     pub fold: Option<Fold>,
@@ -128,6 +133,10 @@ pub struct TrainConfig {
     /// small sets such as OCTDL (366 images), where features learned from scratch are few.
     #[serde(default)]
     pub pretrained: Option<PathBuf>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A fresh net for a run's configuration (architecture, activation, channel shares).
@@ -997,7 +1006,12 @@ pub fn run_limited(
             };
             let loss = if cfg.off_data_penalty > 0.0 {
                 let probe = off_data_batch(&train, idx, &spec, &mut rng, &dev)?;
-                let e = off_data_excess(&mut net, &probe, &state.range_bounds)?;
+                let bounds: BTreeMap<String, f64> = state
+                    .range_bounds
+                    .iter()
+                    .map(|(k, &b)| (k.clone(), b * cfg.off_data_slack))
+                    .collect();
+                let e = off_data_excess(&mut net, &probe, &bounds)?;
                 off_data_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
                 (loss + (e * cfg.off_data_penalty)?)?
             } else {
@@ -1795,6 +1809,7 @@ pub(crate) mod tests {
             freeze_bn: false,
             range_penalty: 0.0,
             off_data_penalty: 0.0,
+            off_data_slack: 1.0,
             outlier_loss: 0.0,
             relu_blend_epochs: 0.0,
             poly_channel_share: false,
