@@ -300,14 +300,19 @@ fn variant(cfg: &TrainConfig) -> String {
         how.push(format!("range penalty {}", cfg.range_penalty));
     }
     if poly && cfg.off_data_penalty > 0.0 {
-        how.push(if cfg.off_data_slack == 1.0 {
-            format!("off-data penalty {}", cfg.off_data_penalty)
-        } else {
-            format!(
-                "off-data penalty {} at {}x the bound",
-                cfg.off_data_penalty, cfg.off_data_slack
-            )
-        });
+        let mut what = format!("off-data penalty {}", cfg.off_data_penalty);
+        if cfg.off_data_slack != 1.0 {
+            what += &format!(" at {}x the bound", cfg.off_data_slack);
+        }
+        if cfg.off_data_kinds != crate::train::ProbeKind::all() {
+            let kinds: Vec<String> = cfg
+                .off_data_kinds
+                .iter()
+                .map(|k| format!("{k:?}").to_lowercase())
+                .collect();
+            what += &format!(" on {}", kinds.join("+"));
+        }
+        how.push(what);
     }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));

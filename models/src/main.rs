@@ -163,6 +163,9 @@ struct TrainArgs {
     /// clean |input|); looser asks less of the network.
     #[arg(long, default_value_t = 1.0)]
     off_data_slack: f64,
+    /// The kinds of image in the off-data probe (comma-separated; all four by default).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = train::ProbeKind::all())]
+    off_data_kinds: Vec<train::ProbeKind>,
     /// Leave out of each step the images whose own loss exceeds this (0 = off): exploded
     /// augmented images otherwise set the clipped step's direction.
     #[arg(long, default_value_t = 0.0)]
@@ -294,6 +297,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         range_penalty: a.range_penalty,
         off_data_penalty: a.off_data_penalty,
         off_data_slack: a.off_data_slack,
+        off_data_kinds: a.off_data_kinds.clone(),
         outlier_loss: a.outlier_loss,
         relu_blend_epochs: a.relu_blend_epochs,
         poly_channel_share: a.poly_channel_share,

@@ -100,6 +100,9 @@ pub struct TrainConfig {
     /// inside twice the clean range, and a looser bound asks less of the network.
     #[serde(default = "one")]
     pub off_data_slack: f64,
+    /// The kinds of image in the off-data probe, cycled through (all four when unset).
+    #[serde(default = "ProbeKind::all")]
+    pub off_data_kinds: Vec<ProbeKind>,
     /// Validate on this cross-validation fold of the groups instead of `val_fraction`.
     #[serde(default)]
     pub fold: Option<Fold>,
@@ -133,6 +136,31 @@ pub struct TrainConfig {
     /// small sets such as OCTDL (366 images), where features learned from scratch are few.
     #[serde(default)]
     pub pretrained: Option<PathBuf>,
+}
+
+/// A kind of image in the off-data probe ([`off_data_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeKind {
+    /// Uniform noise over 0-255 in every pixel and channel.
+    Noise255,
+    /// Uniform noise within 1.5 standard deviations of the normalization mean.
+    Noise,
+    /// The step's image under a heavy random affine change.
+    Affine,
+    /// The step's image shifted by up to a quarter with black borders.
+    Shift,
+}
+
+impl ProbeKind {
+    pub fn all() -> Vec<ProbeKind> {
+        vec![
+            ProbeKind::Noise255,
+            ProbeKind::Noise,
+            ProbeKind::Affine,
+            ProbeKind::Shift,
+        ]
+    }
 }
 
 fn one() -> f64 {
@@ -1005,7 +1033,8 @@ pub fn run_limited(
                 (loss + (e * cfg.range_penalty)?)?
             };
             let loss = if cfg.off_data_penalty > 0.0 {
-                let probe = off_data_batch(&train, idx, &spec, &mut rng, &dev)?;
+                let probe =
+                    off_data_batch(&train, idx, &cfg.off_data_kinds, &spec, &mut rng, &dev)?;
                 let bounds: BTreeMap<String, f64> = state
                     .range_bounds
                     .iter()
@@ -1122,8 +1151,8 @@ pub fn log_range_excess(y: &Tensor, bound: f64) -> candle_core::Result<Tensor> {
 /// enough that the stacked quadratics after it stay finite in f32.
 const OFF_DATA_CLAMP: f64 = 1e3;
 
-/// The off-data probe: `idx.len()` images that are not from the task, cycling through four
-/// kinds - uniform noise over 0-255 (any upload), noise within 1.5 standard deviations of
+/// The off-data probe: `idx.len()` images that are not from the task, cycling through
+/// `kinds` - uniform noise over 0-255 (any upload), noise within 1.5 standard deviations of
 /// the normalization mean (what `beaa bench inference` feeds), and the step's own images
 /// under a heavy random affine change (scale 0.4-1.6, so often shrunk into a black frame,
 /// rotation up to 30 degrees, translation up to a quarter) or shifted by up to a quarter
@@ -1131,6 +1160,7 @@ const OFF_DATA_CLAMP: f64 = 1e3;
 pub fn off_data_batch(
     ds: &Dataset,
     idx: &[usize],
+    kinds: &[ProbeKind],
     spec: &InputSpec,
     rng: &mut ChaCha8Rng,
     dev: &Device,
@@ -1151,9 +1181,12 @@ pub fn off_data_batch(
     };
     let mut buf = vec![0f32; idx.len() * per];
     let mut pixels = vec![0u8; per];
+    if kinds.is_empty() {
+        bail!("the off-data probe needs at least one kind of image");
+    }
     for (k, (&i, out)) in idx.iter().zip(buf.chunks_exact_mut(per)).enumerate() {
-        match k % 4 {
-            0 => {
+        match kinds[k % kinds.len()] {
+            ProbeKind::Noise255 => {
                 rand_core::RngCore::fill_bytes(rng, &mut pixels);
                 augment_normalize(
                     &pixels,
@@ -1165,13 +1198,13 @@ pub fn off_data_batch(
                     out,
                 );
             }
-            1 => {
+            ProbeKind::Noise => {
                 for v in out.iter_mut() {
                     *v = (rand_core::RngCore::next_u32(rng) as f64 / u32::MAX as f64 * 3.0 - 1.5)
                         as f32;
                 }
             }
-            2 => augment_normalize(
+            ProbeKind::Affine => augment_normalize(
                 ds.image(i),
                 (h, w, c),
                 &affine,
@@ -1180,7 +1213,7 @@ pub fn off_data_batch(
                 rng,
                 out,
             ),
-            _ => augment_normalize(
+            ProbeKind::Shift => augment_normalize(
                 ds.image(i),
                 (h, w, c),
                 &shift,
@@ -1678,6 +1711,7 @@ pub(crate) mod tests {
             let t = off_data_batch(
                 &train,
                 &idx,
+                &ProbeKind::all(),
                 &spec,
                 &mut ChaCha8Rng::seed_from_u64(seed),
                 &dev,
@@ -1692,6 +1726,26 @@ pub(crate) mod tests {
             "the same step gives the same probe (exact resume)"
         );
         assert_ne!(a, probe(2)?);
+        // One kind alone: every image of that kind.
+        let noise = off_data_batch(
+            &train,
+            &idx,
+            &[ProbeKind::Noise],
+            &spec,
+            &mut ChaCha8Rng::seed_from_u64(1),
+            &dev,
+        )?;
+        let noise = noise.flatten_all()?.to_vec1::<f32>()?;
+        assert!(noise.iter().all(|v| (-1.5..=1.5).contains(v)));
+        assert!(off_data_batch(
+            &train,
+            &idx,
+            &[],
+            &spec,
+            &mut ChaCha8Rng::seed_from_u64(1),
+            &dev
+        )
+        .is_err());
         let span = |v: &[f32]| {
             let (lo, hi) = v
                 .iter()
@@ -1741,6 +1795,7 @@ pub(crate) mod tests {
             let probe = off_data_batch(
                 &train,
                 &idx,
+                &ProbeKind::all(),
                 &cfg.input,
                 &mut ChaCha8Rng::seed_from_u64(99),
                 &dev,
@@ -1810,6 +1865,7 @@ pub(crate) mod tests {
             range_penalty: 0.0,
             off_data_penalty: 0.0,
             off_data_slack: 1.0,
+            off_data_kinds: ProbeKind::all(),
             outlier_loss: 0.0,
             relu_blend_epochs: 0.0,
             poly_channel_share: false,
