@@ -1379,6 +1379,16 @@ pub(crate) mod tests {
     }
 
     /// Two classes ("dark", "light") of `per_class` 8x8 PNG images under `dir`.
+    /// A fresh temporary directory for one test (`tag` and the process id) with ten tiny
+    /// images per class under `data`: returns (root, data).
+    fn fresh_tiny_data(tag: &str) -> Result<(PathBuf, PathBuf)> {
+        let root = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        write_two_class_images(&data, 10)?;
+        Ok((root, data))
+    }
+
     fn write_two_class_images(dir: &Path, per_class: u32) -> Result<()> {
         for (c, shade) in [("dark", 40u8), ("light", 200u8)] {
             std::fs::create_dir_all(dir.join(c))?;
@@ -1563,10 +1573,7 @@ pub(crate) mod tests {
 
     #[test]
     fn outlier_loss_limit_leaves_images_out_of_their_steps() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-outlier-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
+        let (root, data) = fresh_tiny_data("beaa-outlier")?;
         // A limit below any loss: each step keeps exactly its best image.
         let cfg = TrainConfig {
             outlier_loss: 1e-9,
@@ -1624,10 +1631,7 @@ pub(crate) mod tests {
     /// coefficient ends much closer to its channel's mean.
     #[test]
     fn spread_decay_pulls_element_coefficients_toward_their_channel_mean() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-spread-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
+        let (root, data) = fresh_tiny_data("beaa-spread")?;
         let spread_after = |decay: f64| -> Result<f32> {
             let dir = root.join(format!("run-{decay}"));
             let cfg = TrainConfig {
@@ -1775,10 +1779,7 @@ pub(crate) mod tests {
     /// its own: with it, the units' inputs on off-data images end much closer to their range.
     #[test]
     fn off_data_penalty_pulls_probe_inputs_toward_the_clean_range() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-offdata-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
+        let (root, data) = fresh_tiny_data("beaa-offdata")?;
         let excess_after = |w: f64| -> Result<f32> {
             let dir = root.join(format!("run-{w}"));
             let cfg = TrainConfig {
