@@ -930,6 +930,12 @@ pub fn run_limited(
             state.range_bounds
         );
     }
+    // The off-data penalty's bounds: fixed for the run, like the range bounds they scale.
+    let off_data_bounds: BTreeMap<String, f64> = state
+        .range_bounds
+        .iter()
+        .map(|(k, &b)| (k.clone(), b * cfg.off_data_slack))
+        .collect();
     let steps_per_epoch = train.len().div_ceil(cfg.batch);
     let start = Instant::now();
     let base_seconds = state.seconds;
@@ -1035,12 +1041,7 @@ pub fn run_limited(
             let loss = if cfg.off_data_penalty > 0.0 {
                 let probe =
                     off_data_batch(&train, idx, &cfg.off_data_kinds, &spec, &mut rng, &dev)?;
-                let bounds: BTreeMap<String, f64> = state
-                    .range_bounds
-                    .iter()
-                    .map(|(k, &b)| (k.clone(), b * cfg.off_data_slack))
-                    .collect();
-                let e = off_data_excess(&mut net, &probe, &bounds)?;
+                let e = off_data_excess(&mut net, &probe, &off_data_bounds)?;
                 off_data_acc += e.to_scalar::<f32>()? as f64 * idx.len() as f64;
                 (loss + (e * cfg.off_data_penalty)?)?
             } else {
@@ -1165,6 +1166,9 @@ pub fn off_data_batch(
     rng: &mut ChaCha8Rng,
     dev: &Device,
 ) -> Result<Tensor> {
+    if kinds.is_empty() {
+        bail!("the off-data probe needs at least one kind of image");
+    }
     let (h, w, c) = (ds.h, ds.w, ds.c);
     let per = h * w * c;
     let affine = Augment {
@@ -1181,9 +1185,6 @@ pub fn off_data_batch(
     };
     let mut buf = vec![0f32; idx.len() * per];
     let mut pixels = vec![0u8; per];
-    if kinds.is_empty() {
-        bail!("the off-data probe needs at least one kind of image");
-    }
     for (k, (&i, out)) in idx.iter().zip(buf.chunks_exact_mut(per)).enumerate() {
         match kinds[k % kinds.len()] {
             ProbeKind::Noise255 => {
@@ -1204,24 +1205,14 @@ pub fn off_data_batch(
                         as f32;
                 }
             }
-            ProbeKind::Affine => augment_normalize(
-                ds.image(i),
-                (h, w, c),
-                &affine,
-                &spec.mean,
-                &spec.std,
-                rng,
-                out,
-            ),
-            ProbeKind::Shift => augment_normalize(
-                ds.image(i),
-                (h, w, c),
-                &shift,
-                &spec.mean,
-                &spec.std,
-                rng,
-                out,
-            ),
+            kind @ (ProbeKind::Affine | ProbeKind::Shift) => {
+                let aug = if kind == ProbeKind::Affine {
+                    &affine
+                } else {
+                    &shift
+                };
+                augment_normalize(ds.image(i), (h, w, c), aug, &spec.mean, &spec.std, rng, out)
+            }
         }
     }
     Ok(Tensor::from_vec(buf, (idx.len(), h, w, c), dev)?)
@@ -1378,7 +1369,6 @@ pub(crate) mod tests {
         assert!((c - 3.0 / 32.0).abs() < 1e-2, "{c}");
     }
 
-    /// Two classes ("dark", "light") of `per_class` 8x8 PNG images under `dir`.
     /// A fresh temporary directory for one test (`tag` and the process id) with ten tiny
     /// images per class under `data`: returns (root, data).
     fn fresh_tiny_data(tag: &str) -> Result<(PathBuf, PathBuf)> {
@@ -1389,6 +1379,7 @@ pub(crate) mod tests {
         Ok((root, data))
     }
 
+    /// Two classes ("dark", "light") of `per_class` 8x8 PNG images under `dir`.
     fn write_two_class_images(dir: &Path, per_class: u32) -> Result<()> {
         for (c, shade) in [("dark", 40u8), ("light", 200u8)] {
             std::fs::create_dir_all(dir.join(c))?;
@@ -1702,13 +1693,11 @@ pub(crate) mod tests {
 
     #[test]
     fn off_data_probe_cycles_through_its_four_kinds_reproducibly() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-probe-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        write_two_class_images(&root, 10)?;
-        let mut cfg = tiny_config(root.clone());
+        let (root, data) = fresh_tiny_data("beaa-probe")?;
+        let mut cfg = tiny_config(data.clone());
         let (train, _) = load_data(&mut cfg)?;
         // Identity normalization, so that the noise kinds' spans are known.
-        let spec = tiny_config(root.clone()).input;
+        let spec = tiny_config(data).input;
         let dev = Device::Cpu;
         let idx: Vec<usize> = (0..8).collect();
         let probe = |seed| -> Result<Vec<Vec<f32>>> {
