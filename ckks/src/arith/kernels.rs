@@ -47,6 +47,13 @@ fn has_ifma() -> bool {
     std::arch::is_x86_feature_detected!("avx512ifma")
 }
 
+/// AVX2 with FMA (x86-64 since 2013-2015) but no IFMA: the GEMM's row kernel has its own
+/// path there (`avx2::dot_const_rows`), 64-bit multiply-adds being scalar otherwise.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// `out[k] = x[k] * w mod t` for `x[k] < 2^52`.
 pub fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: &Modulus) {
     debug_assert_eq!(out.len(), x.len());
@@ -119,6 +126,13 @@ pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
         unsafe { ifma::dot_const(out, x, c, t) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above); lengths are checked by the
+        // kernel.
+        unsafe { avx2::dot_const_rows(&mut [out], x, c, t) };
+        return;
+    }
     let first = x.len().min(DOT_MAX_TERMS);
     dot_const_chunk(out, &x[..first], &c[..first], t);
     let mut rest = vec![0u64; if x.len() > first { out.len() } else { 0 }];
@@ -167,6 +181,13 @@ pub fn dot_const_rows(outs: &mut [&mut [u64]], x: &[&[u64]], c: &[ShoupConst], t
             unsafe { ifma::dot_const_rows(&mut outs[done..done + take], x, &part, t) };
             done += take;
         }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above); lengths are checked by the
+        // kernel, which takes any number of outputs.
+        unsafe { avx2::dot_const_rows(outs, x, c, t) };
         return;
     }
     let mut own: Vec<ShoupConst> = Vec::with_capacity(x.len());
@@ -748,6 +769,206 @@ mod ifma {
     }
 }
 
+/// The GEMM's row kernel for AVX2 + FMA CPUs without IFMA (AMD Zen 1-3, Intel before Ice
+/// Lake), where 64-bit products are otherwise scalar. AVX2 has no 64 x 64-bit multiply, so a
+/// sum `S = sum_j x_j w_j` (inputs `x_j < 2^52`, constants `w_j < t < 2^50`) is computed as
+/// two exact parts:
+/// - `S mod 2^64`, from three 32 x 32-bit products per term (the low 64 bits of `x_j w_j`);
+/// - `Q = sum_j q_j` with `q_j = round(x_j * (w_j / t))`, one double-precision FMA per term;
+///   each `q_j` is within one of `x_j w_j / t`, so `|S - Q t| <= m t` for `m` terms.
+///
+/// `S - Q t` is therefore exact in wrapping 64-bit arithmetic for `m < 2^13`, and one more
+/// floating-point quotient of that small number reduces it into `[0, t)`.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::ShoupConst;
+    use std::arch::x86_64::*;
+
+    /// Terms summed before a reduction: `2 m t < 2^61`.
+    const CHUNK: usize = 1024;
+    /// Bits of 2^52 as an f64: `bits(2^52 + v) = TWO52 + v` for integers `0 <= v < 2^52`.
+    const TWO52: u64 = 0x4330_0000_0000_0000;
+
+    /// An integer lane `v < 2^52` as an exact f64.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn to_f64(v: __m256i) -> __m256d {
+        let two52 = _mm256_set1_epi64x(TWO52 as i64);
+        _mm256_sub_pd(
+            _mm256_castsi256_pd(_mm256_or_si256(v, two52)),
+            _mm256_castsi256_pd(two52),
+        )
+    }
+
+    /// `a * b mod 2^64` for `a < 2^64`, `b < 2^50` (`b_hi` = `b >> 32` in every lane).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul_lo(a: __m256i, b: __m256i, b_hi: __m256i) -> __m256i {
+        let ll = _mm256_mul_epu32(a, b);
+        let cross = _mm256_add_epi64(
+            _mm256_mul_epu32(a, b_hi),
+            _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b),
+        );
+        _mm256_add_epi64(ll, _mm256_slli_epi64(cross, 32))
+    }
+
+    /// `S mod t` from `S mod 2^64` and `Q` (see the module note) for `m` terms.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn finish(s: __m256i, q_bits: __m256i, m: usize, t: u64) -> __m256i {
+        let tv = _mm256_set1_epi64x(t as i64);
+        let t_hi = _mm256_set1_epi64x((t >> 32) as i64);
+        let q = _mm256_sub_epi64(
+            q_bits,
+            _mm256_set1_epi64x(TWO52.wrapping_mul(m as u64) as i64),
+        );
+        // S - Q t, shifted by m t into [0, 2 m t].
+        let r = _mm256_add_epi64(
+            _mm256_sub_epi64(s, mul_lo(q, tv, t_hi)),
+            _mm256_set1_epi64x((m as u64 * t) as i64),
+        );
+        let hi = to_f64(_mm256_srli_epi64(r, 32));
+        let lo = to_f64(_mm256_and_si256(r, _mm256_set1_epi64x(0xffff_ffff)));
+        let approx = _mm256_fmadd_pd(hi, _mm256_set1_pd(4294967296.0), lo);
+        let e = _mm256_fmadd_pd(
+            approx,
+            _mm256_set1_pd(1.0 / t as f64),
+            _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64)),
+        );
+        // round(r / t) < 2^13: its product with t needs two 32-bit multiplies.
+        let k = _mm256_sub_epi64(_mm256_castpd_si256(e), _mm256_set1_epi64x(TWO52 as i64));
+        let kt = _mm256_add_epi64(
+            _mm256_mul_epu32(k, tv),
+            _mm256_slli_epi64(_mm256_mul_epu32(k, t_hi), 32),
+        );
+        let rem = _mm256_sub_epi64(r, kt);
+        reduce_signed(rem, t)
+    }
+
+    /// `v` in `(-t, 2t)` (signed lanes) into `[0, t)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce_signed(v: __m256i, t: u64) -> __m256i {
+        let tv = _mm256_set1_epi64x(t as i64);
+        let neg = _mm256_cmpgt_epi64(_mm256_setzero_si256(), v);
+        let v = _mm256_add_epi64(v, _mm256_and_si256(neg, tv));
+        let big = _mm256_cmpgt_epi64(v, _mm256_set1_epi64x(t as i64 - 1));
+        _mm256_sub_epi64(v, _mm256_and_si256(big, tv))
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_const_rows(
+        outs: &mut [&mut [u64]],
+        x: &[&[u64]],
+        c: &[ShoupConst],
+        t: &crate::arith::Modulus,
+    ) {
+        let r = outs.len();
+        let n = outs[0].len();
+        for o in outs.iter() {
+            assert_eq!(o.len(), n);
+        }
+        for row in x {
+            assert!(row.len() >= n);
+        }
+        assert_eq!(c.len(), x.len() * r);
+        let tv = t.value();
+        assert!(tv < 1 << 50);
+        let mut done = 0;
+        while done < r {
+            let take = (r - done).min(ROWS);
+            // [w, w >> 32, bits(w / t)] per term and output, term-major.
+            let consts: Vec<[u64; 3]> = c
+                .chunks(r)
+                .flat_map(|per_term| per_term[done..done + take].iter())
+                .map(|ci| [ci.w, ci.w >> 32, (ci.w as f64 / tv as f64).to_bits()])
+                .collect();
+            let part = &mut outs[done..done + take];
+            // SAFETY: every row and output is at least n long (asserted above).
+            unsafe {
+                match take {
+                    1 => rows::<1>(part, x, &consts, tv),
+                    2 => rows::<2>(part, x, &consts, tv),
+                    3 => rows::<3>(part, x, &consts, tv),
+                    _ => rows::<4>(part, x, &consts, tv),
+                }
+            }
+            done += take;
+        }
+    }
+
+    /// Outputs per pass: each input vector loaded feeds this many outputs.
+    const ROWS: usize = 4;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const R: usize>(
+        outs: &mut [&mut [u64]],
+        x: &[&[u64]],
+        consts: &[[u64; 3]],
+        t: u64,
+    ) {
+        let n = outs[0].len();
+        let ptrs: [*mut u64; R] = std::array::from_fn(|r| outs[r].as_mut_ptr());
+        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
+        let mut k = 0;
+        while k + 4 <= n {
+            let zero = _mm256_setzero_si256();
+            let mut total = [zero; R];
+            for (chunk_no, (rows, cs)) in x.chunks(CHUNK).zip(consts.chunks(CHUNK * R)).enumerate()
+            {
+                let mut s = [zero; R];
+                let mut q = [zero; R];
+                for (row, w) in rows.iter().zip(cs.chunks_exact(R)) {
+                    // SAFETY: k + 4 <= n <= the row's length.
+                    let v = unsafe { _mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i) };
+                    let vd = to_f64(v);
+                    let v_hi = _mm256_srli_epi64(v, 32);
+                    for r in 0..R {
+                        let [wl, wh, wq] = w[r];
+                        let wv = _mm256_set1_epi64x(wl as i64);
+                        let cross = _mm256_add_epi64(
+                            _mm256_mul_epu32(v, _mm256_set1_epi64x(wh as i64)),
+                            _mm256_mul_epu32(v_hi, wv),
+                        );
+                        s[r] = _mm256_add_epi64(
+                            s[r],
+                            _mm256_add_epi64(_mm256_mul_epu32(v, wv), _mm256_slli_epi64(cross, 32)),
+                        );
+                        let e = _mm256_fmadd_pd(vd, _mm256_set1_pd(f64::from_bits(wq)), two52);
+                        q[r] = _mm256_add_epi64(q[r], _mm256_castpd_si256(e));
+                    }
+                }
+                for r in 0..R {
+                    let part = finish(s[r], q[r], rows.len(), t);
+                    total[r] = if chunk_no == 0 {
+                        part
+                    } else {
+                        reduce_signed(_mm256_add_epi64(total[r], part), t)
+                    };
+                }
+            }
+            for (p, v) in ptrs.iter().zip(&total) {
+                // SAFETY: k + 4 <= n = every output's length.
+                unsafe { _mm256_storeu_si256(p.add(k) as *mut __m256i, *v) };
+            }
+            k += 4;
+        }
+        for kk in k..n {
+            for (r, p) in ptrs.iter().enumerate() {
+                let s: u128 = x
+                    .iter()
+                    .zip(consts.chunks_exact(R))
+                    .map(|(row, w)| row[kk] as u128 * w[r][0] as u128 % t as u128)
+                    .sum();
+                // SAFETY: kk < n = every output's length.
+                unsafe { *p.add(kk) = (s % t as u128) as u64 };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,6 +1019,75 @@ mod tests {
                 let s1: u128 = (0..terms).map(|j| x[j][k] as u128 * a[j][k] as u128 % t.value() as u128).sum();
                 prop_assert_eq!(o0[k] as u128, s0 % t.value() as u128);
                 prop_assert_eq!(o1[k] as u128, s1 % t.value() as u128);
+            }
+        }
+    }
+
+    /// The AVX2 kernel on its own (IFMA machines never dispatch to it): inputs up to 2^52
+    /// (the contract of `dot_const`), 50-bit and smaller primes, term counts across its
+    /// reduction chunk, lengths covering the vector body and the tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_rows_match_u128() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (bits, outputs, terms, len, xbits) in [
+            (50, 4, 3, 9, 52),
+            (50, 5, 1030, 7, 52),
+            (50, 1, 2049, 5, 50),
+            (40, 3, 300, 13, 40),
+            (20, 2, 17, 4, 52),
+            (50, 9, 64, 8, 52),
+        ] {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let tv = t.value() as u128;
+            let x: Vec<Vec<u64>> = (0..terms)
+                .map(|j| {
+                    (0..len)
+                        .map(|k| match (j + k) % 5 {
+                            0 => (1u64 << xbits) - 1,
+                            1 => 0,
+                            _ => next() >> (64 - xbits),
+                        })
+                        .collect()
+                })
+                .collect();
+            let c: Vec<ShoupConst> = (0..terms * outputs)
+                .map(|i| {
+                    ShoupConst::new(
+                        if i % 7 == 0 {
+                            t.value() - 1
+                        } else {
+                            next() % t.value()
+                        },
+                        &t,
+                    )
+                })
+                .collect();
+            let rows: Vec<&[u64]> = x.iter().map(|r| r.as_slice()).collect();
+            let mut outs = vec![vec![0u64; len]; outputs];
+            let mut refs: Vec<&mut [u64]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            // SAFETY: the CPU supports avx2 + fma (checked above).
+            unsafe { avx2::dot_const_rows(&mut refs, &rows, &c, &t) };
+            for (r, o) in outs.iter().enumerate() {
+                for k in 0..len {
+                    let s: u128 = (0..terms)
+                        .map(|j| x[j][k] as u128 * c[j * outputs + r].w as u128 % tv)
+                        .sum();
+                    assert_eq!(
+                        o[k] as u128,
+                        s % tv,
+                        "{bits}-bit prime, {terms} terms, output {r}, k {k}"
+                    );
+                }
             }
         }
     }
