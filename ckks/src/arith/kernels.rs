@@ -63,6 +63,12 @@ pub fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: &Modulus) {
         unsafe { ifma::mul_const(out, x, c, t.value()) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::mul_const(out, x, c, t.value()) };
+        return;
+    }
     let tv = t.value();
     for (o, &v) in out.iter_mut().zip(x) {
         *o = scalar_mul(v, c, tv);
@@ -75,6 +81,12 @@ pub fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: &Modulus) {
     if has_ifma() {
         // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
         unsafe { ifma::mul_const_assign(x, c, t.value()) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::mul_const_assign(x, c, t.value()) };
         return;
     }
     let tv = t.value();
@@ -92,6 +104,12 @@ pub fn mul_const_acc(acc: &mut [u64], x: &[u64], c: &ShoupConst, t: &Modulus) {
         unsafe { ifma::mul_const_acc(acc, x, c, t.value()) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::mul_const_acc(acc, x, c, t.value()) };
+        return;
+    }
     let tv = t.value();
     for (a, &v) in acc.iter_mut().zip(x) {
         let s = *a + scalar_mul(v, c, tv);
@@ -106,6 +124,12 @@ pub fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: &Modulus) {
     if has_ifma() {
         // SAFETY: as above.
         unsafe { ifma::sub_mul_const(y, sub, c, t.value()) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::sub_mul_const(y, sub, c, t.value()) };
         return;
     }
     let tv = t.value();
@@ -222,6 +246,12 @@ pub fn tensor(d: [&mut [u64]; 3], a: [&[u64]; 2], b: Option<[&[u64]; 2]>, t: &Mo
         unsafe { ifma::tensor(d, a, b, t) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::tensor(d, a, b, t) };
+        return;
+    }
     let [d0, d1, d2] = d;
     let [a0, a1] = a;
     let (b0, b1, twice) = match b {
@@ -246,8 +276,9 @@ pub const DOT_MAX_TERMS: usize = 16;
 /// Two inner products at once, reduced once at the end:
 /// `out0[k] = sum_j x_j[k] * b_j[k] mod t`, `out1[k] = sum_j x_j[k] * a_j[k] mod t`.
 ///
-/// All inputs below 2^50. This is the key-switching inner product: the extended digits `x_j`
-/// against the two halves of the key. Sums are reduced once per `DOT_MAX_TERMS` terms.
+/// Inputs `x_j` below 2^50, factors `a_j`, `b_j` reduced below `t`. This is the
+/// key-switching inner product: the extended digits `x_j` against the two halves of the key
+/// (whose rows are residues). Sums are reduced once per `DOT_MAX_TERMS` terms.
 pub fn dot2(
     out0: &mut [u64],
     out1: &mut [u64],
@@ -283,6 +314,12 @@ fn dot2_chunk(
     if has_ifma() {
         // SAFETY: the CPU supports avx512f + avx512ifma (checked above).
         unsafe { ifma::dot2(out0, out1, x, b, a, t) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports avx2 + fma (checked above).
+        unsafe { avx2::dot2(out0, out1, x, b, a, t) };
         return;
     }
     for k in 0..out0.len() {
@@ -812,20 +849,21 @@ mod avx2 {
         _mm256_add_epi64(ll, _mm256_slli_epi64(cross, 32))
     }
 
-    /// `S mod t` from `S mod 2^64` and `Q` (see the module note) for `m` terms.
+    /// `S mod t` from `S mod 2^64` and `Q` (see the module note) for `m` terms whose
+    /// quotients are each within `bias / m` of the exact ones.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn finish(s: __m256i, q_bits: __m256i, m: usize, t: u64) -> __m256i {
+    fn finish(s: __m256i, q_bits: __m256i, m: usize, bias: usize, t: u64) -> __m256i {
         let tv = _mm256_set1_epi64x(t as i64);
         let t_hi = _mm256_set1_epi64x((t >> 32) as i64);
         let q = _mm256_sub_epi64(
             q_bits,
             _mm256_set1_epi64x(TWO52.wrapping_mul(m as u64) as i64),
         );
-        // S - Q t, shifted by m t into [0, 2 m t].
+        // S - Q t, shifted by bias t into [0, 2 bias t].
         let r = _mm256_add_epi64(
             _mm256_sub_epi64(s, mul_lo(q, tv, t_hi)),
-            _mm256_set1_epi64x((m as u64 * t) as i64),
+            _mm256_set1_epi64x((bias as u64 * t) as i64),
         );
         let hi = to_f64(_mm256_srli_epi64(r, 32));
         let lo = to_f64(_mm256_and_si256(r, _mm256_set1_epi64x(0xffff_ffff)));
@@ -941,7 +979,7 @@ mod avx2 {
                     }
                 }
                 for r in 0..R {
-                    let part = finish(s[r], q[r], rows.len(), t);
+                    let part = finish(s[r], q[r], rows.len(), rows.len(), t);
                     total[r] = if chunk_no == 0 {
                         part
                     } else {
@@ -965,6 +1003,320 @@ mod avx2 {
                 // SAFETY: kk < n = every output's length.
                 unsafe { *p.add(kk) = (s % t as u128) as u64 };
             }
+        }
+    }
+
+    /// Two inner products over the same inputs with per-coefficient factors (the key
+    /// switching's digits against the two halves of the key), inputs below `2^50` and
+    /// factors below `t` (so each `x b / t` is below `2^50`), at most `DOT_MAX_TERMS` terms.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot2(
+        out0: &mut [u64],
+        out1: &mut [u64],
+        x: &[&[u64]],
+        b: &[&[u64]],
+        a: &[&[u64]],
+        t: &crate::arith::Modulus,
+    ) {
+        let n = out0.len();
+        let tv = t.value();
+        assert!(tv < 1 << 50 && out1.len() >= n && x.len() <= super::DOT_MAX_TERMS);
+        for row in x.iter().chain(b).chain(a) {
+            assert!(row.len() >= n);
+        }
+        debug_assert!(b.iter().chain(a).all(|r| r[..n].iter().all(|&v| v < tv)));
+        let m = x.len();
+        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
+        let tinv = _mm256_set1_pd(1.0 / tv as f64);
+        let mut k = 0;
+        while k + 4 <= n {
+            let zero = _mm256_setzero_si256();
+            let (mut s0, mut q0, mut s1, mut q1) = (zero, zero, zero, zero);
+            for j in 0..m {
+                // SAFETY: k + 4 <= n <= every row's length (asserted above).
+                let (v, bb, aa) = unsafe {
+                    (
+                        _mm256_loadu_si256(x[j].as_ptr().add(k) as *const __m256i),
+                        _mm256_loadu_si256(b[j].as_ptr().add(k) as *const __m256i),
+                        _mm256_loadu_si256(a[j].as_ptr().add(k) as *const __m256i),
+                    )
+                };
+                let vd = to_f64(v);
+                for (key, s, q) in [(bb, &mut s0, &mut q0), (aa, &mut s1, &mut q1)] {
+                    *s = _mm256_add_epi64(*s, mul_lo(v, key, _mm256_srli_epi64(key, 32)));
+                    // key / t rounded twice: each quotient is within 3/4 of the exact one.
+                    let kq = _mm256_mul_pd(to_f64(key), tinv);
+                    *q = _mm256_add_epi64(*q, _mm256_castpd_si256(_mm256_fmadd_pd(vd, kq, two52)));
+                }
+            }
+            // SAFETY: k + 4 <= n <= both outputs' lengths.
+            unsafe {
+                _mm256_storeu_si256(
+                    out0.as_mut_ptr().add(k) as *mut __m256i,
+                    finish(s0, q0, m, m, tv),
+                );
+                _mm256_storeu_si256(
+                    out1.as_mut_ptr().add(k) as *mut __m256i,
+                    finish(s1, q1, m, m, tv),
+                );
+            }
+            k += 4;
+        }
+        for kk in k..n {
+            let (mut s0, mut s1) = (0u128, 0u128);
+            for j in 0..m {
+                s0 += x[j][kk] as u128 * b[j][kk] as u128;
+                s1 += x[j][kk] as u128 * a[j][kk] as u128;
+            }
+            out0[kk] = t.reduce_u128(s0);
+            out1[kk] = t.reduce_u128(s1);
+        }
+    }
+
+    /// `x w - q t` for `q = round(x * wq)`, `wq ~ w / t` (relative error below 2^-51), as an
+    /// exact double in `[-t, t]`: inputs `x < 2^52` and `w < t < 2^50` as exact doubles. Both
+    /// products are split exactly by FMA (`x w = h + l`); `h - q t` cancels exactly since
+    /// the two are within a factor two of each other (or both exact below 2^53).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul_rem(x: __m256d, w: __m256d, wq: __m256d, t: __m256d) -> __m256d {
+        let two52 = _mm256_set1_pd(4503599627370496.0);
+        let h = _mm256_mul_pd(x, w);
+        let l = _mm256_fmsub_pd(x, w, h);
+        let q = _mm256_sub_pd(_mm256_fmadd_pd(x, wq, two52), two52);
+        let hq = _mm256_mul_pd(q, t);
+        let lq = _mm256_fmsub_pd(q, t, hq);
+        _mm256_add_pd(_mm256_sub_pd(h, hq), _mm256_sub_pd(l, lq))
+    }
+
+    /// An exact integer-valued double in `[-t, 2t)` as a residue lane in `[0, t)`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn to_residue(r: __m256d, t: u64) -> __m256i {
+        let td = _mm256_set1_pd(t as f64);
+        let neg = _mm256_cmp_pd(r, _mm256_setzero_pd(), _CMP_LT_OQ);
+        let r = _mm256_add_pd(r, _mm256_and_pd(neg, td));
+        let big = _mm256_cmp_pd(r, td, _CMP_GE_OQ);
+        let r = _mm256_sub_pd(r, _mm256_and_pd(big, td));
+        let two52 = _mm256_set1_pd(4503599627370496.0);
+        _mm256_sub_epi64(
+            _mm256_castpd_si256(_mm256_add_pd(r, two52)),
+            _mm256_castpd_si256(two52),
+        )
+    }
+
+    /// Applies `f(lane) -> residue` to 4-lane blocks, the tail one lane at a time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn const_map(
+        n: usize,
+        w: u64,
+        t: u64,
+        mut f: impl FnMut(usize, __m256d, __m256d, __m256d),
+        mut tail: impl FnMut(usize),
+    ) {
+        let wd = _mm256_set1_pd(w as f64);
+        let wq = _mm256_set1_pd(w as f64 / t as f64);
+        let td = _mm256_set1_pd(t as f64);
+        let mut k = 0;
+        while k + 4 <= n {
+            f(k, wd, wq, td);
+            k += 4;
+        }
+        for kk in k..n {
+            tail(kk);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(p: *const u64) -> __m256i {
+        // SAFETY: the caller's contract: 4 readable lanes.
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(p: *mut u64, v: __m256i) {
+        // SAFETY: the caller's contract: 4 writable lanes.
+        unsafe { _mm256_storeu_si256(p as *mut __m256i, v) }
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
+        let n = out.len();
+        assert!(x.len() >= n && t < 1 << 50);
+        let (po, px) = (out.as_mut_ptr(), x.as_ptr());
+        const_map(
+            n,
+            c.w,
+            t,
+            // SAFETY: k + 4 <= n <= both lengths.
+            |k, w, wq, td| unsafe {
+                store(
+                    po.add(k),
+                    to_residue(mul_rem(to_f64(load(px.add(k))), w, wq, td), t),
+                )
+            },
+            // SAFETY: kk < n.
+            |kk| unsafe { *po.add(kk) = super::scalar_mul(*px.add(kk), c, t) },
+        );
+    }
+
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: u64) {
+        let n = x.len();
+        assert!(t < 1 << 50);
+        let p = x.as_mut_ptr();
+        const_map(
+            n,
+            c.w,
+            t,
+            // SAFETY: k + 4 <= n.
+            |k, w, wq, td| unsafe {
+                store(
+                    p.add(k),
+                    to_residue(mul_rem(to_f64(load(p.add(k))), w, wq, td), t),
+                )
+            },
+            // SAFETY: kk < n.
+            |kk| unsafe { *p.add(kk) = super::scalar_mul(*p.add(kk), c, t) },
+        );
+    }
+
+    /// `acc + x w mod t` for `acc < t`.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_const_acc(acc: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
+        let n = acc.len();
+        assert!(x.len() >= n && t < 1 << 50);
+        let (pa, px) = (acc.as_mut_ptr(), x.as_ptr());
+        const_map(
+            n,
+            c.w,
+            t,
+            // SAFETY: k + 4 <= n <= both lengths.
+            |k, w, wq, td| unsafe {
+                let r = mul_rem(to_f64(load(px.add(k))), w, wq, td);
+                let s = _mm256_add_pd(r, to_f64(load(pa.add(k))));
+                store(pa.add(k), to_residue(s, t))
+            },
+            // SAFETY: kk < n.
+            |kk| unsafe {
+                let s = *pa.add(kk) + super::scalar_mul(*px.add(kk), c, t);
+                *pa.add(kk) = if s >= t { s - t } else { s };
+            },
+        );
+    }
+
+    /// `(y - sub) w mod t` for `y, sub < t`.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sub_mul_const(y: &mut [u64], sub: &[u64], c: &ShoupConst, t: u64) {
+        let n = y.len();
+        assert!(sub.len() >= n && t < 1 << 50);
+        let (py, ps) = (y.as_mut_ptr(), sub.as_ptr());
+        const_map(
+            n,
+            c.w,
+            t,
+            // SAFETY: k + 4 <= n <= both lengths.
+            |k, w, wq, td| unsafe {
+                // y - sub in (-t, t) is exact as a double; w (y - sub) has the same residue.
+                let d = _mm256_sub_pd(to_f64(load(py.add(k))), to_f64(load(ps.add(k))));
+                let d = _mm256_add_pd(d, td);
+                store(py.add(k), to_residue(mul_rem(d, w, wq, td), t))
+            },
+            // SAFETY: kk < n.
+            |kk| unsafe { *py.add(kk) = super::scalar_mul(*py.add(kk) + t - *ps.add(kk), c, t) },
+        );
+    }
+
+    /// The tensor product of two degree-1 ciphertexts on one row (see `super::tensor`),
+    /// all inputs residues below `t`.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tensor(
+        d: [&mut [u64]; 3],
+        a: [&[u64]; 2],
+        b: Option<[&[u64]; 2]>,
+        t: &crate::arith::Modulus,
+    ) {
+        let tv = t.value();
+        let [d0, d1, d2] = d;
+        let n = d0.len();
+        let [a0, a1] = a;
+        let (b0, b1, square) = match b {
+            Some([b0, b1]) => (b0, b1, false),
+            None => (a0, a1, true),
+        };
+        assert!(tv < 1 << 50 && d1.len() == n && d2.len() == n);
+        for row in [a0, a1, b0, b1] {
+            assert!(row.len() >= n);
+        }
+        let td = _mm256_set1_pd(tv as f64);
+        let tinv = _mm256_set1_pd(1.0 / tv as f64);
+        let mut k = 0;
+        while k + 4 <= n {
+            // SAFETY: k + 4 <= n <= every row's length (asserted above).
+            let (x0, x1, y0, y1) = unsafe {
+                (
+                    to_f64(load(a0.as_ptr().add(k))),
+                    to_f64(load(a1.as_ptr().add(k))),
+                    to_f64(load(b0.as_ptr().add(k))),
+                    to_f64(load(b1.as_ptr().add(k))),
+                )
+            };
+            // y / t rounded twice: relative error below 2^-51.
+            let (q0, q1) = (_mm256_mul_pd(y0, tinv), _mm256_mul_pd(y1, tinv));
+            let r0 = mul_rem(x0, y0, q0, td);
+            let r2 = mul_rem(x1, y1, q1, td);
+            let r1 = if square {
+                mul_rem(_mm256_add_pd(x0, x0), y1, q1, td)
+            } else {
+                _mm256_add_pd(mul_rem(x0, y1, q1, td), mul_rem(x1, y0, q0, td))
+            };
+            // r1 in [-2t, 2t]: one more quotient brings it into [-t, t].
+            let k1 = _mm256_round_pd(
+                _mm256_mul_pd(r1, tinv),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r1 = _mm256_fnmadd_pd(k1, td, r1);
+            // SAFETY: k + 4 <= n = every output's length.
+            unsafe {
+                store(d0.as_mut_ptr().add(k), to_residue(r0, tv));
+                store(d1.as_mut_ptr().add(k), to_residue(r1, tv));
+                store(d2.as_mut_ptr().add(k), to_residue(r2, tv));
+            }
+            k += 4;
+        }
+        for kk in k..n {
+            let (x0, x1, y0, y1) = (
+                a0[kk] as u128,
+                a1[kk] as u128,
+                b0[kk] as u128,
+                b1[kk] as u128,
+            );
+            d0[kk] = t.reduce_u128(x0 * y0);
+            d1[kk] = if square {
+                t.reduce_u128(2 * x0 * y1)
+            } else {
+                t.reduce_u128(x0 * y1 + x1 * y0)
+            };
+            d2[kk] = t.reduce_u128(x1 * y1);
         }
     }
 }
@@ -1006,9 +1358,9 @@ mod tests {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let mut state = seed;
             let mut next = || { state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); state >> 14 };
-            // Inputs below 2^50, the worst case for the lazy sums.
-            let mk = |next: &mut dyn FnMut() -> u64| -> Vec<Vec<u64>> { (0..terms).map(|_| (0..len).map(|_| next() & ((1u64 << 50) - 1)).collect()).collect() };
-            let (x, b, a) = (mk(&mut next), mk(&mut next), mk(&mut next));
+            // Inputs below 2^50, the worst case for the lazy sums; key factors reduced.
+            let mk = |next: &mut dyn FnMut() -> u64, below: u64| -> Vec<Vec<u64>> { (0..terms).map(|_| (0..len).map(|_| next() % below).collect()).collect() };
+            let (x, b, a) = (mk(&mut next, 1 << 50), mk(&mut next, t.value()), mk(&mut next, t.value()));
             fn r(v: &[Vec<u64>]) -> Vec<&[u64]> {
                 v.iter().map(|r| r.as_slice()).collect()
             }
@@ -1046,6 +1398,8 @@ mod tests {
             (40, 3, 300, 13, 40),
             (20, 2, 17, 4, 52),
             (50, 9, 64, 8, 52),
+            (50, 2, 5, 11, 50),
+            (30, 1, 16, 6, 50),
         ] {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let tv = t.value() as u128;
@@ -1087,6 +1441,102 @@ mod tests {
                         s % tv,
                         "{bits}-bit prime, {terms} terms, output {r}, k {k}"
                     );
+                }
+            }
+            // The key-switching product: inputs below 2^50, factors below t.
+            let m = terms.min(DOT_MAX_TERMS);
+            let key = |off: usize| -> Vec<Vec<u64>> {
+                (0..m)
+                    .map(|j| {
+                        (0..len)
+                            .map(|k| c[(j * len + k + off) % c.len()].w)
+                            .collect()
+                    })
+                    .collect()
+            };
+            let (b, a) = (key(0), key(1));
+            let xs: Vec<&[u64]> = x[..m].iter().map(|r| r.as_slice()).collect();
+            let b_rows: Vec<&[u64]> = b.iter().map(|r| r.as_slice()).collect();
+            let a_rows: Vec<&[u64]> = a.iter().map(|r| r.as_slice()).collect();
+            let (mut o0, mut o1) = (vec![0u64; len], vec![0u64; len]);
+            if xbits <= 50 {
+                // SAFETY: as above.
+                unsafe { avx2::dot2(&mut o0, &mut o1, &xs, &b_rows, &a_rows, &t) };
+                for k in 0..len {
+                    let s0: u128 = (0..m).map(|j| x[j][k] as u128 * b[j][k] as u128 % tv).sum();
+                    let s1: u128 = (0..m).map(|j| x[j][k] as u128 * a[j][k] as u128 % tv).sum();
+                    assert_eq!((o0[k] as u128, o1[k] as u128), (s0 % tv, s1 % tv));
+                }
+            }
+        }
+    }
+
+    /// The AVX2 single-product kernels on their own (IFMA machines never dispatch to them),
+    /// at the edges: inputs 0 and 2^52 - 1, constants 0 and t - 1, 4-lane bodies and tails.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_products_match_u128() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for bits in [20, 36, 40, 49, 50] {
+            let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
+            let tv = t.value();
+            let m = |a: u128, b: u128| (a * b % tv as u128) as u64;
+            for w in [0, 1, tv - 1, next() % tv] {
+                let c = ShoupConst::new(w, &t);
+                let len = 4 + (next() % 9) as usize;
+                let edge = |k: usize, v: u64, max: u64| match k % 4 {
+                    0 => 0,
+                    1 => max - 1,
+                    _ => v % max,
+                };
+                let x: Vec<u64> = (0..len).map(|k| edge(k, next(), 1 << 52)).collect();
+                let r1: Vec<u64> = (0..len).map(|k| edge(k + 1, next(), tv)).collect();
+                let r2: Vec<u64> = (0..len).map(|k| edge(k + 2, next(), tv)).collect();
+                let r3: Vec<u64> = (0..len).map(|k| edge(k + 3, next(), tv)).collect();
+                let want: Vec<u64> = x.iter().map(|&v| m(v as u128, w as u128)).collect();
+                let mut out = vec![0; len];
+                let mut inplace = x.clone();
+                let mut acc = r1.clone();
+                let mut y = r1.clone();
+                // SAFETY: the CPU supports avx2 + fma (checked above).
+                unsafe {
+                    avx2::mul_const(&mut out, &x, &c, tv);
+                    avx2::mul_const_assign(&mut inplace, &c, tv);
+                    avx2::mul_const_acc(&mut acc, &x, &c, tv);
+                    avx2::sub_mul_const(&mut y, &r2, &c, tv);
+                }
+                assert_eq!(out, want, "{bits} bits, w {w}");
+                assert_eq!(inplace, want);
+                let want_acc: Vec<u64> = r1.iter().zip(&want).map(|(a, b)| (a + b) % tv).collect();
+                assert_eq!(acc, want_acc);
+                let want_y: Vec<u64> = r1
+                    .iter()
+                    .zip(&r2)
+                    .map(|(a, b)| m((a + tv - b) as u128, w as u128))
+                    .collect();
+                assert_eq!(y, want_y);
+                let (mut d0, mut d1, mut d2) = (vec![0; len], vec![0; len], vec![0; len]);
+                for square in [false, true] {
+                    let b = (!square).then_some([r3.as_slice(), r1.as_slice()]);
+                    // SAFETY: as above.
+                    unsafe { avx2::tensor([&mut d0, &mut d1, &mut d2], [&r1, &r2], b, &t) };
+                    let [y0, y1] = b.unwrap_or([r1.as_slice(), r2.as_slice()]);
+                    for k in 0..len {
+                        let (a0, a1) = (r1[k] as u128, r2[k] as u128);
+                        let (b0, b1) = (y0[k] as u128, y1[k] as u128);
+                        assert_eq!(d0[k], m(a0, b0));
+                        assert_eq!(d1[k], ((a0 * b1 + a1 * b0) % tv as u128) as u64);
+                        assert_eq!(d2[k], m(a1, b1));
+                    }
                 }
             }
         }
