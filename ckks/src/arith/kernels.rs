@@ -47,6 +47,20 @@ fn has_ifma() -> bool {
     std::arch::is_x86_feature_detected!("avx512ifma")
 }
 
+/// Whether the GEMM should copy each block of its input rows into one contiguous buffer
+/// before the row kernel reads it: on CPUs without IFMA (AVX2 and scalar paths; the IFMA
+/// path was tuned without it and is left as measured).
+pub fn gemm_packs_inputs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !has_ifma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
 /// AVX2 with FMA (x86-64 since 2013-2015) but no IFMA: the GEMM's row kernel has its own
 /// path there (`avx2::dot_const_rows`), 64-bit multiply-adds being scalar otherwise.
 #[cfg(target_arch = "x86_64")]
@@ -940,6 +954,76 @@ mod avx2 {
     /// Outputs per pass: each input vector loaded feeds this many outputs.
     const ROWS: usize = 4;
 
+    /// `U` vectors of coefficients from `k` for `R` outputs.
+    ///
+    /// # Safety
+    /// Needs avx2 and fma; `k + 4 U` within every row and output.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_vectors<const R: usize, const U: usize>(
+        ptrs: &[*mut u64; R],
+        x: &[&[u64]],
+        consts: &[[u64; 3]],
+        k: usize,
+        t: u64,
+    ) {
+        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
+        let zero = _mm256_setzero_si256();
+        let mut total = [[zero; U]; R];
+        for (chunk_no, (rows, cs)) in x.chunks(CHUNK).zip(consts.chunks(CHUNK * R)).enumerate() {
+            let mut s = [[zero; U]; R];
+            let mut q = [[zero; U]; R];
+            for (row, w) in rows.iter().zip(cs.chunks_exact(R)) {
+                let mut v = [zero; U];
+                for (u, vu) in v.iter_mut().enumerate() {
+                    // SAFETY: k + 4 U <= the row's length (the caller's contract).
+                    *vu = unsafe {
+                        _mm256_loadu_si256(row.as_ptr().add(k + 4 * u) as *const __m256i)
+                    };
+                }
+                let vd = v.map(|v| to_f64(v));
+                let v_hi = v.map(|v| _mm256_srli_epi64(v, 32));
+                for r in 0..R {
+                    let [wl, wh, wq] = w[r];
+                    let wv = _mm256_set1_epi64x(wl as i64);
+                    let whv = _mm256_set1_epi64x(wh as i64);
+                    let wqv = _mm256_set1_pd(f64::from_bits(wq));
+                    for u in 0..U {
+                        let cross = _mm256_add_epi64(
+                            _mm256_mul_epu32(v[u], whv),
+                            _mm256_mul_epu32(v_hi[u], wv),
+                        );
+                        s[r][u] = _mm256_add_epi64(
+                            s[r][u],
+                            _mm256_add_epi64(
+                                _mm256_mul_epu32(v[u], wv),
+                                _mm256_slli_epi64(cross, 32),
+                            ),
+                        );
+                        let e = _mm256_fmadd_pd(vd[u], wqv, two52);
+                        q[r][u] = _mm256_add_epi64(q[r][u], _mm256_castpd_si256(e));
+                    }
+                }
+            }
+            for r in 0..R {
+                for u in 0..U {
+                    let part = finish(s[r][u], q[r][u], rows.len(), rows.len(), t);
+                    total[r][u] = if chunk_no == 0 {
+                        part
+                    } else {
+                        reduce_signed(_mm256_add_epi64(total[r][u], part), t)
+                    };
+                }
+            }
+        }
+        for (p, tot) in ptrs.iter().zip(&total) {
+            for (u, v) in tot.iter().enumerate() {
+                // SAFETY: k + 4 U <= every output's length (the caller's contract).
+                unsafe { _mm256_storeu_si256(p.add(k + 4 * u) as *mut __m256i, *v) };
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn rows<const R: usize>(
         outs: &mut [&mut [u64]],
@@ -949,48 +1033,11 @@ mod avx2 {
     ) {
         let n = outs[0].len();
         let ptrs: [*mut u64; R] = std::array::from_fn(|r| outs[r].as_mut_ptr());
-        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
         let mut k = 0;
+        // One vector per row visit: two (a whole cache line) measured no faster on packed rows.
         while k + 4 <= n {
-            let zero = _mm256_setzero_si256();
-            let mut total = [zero; R];
-            for (chunk_no, (rows, cs)) in x.chunks(CHUNK).zip(consts.chunks(CHUNK * R)).enumerate()
-            {
-                let mut s = [zero; R];
-                let mut q = [zero; R];
-                for (row, w) in rows.iter().zip(cs.chunks_exact(R)) {
-                    // SAFETY: k + 4 <= n <= the row's length.
-                    let v = unsafe { _mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i) };
-                    let vd = to_f64(v);
-                    let v_hi = _mm256_srli_epi64(v, 32);
-                    for r in 0..R {
-                        let [wl, wh, wq] = w[r];
-                        let wv = _mm256_set1_epi64x(wl as i64);
-                        let cross = _mm256_add_epi64(
-                            _mm256_mul_epu32(v, _mm256_set1_epi64x(wh as i64)),
-                            _mm256_mul_epu32(v_hi, wv),
-                        );
-                        s[r] = _mm256_add_epi64(
-                            s[r],
-                            _mm256_add_epi64(_mm256_mul_epu32(v, wv), _mm256_slli_epi64(cross, 32)),
-                        );
-                        let e = _mm256_fmadd_pd(vd, _mm256_set1_pd(f64::from_bits(wq)), two52);
-                        q[r] = _mm256_add_epi64(q[r], _mm256_castpd_si256(e));
-                    }
-                }
-                for r in 0..R {
-                    let part = finish(s[r], q[r], rows.len(), rows.len(), t);
-                    total[r] = if chunk_no == 0 {
-                        part
-                    } else {
-                        reduce_signed(_mm256_add_epi64(total[r], part), t)
-                    };
-                }
-            }
-            for (p, v) in ptrs.iter().zip(&total) {
-                // SAFETY: k + 4 <= n = every output's length.
-                unsafe { _mm256_storeu_si256(p.add(k) as *mut __m256i, *v) };
-            }
+            // SAFETY: k + 4 <= n.
+            unsafe { rows_vectors::<R, 1>(&ptrs, x, consts, k, t) };
             k += 4;
         }
         for kk in k..n {

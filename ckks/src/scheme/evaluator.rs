@@ -33,6 +33,9 @@ pub struct Evaluator {
 
 /// Bytes of input residues per block of [`Evaluator::linear_combinations`].
 const GEMM_BLOCK_BYTES: usize = 512 * 1024;
+/// Extra coefficients between packed GEMM input rows, so rows do not start at the same
+/// offset modulo a cache way (measured: 8 better than 0 or 32 on AVX2).
+const PACK_PAD: usize = 8;
 
 impl Evaluator {
     pub fn new(params: &Params) -> Self {
@@ -360,6 +363,10 @@ impl Evaluator {
         let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
         let mut consts2: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
         let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
+        let pack = kernels::gemm_packs_inputs();
+        let mut scratch: Vec<u64> = Vec::new();
+        let mut packed_key: Option<(usize, usize, usize)> = None;
+        let mut packed_inputs: Vec<u32> = Vec::new();
         for i in 0..=top {
             let m = ring.modulus(i);
             for ((c, c2), g) in consts.iter_mut().zip(consts2.iter_mut()).zip(&groups) {
@@ -399,12 +406,39 @@ impl Evaluator {
                                 .get(p)
                                 .map(|x| &x.limb(i)[start..end])
                         }));
+                        // One contiguous copy of the block's input rows, shared by every
+                        // group over the same inputs: rows of separate ciphertexts sit at the
+                        // same offsets modulo the cache's set size and evict one another
+                        // (AVX2 Zen 2: `profile_ops gemm` 17.4 s -> 7.7 s per call).
+                        let len = end - start;
+                        let stride = len + PACK_PAD;
+                        let key = (i, start, p);
+                        let same_inputs = packed_inputs.len() == lead.terms.len()
+                            && packed_inputs.iter().zip(lead.terms).all(|(a, b)| *a == b.0);
+                        if pack && (packed_key != Some(key) || !same_inputs) {
+                            scratch.resize(slices.len() * stride, 0);
+                            for (j, row) in slices.iter().enumerate() {
+                                scratch[j * stride..j * stride + len].copy_from_slice(row);
+                            }
+                            packed_key = Some(key);
+                            packed_inputs.clear();
+                            packed_inputs.extend(lead.terms.iter().map(|t| t.0));
+                        }
+                        let packed: Vec<&[u64]>;
+                        let xs: &[&[u64]] = if pack {
+                            packed = (0..slices.len())
+                                .map(|j| &scratch[j * stride..j * stride + len])
+                                .collect();
+                            &packed
+                        } else {
+                            &slices
+                        };
                         let mut outs: Vec<&mut [u64]> = out[g.clone()]
                             .iter_mut()
                             .map(|o| &mut o[p].limb_mut(i)[start..end])
                             .collect();
                         let c = if p < 2 { c } else { c2 };
-                        kernels::dot_const_rows(&mut outs, &slices, c, m);
+                        kernels::dot_const_rows(&mut outs, xs, c, m);
                     }
                 }
                 start = end;
