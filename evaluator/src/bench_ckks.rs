@@ -38,6 +38,8 @@ struct Report {
     log_qp: f64,
     secure_128: bool,
     ntt_ifma: bool,
+    /// The row kernels' path on this CPU (`beaa_ckks::arith::kernels::kernel_path`).
+    kernels: &'static str,
     threads: usize,
     reps: usize,
     ops_ms: BTreeMap<&'static str, f64>,
@@ -92,9 +94,9 @@ pub fn run(args: &CkksBenchArgs) -> Result<()> {
     // comparable with SEAL run with one thread.
     let report = measure(&params, args.reps)?;
     eprintln!(
-        "beaa-ckks N={} limbs={} special={} digits={} log2(Q)={:.1} log2(QP)={:.1} (128-bit: {}), IFMA NTT: {}",
+        "beaa-ckks N={} limbs={} special={} digits={} log2(Q)={:.1} log2(QP)={:.1} (128-bit: {}), IFMA NTT: {}, kernels: {}",
         report.n, report.limbs, report.special_primes, report.digits, report.log_q, report.log_qp,
-        report.secure_128, report.ntt_ifma
+        report.secure_128, report.ntt_ifma, report.kernels
     );
     for (k, v) in &report.ops_ms {
         eprintln!("  {k:<20} {v:>10.3} ms");
@@ -279,6 +281,7 @@ fn measure(params: &Params, reps: usize) -> Result<Report> {
         log_qp: params.log_qp(),
         secure_128: params.is_secure(),
         ntt_ifma: params.ring().table(0).uses_ifma(),
+        kernels: beaa_ckks::arith::kernels::kernel_path(),
         threads: 1,
         reps,
         ops_ms: ops,

@@ -39,6 +39,8 @@ struct Report {
     n: usize,
     batch: usize,
     threads: usize,
+    /// The row kernels' path on this CPU: "avx512-ifma", "avx2-fma" or "scalar".
+    kernels: &'static str,
     keygen_s: f64,
     encrypt_s: f64,
     total_s: f64,
@@ -97,11 +99,12 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             .clamp(1, params.slots()),
     };
     eprintln!(
-        "{}: N = {}, depth {}, batch {batch}, {} threads",
+        "{}: N = {}, depth {}, batch {batch}, {} threads, {} kernels",
         dir.display(),
         params.n(),
         plan.depth,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        beaa_ckks::arith::kernels::kernel_path()
     );
     let t = Instant::now();
     let mut kg = KeyGenerator::new(&params);
@@ -194,6 +197,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         n: params.n(),
         batch,
         threads: rayon::current_num_threads(),
+        kernels: beaa_ckks::arith::kernels::kernel_path(),
         keygen_s,
         encrypt_s,
         total_s,

@@ -47,6 +47,21 @@ fn has_ifma() -> bool {
     std::arch::is_x86_feature_detected!("avx512ifma")
 }
 
+/// Which row-kernel path this CPU runs: `"avx512-ifma"`, `"avx2-fma"` or `"scalar"` (benchmarks
+/// report it: the same job differs by several times between them).
+pub fn kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_ifma() {
+            return "avx512-ifma";
+        }
+        if has_avx2_fma() {
+            return "avx2-fma";
+        }
+    }
+    "scalar"
+}
+
 /// Whether the GEMM should copy each block of its input rows into one contiguous buffer
 /// before the row kernel reads it: on CPUs without IFMA (AVX2 and scalar paths; the IFMA
 /// path was tuned without it and is left as measured).

@@ -270,6 +270,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         web_dir = ?web_dir,
         insecure_test_params = args.insecure_test_params,
         requeued,
+        kernels = beaa_ckks::arith::kernels::kernel_path(),
         "starting"
     );
     if args.insecure_test_params {
