@@ -1211,45 +1211,40 @@ mod avx2 {
     /// Needs avx2 and fma.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn mul_const(out: &mut [u64], x: &[u64], c: &ShoupConst, t: u64) {
-        let n = out.len();
-        assert!(x.len() >= n && t < 1 << 50);
-        let (po, px) = (out.as_mut_ptr(), x.as_ptr());
-        const_map(
-            n,
-            c.w,
-            t,
-            // SAFETY: k + 4 <= n <= both lengths.
-            |k, w, wq, td| unsafe {
-                store(
-                    po.add(k),
-                    to_residue(mul_rem(to_f64(load(px.add(k))), w, wq, td), t),
-                )
-            },
-            // SAFETY: kk < n.
-            |kk| unsafe { *po.add(kk) = super::scalar_mul(*px.add(kk), c, t) },
-        );
+        assert!(x.len() >= out.len());
+        // SAFETY: n = out.len() lanes readable from x and writable to out.
+        unsafe { mul_const_ptr(out.as_mut_ptr(), x.as_ptr(), out.len(), c, t) }
     }
 
     /// # Safety
     /// Needs avx2 and fma.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn mul_const_assign(x: &mut [u64], c: &ShoupConst, t: u64) {
-        let n = x.len();
-        assert!(t < 1 << 50);
         let p = x.as_mut_ptr();
+        // SAFETY: reading and writing the same lanes in place.
+        unsafe { mul_const_ptr(p, p, x.len(), c, t) }
+    }
+
+    /// `out = x w mod t` over `n` lanes (`out` may be `x`).
+    ///
+    /// # Safety
+    /// Needs avx2 and fma; `n` lanes readable at `x` and writable at `out`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mul_const_ptr(out: *mut u64, x: *const u64, n: usize, c: &ShoupConst, t: u64) {
+        assert!(t < 1 << 50);
         const_map(
             n,
             c.w,
             t,
-            // SAFETY: k + 4 <= n.
+            // SAFETY: k + 4 <= n (the caller's contract).
             |k, w, wq, td| unsafe {
                 store(
-                    p.add(k),
-                    to_residue(mul_rem(to_f64(load(p.add(k))), w, wq, td), t),
+                    out.add(k),
+                    to_residue(mul_rem(to_f64(load(x.add(k))), w, wq, td), t),
                 )
             },
             // SAFETY: kk < n.
-            |kk| unsafe { *p.add(kk) = super::scalar_mul(*p.add(kk), c, t) },
+            |kk| unsafe { *out.add(kk) = super::scalar_mul(*x.add(kk), c, t) },
         );
     }
 
@@ -1437,6 +1432,17 @@ mod tests {
         }
     }
 
+    /// A deterministic stream of test words.
+    #[cfg(target_arch = "x86_64")]
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// The AVX2 kernel on its own (IFMA machines never dispatch to it): inputs up to 2^52
     /// (the contract of `dot_const`), 50-bit and smaller primes, term counts across its
     /// reduction chunk, lengths covering the vector body and the tail.
@@ -1446,13 +1452,7 @@ mod tests {
         if !has_avx2_fma() {
             return;
         }
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         for (bits, outputs, terms, len, xbits) in [
             (50, 4, 3, 9, 52),
             (50, 5, 1030, 7, 52),
@@ -1541,13 +1541,7 @@ mod tests {
         if !has_avx2_fma() {
             return;
         }
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         for bits in [20, 36, 40, 49, 50] {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let tv = t.value();
