@@ -76,8 +76,8 @@ pub fn gemm_packs_inputs() -> bool {
     }
 }
 
-/// AVX2 with FMA (x86-64 since 2013-2015) but no IFMA: the GEMM's row kernel has its own
-/// path there (`avx2::dot_const_rows`), 64-bit multiply-adds being scalar otherwise.
+/// AVX2 with FMA (x86-64 since 2013-2015): the row kernels' path (module `avx2`) where IFMA
+/// is missing, 64-bit multiply-adds being scalar otherwise.
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -281,13 +281,24 @@ pub fn tensor(d: [&mut [u64]; 3], a: [&[u64]; 2], b: Option<[&[u64]; 2]>, t: &Mo
         unsafe { avx2::tensor(d, a, b, t) };
         return;
     }
+    tensor_portable(d, a, b, t, 0);
+}
+
+/// The portable [`tensor`] from coefficient `from` on (the vector kernels' tails).
+fn tensor_portable(
+    d: [&mut [u64]; 3],
+    a: [&[u64]; 2],
+    b: Option<[&[u64]; 2]>,
+    t: &Modulus,
+    from: usize,
+) {
     let [d0, d1, d2] = d;
     let [a0, a1] = a;
     let (b0, b1, twice) = match b {
         Some([b0, b1]) => (b0, b1, false),
         None => (a0, a1, true),
     };
-    for k in 0..d0.len() {
+    for k in from..d0.len() {
         let (x0, x1, y0, y1) = (a0[k] as u128, a1[k] as u128, b0[k] as u128, b1[k] as u128);
         d0[k] = t.reduce_u128(x0 * y0);
         d1[k] = if twice {
@@ -351,7 +362,20 @@ fn dot2_chunk(
         unsafe { avx2::dot2(out0, out1, x, b, a, t) };
         return;
     }
-    for k in 0..out0.len() {
+    dot2_portable(out0, out1, x, b, a, t, 0);
+}
+
+/// The portable [`dot2`] chunk from coefficient `from` on (the vector kernels' tails).
+fn dot2_portable(
+    out0: &mut [u64],
+    out1: &mut [u64],
+    x: &[&[u64]],
+    b: &[&[u64]],
+    a: &[&[u64]],
+    t: &Modulus,
+    from: usize,
+) {
+    for k in from..out0.len() {
         let (mut s0, mut s1) = (0u128, 0u128);
         for j in 0..x.len() {
             let v = x[j][k] as u128;
@@ -855,27 +879,31 @@ mod avx2 {
     /// Bits of 2^52 as an f64: `bits(2^52 + v) = TWO52 + v` for integers `0 <= v < 2^52`.
     const TWO52: u64 = 0x4330_0000_0000_0000;
 
+    /// 2^52 in every lane: adding it to an integer-valued double in `[0, 2^52)` leaves the
+    /// integer in the low mantissa bits (`TWO52 + v`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn two52() -> __m256d {
+        _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64))
+    }
+
     /// An integer lane `v < 2^52` as an exact f64.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn to_f64(v: __m256i) -> __m256d {
-        let two52 = _mm256_set1_epi64x(TWO52 as i64);
         _mm256_sub_pd(
-            _mm256_castsi256_pd(_mm256_or_si256(v, two52)),
-            _mm256_castsi256_pd(two52),
+            _mm256_castsi256_pd(_mm256_or_si256(v, _mm256_castpd_si256(two52()))),
+            two52(),
         )
     }
 
-    /// `a * b mod 2^64` for `a < 2^64`, `b < 2^50` (`b_hi` = `b >> 32` in every lane).
+    /// `a * b mod 2^64` from 32-bit halves (`a_hi = a >> 32`, `b_hi = b >> 32`, passed in so
+    /// a caller can share them across products): `a_lo b_lo + (a_lo b_hi + a_hi b_lo) 2^32`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn mul_lo(a: __m256i, b: __m256i, b_hi: __m256i) -> __m256i {
-        let ll = _mm256_mul_epu32(a, b);
-        let cross = _mm256_add_epi64(
-            _mm256_mul_epu32(a, b_hi),
-            _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b),
-        );
-        _mm256_add_epi64(ll, _mm256_slli_epi64(cross, 32))
+    fn mul_lo(a: __m256i, a_hi: __m256i, b: __m256i, b_hi: __m256i) -> __m256i {
+        let cross = _mm256_add_epi64(_mm256_mul_epu32(a, b_hi), _mm256_mul_epu32(a_hi, b));
+        _mm256_add_epi64(_mm256_mul_epu32(a, b), _mm256_slli_epi64(cross, 32))
     }
 
     /// `S mod t` from `S mod 2^64` and `Q` (see the module note) for `m` terms whose
@@ -891,24 +919,16 @@ mod avx2 {
         );
         // S - Q t, shifted by bias t into [0, 2 bias t].
         let r = _mm256_add_epi64(
-            _mm256_sub_epi64(s, mul_lo(q, tv, t_hi)),
+            _mm256_sub_epi64(s, mul_lo(q, _mm256_srli_epi64(q, 32), tv, t_hi)),
             _mm256_set1_epi64x((bias as u64 * t) as i64),
         );
         let hi = to_f64(_mm256_srli_epi64(r, 32));
         let lo = to_f64(_mm256_and_si256(r, _mm256_set1_epi64x(0xffff_ffff)));
         let approx = _mm256_fmadd_pd(hi, _mm256_set1_pd(4294967296.0), lo);
-        let e = _mm256_fmadd_pd(
-            approx,
-            _mm256_set1_pd(1.0 / t as f64),
-            _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64)),
-        );
-        // round(r / t) < 2^13: its product with t needs two 32-bit multiplies.
-        let k = _mm256_sub_epi64(_mm256_castpd_si256(e), _mm256_set1_epi64x(TWO52 as i64));
-        let kt = _mm256_add_epi64(
-            _mm256_mul_epu32(k, tv),
-            _mm256_slli_epi64(_mm256_mul_epu32(k, t_hi), 32),
-        );
-        let rem = _mm256_sub_epi64(r, kt);
+        let e = _mm256_fmadd_pd(approx, _mm256_set1_pd(1.0 / t as f64), two52());
+        // round(r / t) < 2^13: no high half.
+        let k = _mm256_sub_epi64(_mm256_castpd_si256(e), _mm256_castpd_si256(two52()));
+        let rem = _mm256_sub_epi64(r, mul_lo(k, _mm256_setzero_si256(), tv, t_hi));
         reduce_signed(rem, t)
     }
 
@@ -969,73 +989,49 @@ mod avx2 {
     /// Outputs per pass: each input vector loaded feeds this many outputs.
     const ROWS: usize = 4;
 
-    /// `U` vectors of coefficients from `k` for `R` outputs.
+    /// One vector of 4 coefficients from `k` for `R` outputs.
     ///
     /// # Safety
-    /// Needs avx2 and fma; `k + 4 U` within every row and output.
+    /// Needs avx2 and fma; `k + 4` within every row and output.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_vectors<const R: usize, const U: usize>(
+    unsafe fn rows_vector<const R: usize>(
         ptrs: &[*mut u64; R],
         x: &[&[u64]],
         consts: &[[u64; 3]],
         k: usize,
         t: u64,
     ) {
-        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
+        let two52 = two52();
         let zero = _mm256_setzero_si256();
-        let mut total = [[zero; U]; R];
+        let mut total = [zero; R];
         for (chunk_no, (rows, cs)) in x.chunks(CHUNK).zip(consts.chunks(CHUNK * R)).enumerate() {
-            let mut s = [[zero; U]; R];
-            let mut q = [[zero; U]; R];
+            let mut s = [zero; R];
+            let mut q = [zero; R];
             for (row, w) in rows.iter().zip(cs.chunks_exact(R)) {
-                let mut v = [zero; U];
-                for (u, vu) in v.iter_mut().enumerate() {
-                    // SAFETY: k + 4 U <= the row's length (the caller's contract).
-                    *vu = unsafe {
-                        _mm256_loadu_si256(row.as_ptr().add(k + 4 * u) as *const __m256i)
-                    };
-                }
-                let vd = v.map(|v| to_f64(v));
-                let v_hi = v.map(|v| _mm256_srli_epi64(v, 32));
+                // SAFETY: k + 4 <= the row's length (the caller's contract).
+                let v = unsafe { _mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i) };
+                let (vd, v_hi) = (to_f64(v), _mm256_srli_epi64(v, 32));
                 for r in 0..R {
                     let [wl, wh, wq] = w[r];
-                    let wv = _mm256_set1_epi64x(wl as i64);
-                    let whv = _mm256_set1_epi64x(wh as i64);
-                    let wqv = _mm256_set1_pd(f64::from_bits(wq));
-                    for u in 0..U {
-                        let cross = _mm256_add_epi64(
-                            _mm256_mul_epu32(v[u], whv),
-                            _mm256_mul_epu32(v_hi[u], wv),
-                        );
-                        s[r][u] = _mm256_add_epi64(
-                            s[r][u],
-                            _mm256_add_epi64(
-                                _mm256_mul_epu32(v[u], wv),
-                                _mm256_slli_epi64(cross, 32),
-                            ),
-                        );
-                        let e = _mm256_fmadd_pd(vd[u], wqv, two52);
-                        q[r][u] = _mm256_add_epi64(q[r][u], _mm256_castpd_si256(e));
-                    }
+                    let (wv, whv) = (_mm256_set1_epi64x(wl as i64), _mm256_set1_epi64x(wh as i64));
+                    s[r] = _mm256_add_epi64(s[r], mul_lo(v, v_hi, wv, whv));
+                    let e = _mm256_fmadd_pd(vd, _mm256_set1_pd(f64::from_bits(wq)), two52);
+                    q[r] = _mm256_add_epi64(q[r], _mm256_castpd_si256(e));
                 }
             }
             for r in 0..R {
-                for u in 0..U {
-                    let part = finish(s[r][u], q[r][u], rows.len(), rows.len(), t);
-                    total[r][u] = if chunk_no == 0 {
-                        part
-                    } else {
-                        reduce_signed(_mm256_add_epi64(total[r][u], part), t)
-                    };
-                }
+                let part = finish(s[r], q[r], rows.len(), rows.len(), t);
+                total[r] = if chunk_no == 0 {
+                    part
+                } else {
+                    reduce_signed(_mm256_add_epi64(total[r], part), t)
+                };
             }
         }
-        for (p, tot) in ptrs.iter().zip(&total) {
-            for (u, v) in tot.iter().enumerate() {
-                // SAFETY: k + 4 U <= every output's length (the caller's contract).
-                unsafe { _mm256_storeu_si256(p.add(k + 4 * u) as *mut __m256i, *v) };
-            }
+        for (p, v) in ptrs.iter().zip(&total) {
+            // SAFETY: k + 4 <= every output's length (the caller's contract).
+            unsafe { _mm256_storeu_si256(p.add(k) as *mut __m256i, *v) };
         }
     }
 
@@ -1052,7 +1048,7 @@ mod avx2 {
         // One vector per row visit: two (a whole cache line) measured no faster on packed rows.
         while k + 4 <= n {
             // SAFETY: k + 4 <= n.
-            unsafe { rows_vectors::<R, 1>(&ptrs, x, consts, k, t) };
+            unsafe { rows_vector::<R>(&ptrs, x, consts, k, t) };
             k += 4;
         }
         for kk in k..n {
@@ -1091,7 +1087,7 @@ mod avx2 {
         }
         debug_assert!(b.iter().chain(a).all(|r| r[..n].iter().all(|&v| v < tv)));
         let m = x.len();
-        let two52 = _mm256_castsi256_pd(_mm256_set1_epi64x(TWO52 as i64));
+        let two52 = two52();
         let tinv = _mm256_set1_pd(1.0 / tv as f64);
         let mut k = 0;
         while k + 4 <= n {
@@ -1106,9 +1102,10 @@ mod avx2 {
                         _mm256_loadu_si256(a[j].as_ptr().add(k) as *const __m256i),
                     )
                 };
-                let vd = to_f64(v);
+                let (vd, v_hi) = (to_f64(v), _mm256_srli_epi64(v, 32));
                 for (key, s, q) in [(bb, &mut s0, &mut q0), (aa, &mut s1, &mut q1)] {
-                    *s = _mm256_add_epi64(*s, mul_lo(v, key, _mm256_srli_epi64(key, 32)));
+                    let key_hi = _mm256_srli_epi64(key, 32);
+                    *s = _mm256_add_epi64(*s, mul_lo(v, v_hi, key, key_hi));
                     // key / t rounded twice: each quotient is within 3/4 of the exact one.
                     let kq = _mm256_mul_pd(to_f64(key), tinv);
                     *q = _mm256_add_epi64(*q, _mm256_castpd_si256(_mm256_fmadd_pd(vd, kq, two52)));
@@ -1127,15 +1124,7 @@ mod avx2 {
             }
             k += 4;
         }
-        for kk in k..n {
-            let (mut s0, mut s1) = (0u128, 0u128);
-            for j in 0..m {
-                s0 += x[j][kk] as u128 * b[j][kk] as u128;
-                s1 += x[j][kk] as u128 * a[j][kk] as u128;
-            }
-            out0[kk] = t.reduce_u128(s0);
-            out1[kk] = t.reduce_u128(s1);
-        }
+        super::dot2_portable(out0, out1, x, b, a, t, k);
     }
 
     /// `x w - q t` for `q = round(x * wq)`, `wq ~ w / t` (relative error below 2^-51), as an
@@ -1145,7 +1134,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn mul_rem(x: __m256d, w: __m256d, wq: __m256d, t: __m256d) -> __m256d {
-        let two52 = _mm256_set1_pd(4503599627370496.0);
+        let two52 = two52();
         let h = _mm256_mul_pd(x, w);
         let l = _mm256_fmsub_pd(x, w, h);
         let q = _mm256_sub_pd(_mm256_fmadd_pd(x, wq, two52), two52);
@@ -1163,7 +1152,7 @@ mod avx2 {
         let r = _mm256_add_pd(r, _mm256_and_pd(neg, td));
         let big = _mm256_cmp_pd(r, td, _CMP_GE_OQ);
         let r = _mm256_sub_pd(r, _mm256_and_pd(big, td));
-        let two52 = _mm256_set1_pd(4503599627370496.0);
+        let two52 = two52();
         _mm256_sub_epi64(
             _mm256_castpd_si256(_mm256_add_pd(r, two52)),
             _mm256_castpd_si256(two52),
@@ -1360,21 +1349,8 @@ mod avx2 {
             }
             k += 4;
         }
-        for kk in k..n {
-            let (x0, x1, y0, y1) = (
-                a0[kk] as u128,
-                a1[kk] as u128,
-                b0[kk] as u128,
-                b1[kk] as u128,
-            );
-            d0[kk] = t.reduce_u128(x0 * y0);
-            d1[kk] = if square {
-                t.reduce_u128(2 * x0 * y1)
-            } else {
-                t.reduce_u128(x0 * y1 + x1 * y0)
-            };
-            d2[kk] = t.reduce_u128(x1 * y1);
-        }
+        let b = (!square).then_some([b0, b1]);
+        super::tensor_portable([d0, d1, d2], [a0, a1], b, t, k);
     }
 }
 

@@ -413,9 +413,13 @@ impl Evaluator {
                         let len = end - start;
                         let stride = len + PACK_PAD;
                         let key = (i, start, p);
-                        let same_inputs = packed_inputs.len() == lead.terms.len()
-                            && packed_inputs.iter().zip(lead.terms).all(|(a, b)| *a == b.0);
-                        if pack && (packed_key != Some(key) || !same_inputs) {
+                        if pack
+                            && (packed_key != Some(key)
+                                || !packed_inputs
+                                    .iter()
+                                    .copied()
+                                    .eq(lead.terms.iter().map(|t| t.0)))
+                        {
                             scratch.resize(slices.len() * stride, 0);
                             for (j, row) in slices.iter().enumerate() {
                                 scratch[j * stride..j * stride + len].copy_from_slice(row);
