@@ -314,6 +314,9 @@ fn variant(cfg: &TrainConfig) -> String {
         }
         how.push(what);
     }
+    if cfg.mixup > 0.0 {
+        how.push(format!("mixup {}", cfg.mixup));
+    }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
     }

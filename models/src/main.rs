@@ -182,6 +182,10 @@ struct TrainArgs {
     /// mean (0 = off; pulls element-wise toward channel-wise, see models/README.md).
     #[arg(long, default_value_t = 0.0)]
     poly_spread_decay: f64,
+    /// Mixup strength m (0 = off): train on pairs of images mixed with a Beta(m, m) weight,
+    /// the teacher scoring the same mixed images (see models/README.md).
+    #[arg(long, default_value_t = 0.0)]
+    mixup: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -303,6 +307,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         poly_channel_share: a.poly_channel_share,
         poly_spread_decay: a.poly_spread_decay,
         pretrained: a.pretrained.clone(),
+        mixup: a.mixup,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {
