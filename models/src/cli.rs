@@ -317,6 +317,9 @@ fn variant(cfg: &TrainConfig) -> String {
     if cfg.mixup > 0.0 {
         how.push(format!("mixup {}", cfg.mixup));
     }
+    if cfg.feature_kd > 0.0 {
+        how.push(format!("feature KD {}", cfg.feature_kd));
+    }
     if poly && cfg.outlier_loss > 0.0 {
         how.push(format!("images over loss {} left out", cfg.outlier_loss));
     }

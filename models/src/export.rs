@@ -232,7 +232,7 @@ pub fn export_run(
             "lr": cfg.lr, "lr_min": cfg.lr_min, "warmup_epochs": cfg.warmup_epochs, "schedule": "linear warmup then cosine",
             "batch": cfg.batch, "clip_norm": cfg.clip_norm, "augment": cfg.augment, "class_weighted": cfg.class_weighted,
             "kd_alpha": cfg.teacher.as_ref().map(|_| cfg.kd_alpha), "kd_temperature": cfg.teacher.as_ref().map(|_| cfg.kd_temperature),
-            "init_from": cfg.init_from, "arch": cfg.arch, "act": cfg.act, "freeze_bn": cfg.freeze_bn, "range_penalty": cfg.range_penalty, "off_data_penalty": cfg.off_data_penalty, "off_data_slack": cfg.off_data_slack, "off_data_kinds": cfg.off_data_kinds, "outlier_loss": cfg.outlier_loss, "relu_blend_epochs": cfg.relu_blend_epochs, "poly_channel_share": cfg.poly_channel_share, "poly_spread_decay": cfg.poly_spread_decay, "pretrained": cfg.pretrained, "mixup": cfg.mixup,
+            "init_from": cfg.init_from, "arch": cfg.arch, "act": cfg.act, "freeze_bn": cfg.freeze_bn, "range_penalty": cfg.range_penalty, "off_data_penalty": cfg.off_data_penalty, "off_data_slack": cfg.off_data_slack, "off_data_kinds": cfg.off_data_kinds, "outlier_loss": cfg.outlier_loss, "relu_blend_epochs": cfg.relu_blend_epochs, "poly_channel_share": cfg.poly_channel_share, "poly_spread_decay": cfg.poly_spread_decay, "pretrained": cfg.pretrained, "mixup": cfg.mixup, "feature_kd": cfg.feature_kd,
             "poly_fit": cfg.init_from.as_ref().map(|_| serde_json::json!({
                 "progressive": cfg.poly_fit_progressive, "images": cfg.poly_fit_images,
                 "shrink": cfg.poly_fit_shrink, "range": cfg.poly_fit_range,

@@ -186,6 +186,10 @@ struct TrainArgs {
     /// the teacher scoring the same mixed images (see models/README.md).
     #[arg(long, default_value_t = 0.0)]
     mixup: f64,
+    /// Feature distillation weight (distill only; 0 = off): also pull each activation's
+    /// input toward the teacher's, per channel relative to its variance (models/README.md).
+    #[arg(long, default_value_t = 0.0)]
+    feature_kd: f64,
     /// Stop (after a checkpoint) once this invocation has run this many steps; rerun to resume.
     #[arg(long)]
     max_steps: Option<usize>,
@@ -308,6 +312,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         poly_spread_decay: a.poly_spread_decay,
         pretrained: a.pretrained.clone(),
         mixup: a.mixup,
+        feature_kd: if distill { a.feature_kd } else { 0.0 },
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {
