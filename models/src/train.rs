@@ -1771,6 +1771,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn mixup_reaches_the_training_steps() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("beaa-mixup-steps-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        write_two_class_images(&data, 10)?;
+        let with = |mixup: f64| TrainConfig {
+            mixup,
+            epochs: 1,
+            ..tiny_config(data.clone())
+        };
+        run(&root.join("plain"), with(0.0))?;
+        run(&root.join("mixed"), with(0.4))?;
+        // Same seeds, same batches: only mixing the images can make the weights differ.
+        let dev = Device::Cpu;
+        let a = candle_core::safetensors::load(root.join("plain/checkpoint.safetensors"), &dev)?;
+        let b = candle_core::safetensors::load(root.join("mixed/checkpoint.safetensors"), &dev)?;
+        let w = |m: &HashMap<String, Tensor>| m["conv1.weight"].flatten_all()?.to_vec1::<f32>();
+        assert_ne!(w(&a)?, w(&b)?, "mixup left the training steps unchanged");
+        std::fs::remove_dir_all(&root).unwrap();
+        Ok(())
+    }
+
+    #[test]
     fn beta_draws_are_symmetric_and_spread_by_their_parameter() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for (a, var) in [
