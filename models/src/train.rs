@@ -1889,18 +1889,8 @@ pub(crate) mod tests {
         // Stopped after 3 steps and resumed: bit-identical to the uninterrupted run.
         run_limited(&root.join("resumed"), student(5.0), Some(3))?;
         run(&root.join("resumed"), student(5.0))?;
+        assert_same_checkpoints(&root.join("with"), &root.join("resumed"))?;
         let dev = Device::Cpu;
-        let a = candle_core::safetensors::load(root.join("with/checkpoint.safetensors"), &dev)?;
-        let b = candle_core::safetensors::load(root.join("resumed/checkpoint.safetensors"), &dev)?;
-        assert_eq!(a.len(), b.len());
-        for (k, t) in &a {
-            let d = (t - &b[k])?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert_eq!(d, 0.0, "{k} differs after resume");
-        }
         // The term pulls: the student trained with it ends nearer the teacher's layers.
         let mut cfg = teacher_cfg;
         let (train, _) = load_data(&mut cfg)?;
@@ -2208,6 +2198,23 @@ pub(crate) mod tests {
         }
     }
 
+    /// Two runs' checkpoints hold the same tensors, bit for bit (exact resume).
+    fn assert_same_checkpoints(a: &Path, b: &Path) -> Result<()> {
+        let dev = Device::Cpu;
+        let a = candle_core::safetensors::load(a.join("checkpoint.safetensors"), &dev)?;
+        let b = candle_core::safetensors::load(b.join("checkpoint.safetensors"), &dev)?;
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let d = (t - &b[k])?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{k} differs after resume");
+        }
+        Ok(())
+    }
+
     fn resume_mid_epoch_is_exact_with(
         range_penalty: f64,
         relu_blend_epochs: f64,
@@ -2241,8 +2248,6 @@ pub(crate) mod tests {
         );
         let dev = Device::Cpu;
         let a = candle_core::safetensors::load(root.join("a/checkpoint.safetensors"), &dev)?;
-        let b = candle_core::safetensors::load(root.join("b/checkpoint.safetensors"), &dev)?;
-        assert_eq!(a.len(), b.len());
         if poly_channel_share {
             let share = &a["conv1.poly_a.channel"];
             assert!(
@@ -2250,14 +2255,7 @@ pub(crate) mod tests {
                 "shares trained"
             );
         }
-        for (k, t) in &a {
-            let d = (t - &b[k])?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert_eq!(d, 0.0, "{k} differs after resume");
-        }
+        assert_same_checkpoints(&root.join("a"), &root.join("b"))?;
         std::fs::remove_dir_all(&root).unwrap();
         Ok(())
     }
