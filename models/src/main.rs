@@ -312,7 +312,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
         poly_spread_decay: a.poly_spread_decay,
         pretrained: a.pretrained.clone(),
         mixup: a.mixup,
-        feature_kd: if distill { a.feature_kd } else { 0.0 },
+        feature_kd: a.feature_kd,
         bn_calibration_images: if a.act == ActKind::Relu {
             0
         } else {

@@ -909,6 +909,9 @@ pub fn run_limited(
             dir.display()
         );
     }
+    if cfg.feature_kd > 0.0 && cfg.teacher.is_none() {
+        bail!("feature distillation (--feature-kd) needs a teacher (beaa-train distill --teacher RUN)");
+    }
     let (train, val) = load_data(&mut cfg)?;
     let spec = cfg.input.clone();
     let mut net = net_for(&cfg, &dev)?;
@@ -975,9 +978,6 @@ pub fn run_limited(
         Some(t) => Some(load_run(t, &dev)?.1),
         None => None,
     };
-    if cfg.feature_kd > 0.0 && teacher.is_none() {
-        bail!("feature distillation (--feature-kd) needs a teacher (beaa-train distill --teacher RUN)");
-    }
     let class_w: Option<Vec<f32>> = cfg.class_weighted.then(|| {
         let counts = train.class_counts();
         let k = counts.len() as f32;
