@@ -1772,10 +1772,7 @@ pub(crate) mod tests {
 
     #[test]
     fn mixup_reaches_the_training_steps() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-mixup-steps-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
+        let (root, data) = fresh_tiny_data("beaa-mixup-steps")?;
         let with = |mixup: f64| TrainConfig {
             mixup,
             epochs: 1,
@@ -1846,7 +1843,7 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// Every activation unit's input for `images` of the training set, from a saved run.
+    /// Every activation unit's input on the images `x`, from a saved run's network.
     fn unit_inputs(run_dir: &Path, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let (_, mut net) = load_run(run_dir, &Device::Cpu)?;
         let mut out = Vec::new();
@@ -1860,10 +1857,7 @@ pub(crate) mod tests {
 
     #[test]
     fn feature_kd_pulls_the_students_layers_toward_the_teacher_and_resumes_exactly() -> Result<()> {
-        let root = std::env::temp_dir().join(format!("beaa-feature-kd-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let data = root.join("data");
-        write_two_class_images(&data, 10)?;
+        let (root, data) = fresh_tiny_data("beaa-feature-kd")?;
         let teacher_dir = root.join("teacher");
         let teacher_cfg = TrainConfig {
             act: ActKind::Relu,
