@@ -45,14 +45,12 @@ pub fn bench_train_step(batch: usize, steps: usize, act: ActKind) -> anyhow::Res
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
     Ok(BenchResult {
         batch,
         steps,
         act,
         threads: candle_core::utils::get_num_threads(),
-        median_step_s: sorted[sorted.len() / 2],
+        median_step_s: crate::net::median(&times),
         mean_step_s: times.iter().sum::<f64>() / times.len() as f64,
     })
 }

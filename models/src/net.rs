@@ -544,17 +544,8 @@ pub fn robust_batch_stats(x: &Tensor, group: usize) -> Result<(Tensor, Tensor)> 
             vars[k].push((s2[k] / m - mu * mu).max(0.0));
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        let l = v.len();
-        if l % 2 == 1 {
-            v[l / 2]
-        } else {
-            0.5 * (v[l / 2 - 1] + v[l / 2])
-        }
-    };
-    let mean: Vec<f32> = means.iter_mut().map(|v| median(v) as f32).collect();
-    let var: Vec<f32> = vars.iter_mut().map(|v| median(v) as f32).collect();
+    let mean: Vec<f32> = means.iter().map(|v| median(v) as f32).collect();
+    let var: Vec<f32> = vars.iter().map(|v| median(v) as f32).collect();
     Ok((
         Tensor::from_vec(mean, c, x.device())?,
         Tensor::from_vec(var, c, x.device())?,
@@ -566,9 +557,29 @@ pub fn avg_pool2(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(crate::fused::AvgPool2)
 }
 
+/// The median (the mean of the middle two for an even count; NaN when empty): what a typical
+/// batch or group did, unmoved by the few that explode.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let l = v.len();
+    match l {
+        0 => f64::NAN,
+        _ if l % 2 == 1 => v[l / 2],
+        _ => 0.5 * (v[l / 2 - 1] + v[l / 2]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_is_the_middle_value_and_ignores_outliers() {
+        assert_eq!(median(&[3.0, 1e12, 2.0]), 3.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 1e30]), 3.0);
+        assert!(median(&[]).is_nan());
+    }
 
     fn small_arch() -> SqueezeNetSpec {
         SqueezeNetSpec {

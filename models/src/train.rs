@@ -2,7 +2,7 @@
 //! optional knowledge distillation from a teacher run, checkpoints with exact resume.
 
 use crate::data::{augment_normalize, split, Augment, Dataset, Fold, SplitKind};
-use crate::net::{poly_shape, ActKind, ConvUnit, Net, SqueezeNetSpec, POLY_COEFS};
+use crate::net::{median, poly_shape, ActKind, ConvUnit, Net, SqueezeNetSpec, POLY_COEFS};
 use anyhow::{bail, Context, Result};
 use beaa_model::{InputSpec, ResizePolicy};
 use candle_core::{DType, Device, Tensor, D};
@@ -1057,6 +1057,9 @@ pub fn run_limited(
         let mut dropped_acc = 0usize;
         // The feature-distillation term, unweighted (0 when it is off).
         let mut feature_acc = 0.0f64;
+        // Each step's loss and feature term: after the ReLU blend a few batches explode (losses
+        // of 1e10 and more) and swamp the means, so the logs carry the medians too.
+        let (mut step_losses, mut step_features) = (Vec::new(), Vec::new());
         while state.step < steps_per_epoch {
             let s = state.step;
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
@@ -1175,7 +1178,9 @@ pub fn run_limited(
                     }
                 };
                 let f = feature_kd_loss(&rows(features)?, &rows(teacher_features)?)?;
-                feature_acc += f.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                let fv = f.to_scalar::<f32>()? as f64;
+                feature_acc += fv * idx.len() as f64;
+                step_features.push(fv);
                 (loss + (f * cfg.feature_kd)?)?
             } else {
                 loss
@@ -1215,11 +1220,12 @@ pub fn run_limited(
             correct += pred.iter().zip(truth).filter(|(p, t)| p == t).count();
             seen += y.len();
             loss_acc += lv * y.len() as f64;
+            step_losses.push(lv);
             state.step += 1;
             pb.inc(1);
             pb.set_message(format!(
-                "loss {:.4} acc {:.4} lr {:.4}",
-                loss_acc / seen as f64,
+                "loss (median) {:.4} acc {:.4} lr {:.4}",
+                median(&step_losses),
                 correct as f64 / seen as f64,
                 lr
             ));
@@ -1227,9 +1233,11 @@ pub fn run_limited(
                 log_line(
                     dir,
                     &serde_json::json!({"event": "step", "epoch": epoch, "step": state.step, "lr": lr,
-                    "loss": loss_acc / seen as f64, "train_acc": correct as f64 / seen as f64,
+                    "loss": loss_acc / seen as f64, "loss_median": median(&step_losses),
+                    "train_acc": correct as f64 / seen as f64,
                     "range_excess": excess_acc / seen as f64, "off_data_excess": off_data_acc / seen as f64,
-                    "feature_kd": feature_acc / seen as f64, "outliers_left_out": dropped_acc}),
+                    "feature_kd": feature_acc / seen as f64, "feature_kd_median": median(&step_features),
+                    "outliers_left_out": dropped_acc}),
                 )?;
             }
             steps_done += 1;
@@ -1271,15 +1279,17 @@ pub fn run_limited(
             f64::NAN
         };
         eprintln!(
-            "epoch {}/{}: train loss {:.4} acc {:.4} | val acc {:.4} balanced {:.4} loss {:.4} | {:.0}s",
-            state.epoch, cfg.epochs, train_loss, train_acc, v.accuracy, v.balanced_accuracy, v.loss, state.seconds
+            "epoch {}/{}: train loss {:.4} (median {:.4}) acc {:.4} | val acc {:.4} balanced {:.4} loss {:.4} | {:.0}s",
+            state.epoch, cfg.epochs, train_loss, median(&step_losses), train_acc, v.accuracy, v.balanced_accuracy, v.loss, state.seconds
         );
         log_line(
             dir,
             &serde_json::json!({"event": "epoch", "epoch": state.epoch, "train_loss": train_loss,
+            "train_loss_median": median(&step_losses),
             "train_acc": train_acc, "val": v, "seconds": state.seconds, "outliers_left_out": dropped_acc,
             "off_data_excess": if seen > 0 { off_data_acc / seen as f64 } else { f64::NAN },
-            "feature_kd": if seen > 0 { feature_acc / seen as f64 } else { f64::NAN }}),
+            "feature_kd": if seen > 0 { feature_acc / seen as f64 } else { f64::NAN },
+            "feature_kd_median": median(&step_features)}),
         )?;
         state.last_val = Some(v);
         save_checkpoint(dir, &net, &mom, &state)?;
@@ -1728,14 +1738,24 @@ pub(crate) mod tests {
         let state = run(&root.join("run"), cfg)?;
         assert_eq!(state.epoch, 2);
         let log = std::fs::read_to_string(root.join("run/log.jsonl"))?;
-        let left_out: Vec<u64> = log
+        let epochs: Vec<serde_json::Value> = log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["event"] == "epoch")
+            .collect();
+        let left_out: Vec<u64> = epochs
+            .iter()
             .map(|v| v["outliers_left_out"].as_u64().unwrap_or(0))
             .collect();
         // 16 training images in batches of 4: 4 steps, each leaving out 3.
         assert_eq!(left_out, vec![12, 12]);
+        // The epoch lines carry the median step loss; no feature term ran, so no median of it.
+        for v in &epochs {
+            assert!(v["train_loss_median"]
+                .as_f64()
+                .is_some_and(|m| m.is_finite() && m > 0.0));
+            assert!(v["feature_kd_median"].is_null());
+        }
         let _ = std::fs::remove_dir_all(&root);
         Ok(())
     }
