@@ -1124,23 +1124,25 @@ pub fn run_limited(
             } else {
                 None
             };
+            // The same rows as a tensor, for the logits and the feature maps alike.
+            let kept_ix = kept
+                .as_ref()
+                .map(|rows| Tensor::new(rows.as_slice(), &dev))
+                .transpose()?;
             let keep = |labels: &[u32]| -> Vec<u32> {
                 match &kept {
                     Some(rows) => rows.iter().map(|&r| labels[r as usize]).collect(),
                     None => labels.to_vec(),
                 }
             };
-            let (step_logits, step_teacher) = match &kept {
-                Some(rows) => {
-                    let ix = Tensor::new(rows.as_slice(), &dev)?;
-                    (
-                        logits.index_select(&ix, 0)?,
-                        teacher_logits
-                            .as_ref()
-                            .map(|t| t.index_select(&ix, 0))
-                            .transpose()?,
-                    )
-                }
+            let (step_logits, step_teacher) = match &kept_ix {
+                Some(ix) => (
+                    logits.index_select(ix, 0)?,
+                    teacher_logits
+                        .as_ref()
+                        .map(|t| t.index_select(ix, 0))
+                        .transpose()?,
+                ),
                 None => (logits.clone(), teacher_logits),
             };
             let loss_for = |labels: &[u32]| -> Result<Tensor> {
@@ -1167,13 +1169,11 @@ pub fn run_limited(
             let loss = if want_features {
                 // The same images as the logit terms (--outlier-loss may leave some out).
                 let rows = |f: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
-                    match &kept {
-                        Some(rows) => {
-                            let ix = Tensor::new(rows.as_slice(), &dev)?;
-                            f.into_iter()
-                                .map(|(n, t)| Ok((n, t.index_select(&ix, 0)?)))
-                                .collect()
-                        }
+                    match &kept_ix {
+                        Some(ix) => f
+                            .into_iter()
+                            .map(|(n, t)| Ok((n, t.index_select(ix, 0)?)))
+                            .collect(),
                         None => Ok(f),
                     }
                 };
@@ -1900,6 +1900,24 @@ pub(crate) mod tests {
         assert!(run(&root.join("lone"), lone).is_err());
         run(&root.join("with"), student(5.0))?;
         run(&root.join("without"), student(0.0))?;
+        // Together with --outlier-loss (all but each step's best image left out): the step
+        // cuts the feature maps by the same row index as the logits and logs both terms.
+        let cut = TrainConfig {
+            outlier_loss: 1e-9,
+            ..student(5.0)
+        };
+        run(&root.join("cut"), cut)?;
+        let log = std::fs::read_to_string(root.join("cut/log.jsonl"))?;
+        let epochs: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "epoch")
+            .collect();
+        assert_eq!(epochs.len(), 2);
+        for v in &epochs {
+            assert_eq!(v["outliers_left_out"].as_u64(), Some(12));
+            assert!(v["feature_kd_median"].as_f64().is_some_and(f64::is_finite));
+        }
         // Stopped after 3 steps and resumed: bit-identical to the uninterrupted run.
         run_limited(&root.join("resumed"), student(5.0), Some(3))?;
         run(&root.join("resumed"), student(5.0))?;
