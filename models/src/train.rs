@@ -1727,6 +1727,16 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// The "epoch" lines of a run's `log.jsonl`.
+    fn epoch_lines(run_dir: &Path) -> Result<Vec<serde_json::Value>> {
+        let log = std::fs::read_to_string(run_dir.join("log.jsonl"))?;
+        Ok(log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "epoch")
+            .collect())
+    }
+
     #[test]
     fn outlier_loss_limit_leaves_images_out_of_their_steps() -> Result<()> {
         let (root, data) = fresh_tiny_data("beaa-outlier")?;
@@ -1737,12 +1747,7 @@ pub(crate) mod tests {
         };
         let state = run(&root.join("run"), cfg)?;
         assert_eq!(state.epoch, 2);
-        let log = std::fs::read_to_string(root.join("run/log.jsonl"))?;
-        let epochs: Vec<serde_json::Value> = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "epoch")
-            .collect();
+        let epochs = epoch_lines(&root.join("run"))?;
         let left_out: Vec<u64> = epochs
             .iter()
             .map(|v| v["outliers_left_out"].as_u64().unwrap_or(0))
@@ -1907,12 +1912,7 @@ pub(crate) mod tests {
             ..student(5.0)
         };
         run(&root.join("cut"), cut)?;
-        let log = std::fs::read_to_string(root.join("cut/log.jsonl"))?;
-        let epochs: Vec<serde_json::Value> = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "epoch")
-            .collect();
+        let epochs = epoch_lines(&root.join("cut"))?;
         assert_eq!(epochs.len(), 2);
         for v in &epochs {
             assert_eq!(v["outliers_left_out"].as_u64(), Some(12));
