@@ -181,9 +181,7 @@ pub fn dot_const(out: &mut [u64], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
     }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: the CPU supports avx2 + fma (checked above); lengths are checked by the
-        // kernel.
-        unsafe { avx2::dot_const_rows(&mut [out], x, c, t) };
+        dot_const_rows(&mut [out], x, c, t);
         return;
     }
     let first = x.len().min(DOT_MAX_TERMS);
@@ -208,46 +206,117 @@ pub const DOT_ROWS: usize = 4;
 /// `outs[r][k] = sum_i x_i[k] * c[i * R + r] mod t` for `R = outs.len()` outputs over the
 /// same inputs (constants term-major, `R` per input): the outputs of one convolution position
 /// share their inputs, so each input vector loaded feeds `R` outputs' multiply-adds instead of
-/// one. Any `R`; the IFMA path works `DOT_ROWS` at a time.
+/// one. Any `R`; the vector paths work `DOT_ROWS` at a time. For many calls over blocks of
+/// the same rows, prepare the constants once ([`RowConsts`], [`dot_const_rows_prepared`]).
 pub fn dot_const_rows(outs: &mut [&mut [u64]], x: &[&[u64]], c: &[ShoupConst], t: &Modulus) {
-    let r = outs.len();
-    assert!(r > 0 && !x.is_empty() && c.len() == x.len() * r);
+    let prepared = RowConsts::new(c, outs.len(), t);
+    dot_const_rows_prepared(outs, x, &prepared, t);
+}
+
+/// The constants of [`dot_const_rows`] (term-major, `rows` per input) split into the passes of
+/// at most [`DOT_ROWS`] outputs this CPU's kernel makes, in its layout. A GEMM over short
+/// blocks of coefficients builds them once per prime instead of once per block: on AVX2 the
+/// preparation (a division per constant) cost as much as the multiply-adds on 48-coefficient
+/// blocks of 1,152-term rows (conv2's shape; BENCHMARKS.md, "Winograd").
+pub struct RowConsts {
+    rows: usize,
+    terms: usize,
+    passes: Passes,
+}
+
+enum Passes {
+    /// Per pass, its rows' constants term-major: the IFMA kernel's layout, and the portable
+    /// path's (one row per pass).
+    Shoup(Vec<Vec<ShoupConst>>),
+    /// Per pass, `[w, w >> 32, bits(w / t)]` term-major.
     #[cfg(target_arch = "x86_64")]
-    if has_ifma() && r > 1 {
-        if r <= DOT_ROWS {
-            // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
-            // checked by the kernel. One pass: the constants are already in its layout.
-            unsafe { ifma::dot_const_rows(outs, x, c, t) };
-            return;
+    Avx2(Vec<Vec<[u64; 3]>>),
+}
+
+impl RowConsts {
+    pub fn new(c: &[ShoupConst], rows: usize, t: &Modulus) -> Self {
+        assert!(rows > 0 && c.len().is_multiple_of(rows));
+        let terms = c.len() / rows;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_ifma() && rows > 1 {
+                return Self {
+                    rows,
+                    terms,
+                    passes: Passes::Shoup(split_passes(c, rows, DOT_ROWS)),
+                };
+            }
+            if has_avx2_fma() {
+                return Self {
+                    rows,
+                    terms,
+                    passes: Passes::Avx2(avx2_passes(c, rows, t)),
+                };
+            }
         }
-        // More outputs than one pass takes: DOT_ROWS at a time, each with its own
-        // term-major slice of the constants.
-        let mut done = 0;
-        while done < r {
-            let take = (r - done).min(DOT_ROWS);
-            let part: Vec<ShoupConst> = c
-                .chunks(r)
+        let _ = t;
+        Self {
+            rows,
+            terms,
+            passes: Passes::Shoup(split_passes(c, rows, 1)),
+        }
+    }
+}
+
+/// Term-major constants of `rows` outputs split into passes of at most `per_pass` outputs,
+/// each term-major itself.
+fn split_passes(c: &[ShoupConst], rows: usize, per_pass: usize) -> Vec<Vec<ShoupConst>> {
+    (0..rows)
+        .step_by(per_pass)
+        .map(|done| {
+            let take = (rows - done).min(per_pass);
+            c.chunks(rows)
                 .flat_map(|per_term| per_term[done..done + take].iter().copied())
-                .collect();
-            // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
-            // checked by the kernel.
-            unsafe { ifma::dot_const_rows(&mut outs[done..done + take], x, &part, t) };
-            done += take;
+                .collect()
+        })
+        .collect()
+}
+
+/// [`split_passes`] in the AVX2 kernel's layout.
+#[cfg(target_arch = "x86_64")]
+fn avx2_passes(c: &[ShoupConst], rows: usize, t: &Modulus) -> Vec<Vec<[u64; 3]>> {
+    let tv = t.value() as f64;
+    split_passes(c, rows, avx2::ROWS)
+        .into_iter()
+        .map(|pass| {
+            pass.iter()
+                .map(|k| [k.w, k.w >> 32, (k.w as f64 / tv).to_bits()])
+                .collect()
+        })
+        .collect()
+}
+
+/// [`dot_const_rows`] with constants prepared by [`RowConsts::new`] (for `outs.len()` rows
+/// and `x.len()` terms, modulo `t`).
+pub fn dot_const_rows_prepared(outs: &mut [&mut [u64]], x: &[&[u64]], k: &RowConsts, t: &Modulus) {
+    assert!(outs.len() == k.rows && x.len() == k.terms && !x.is_empty());
+    match &k.passes {
+        #[cfg(target_arch = "x86_64")]
+        Passes::Shoup(passes) if has_ifma() && k.rows > 1 => {
+            for (outs, part) in outs.chunks_mut(DOT_ROWS).zip(passes) {
+                // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
+                // checked by the kernel.
+                unsafe { ifma::dot_const_rows(outs, x, part, t) };
+            }
         }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports avx2 + fma (checked above); lengths are checked by the
-        // kernel, which takes any number of outputs.
-        unsafe { avx2::dot_const_rows(outs, x, c, t) };
-        return;
-    }
-    let mut own: Vec<ShoupConst> = Vec::with_capacity(x.len());
-    for (j, out) in outs.iter_mut().enumerate() {
-        own.clear();
-        own.extend(c.iter().skip(j).step_by(r).copied());
-        dot_const(out, x, &own, t);
+        #[cfg(target_arch = "x86_64")]
+        Passes::Avx2(passes) => {
+            for (outs, part) in outs.chunks_mut(avx2::ROWS).zip(passes) {
+                // SAFETY: the constants were prepared for avx2 + fma, which the CPU
+                // supports; lengths are checked by the kernel.
+                unsafe { avx2::dot_const_rows(outs, x, part, t) };
+            }
+        }
+        Passes::Shoup(passes) => {
+            for (out, own) in outs.iter_mut().zip(passes) {
+                dot_const(out, x, own, t);
+            }
+        }
     }
 }
 
@@ -943,16 +1012,19 @@ mod avx2 {
         _mm256_sub_epi64(v, _mm256_and_si256(big, tv))
     }
 
+    /// One pass of at most [`ROWS`] outputs with constants prepared by `RowConsts`
+    /// (`[w, w >> 32, bits(w / t)]` per term and output, term-major).
+    ///
     /// # Safety
     /// Needs avx2 and fma.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_const_rows(
         outs: &mut [&mut [u64]],
         x: &[&[u64]],
-        c: &[ShoupConst],
+        consts: &[[u64; 3]],
         t: &crate::arith::Modulus,
     ) {
-        let r = outs.len();
+        let take = outs.len();
         let n = outs[0].len();
         for o in outs.iter() {
             assert_eq!(o.len(), n);
@@ -960,34 +1032,22 @@ mod avx2 {
         for row in x {
             assert!(row.len() >= n);
         }
-        assert_eq!(c.len(), x.len() * r);
+        assert!((1..=ROWS).contains(&take) && consts.len() == x.len() * take);
         let tv = t.value();
         assert!(tv < 1 << 50);
-        let mut done = 0;
-        while done < r {
-            let take = (r - done).min(ROWS);
-            // [w, w >> 32, bits(w / t)] per term and output, term-major.
-            let consts: Vec<[u64; 3]> = c
-                .chunks(r)
-                .flat_map(|per_term| per_term[done..done + take].iter())
-                .map(|ci| [ci.w, ci.w >> 32, (ci.w as f64 / tv as f64).to_bits()])
-                .collect();
-            let part = &mut outs[done..done + take];
-            // SAFETY: every row and output is at least n long (asserted above).
-            unsafe {
-                match take {
-                    1 => rows::<1>(part, x, &consts, tv),
-                    2 => rows::<2>(part, x, &consts, tv),
-                    3 => rows::<3>(part, x, &consts, tv),
-                    _ => rows::<4>(part, x, &consts, tv),
-                }
+        // SAFETY: every row and output is at least n long (asserted above).
+        unsafe {
+            match take {
+                1 => rows::<1>(outs, x, consts, tv),
+                2 => rows::<2>(outs, x, consts, tv),
+                3 => rows::<3>(outs, x, consts, tv),
+                _ => rows::<4>(outs, x, consts, tv),
             }
-            done += take;
         }
     }
 
     /// Outputs per pass: each input vector loaded feeds this many outputs.
-    const ROWS: usize = 4;
+    pub const ROWS: usize = 4;
 
     /// One vector of 4 coefficients from `k` for `R` outputs.
     ///
@@ -1467,8 +1527,13 @@ mod tests {
             let rows: Vec<&[u64]> = x.iter().map(|r| r.as_slice()).collect();
             let mut outs = vec![vec![0u64; len]; outputs];
             let mut refs: Vec<&mut [u64]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            // SAFETY: the CPU supports avx2 + fma (checked above).
-            unsafe { avx2::dot_const_rows(&mut refs, &rows, &c, &t) };
+            for (refs, part) in refs
+                .chunks_mut(avx2::ROWS)
+                .zip(avx2_passes(&c, outputs, &t))
+            {
+                // SAFETY: the CPU supports avx2 + fma (checked above).
+                unsafe { avx2::dot_const_rows(refs, &rows, &part, &t) };
+            }
             for (r, o) in outs.iter().enumerate() {
                 for k in 0..len {
                     let s: u128 = (0..terms)

@@ -1,6 +1,7 @@
 //! Homomorphic operations. Everything here uses public objects only.
 
-use crate::arith::{kernels, ShoupConst};
+use crate::arith::kernels::{self, RowConsts};
+use crate::arith::ShoupConst;
 use crate::error::{Error, Result};
 use crate::ring::{BaseConverter, RnsPoly};
 use crate::scheme::{
@@ -32,10 +33,10 @@ pub struct Evaluator {
 }
 
 /// Bytes of input residues per block of [`Evaluator::linear_combinations`].
-const GEMM_BLOCK_BYTES: usize = 512 * 1024;
+pub(crate) const GEMM_BLOCK_BYTES: usize = 512 * 1024;
 /// Extra coefficients between packed GEMM input rows, so rows do not start at the same
 /// offset modulo a cache way (measured: 8 better than 0 or 32 on AVX2).
-const PACK_PAD: usize = 8;
+pub(crate) const PACK_PAD: usize = 8;
 
 impl Evaluator {
     pub fn new(params: &Params) -> Self {
@@ -48,7 +49,7 @@ impl Evaluator {
         &self.params
     }
 
-    fn check(&self, ct: &Ciphertext) -> Result<()> {
+    pub(crate) fn check(&self, ct: &Ciphertext) -> Result<()> {
         if ct.params != self.params {
             return Err(Error::ParamsMismatch);
         }
@@ -387,13 +388,25 @@ impl Evaluator {
                     }
                 }
             }
+            // In the kernel's layout, once per prime for all blocks of coefficients.
+            let prepared: Vec<[Option<RowConsts>; 2]> = consts
+                .iter()
+                .zip(&consts2)
+                .zip(&groups)
+                .map(|((c, c2), g)| {
+                    let rows = g.len();
+                    let prep =
+                        |c: &Vec<ShoupConst>| (!c.is_empty()).then(|| RowConsts::new(c, rows, m));
+                    [prep(c), prep(c2)]
+                })
+                .collect();
             let mut start = 0;
             while start < n {
                 let end = (start + block).min(n);
                 // Polynomial by polynomial, so the block of inputs all outputs read is one
                 // polynomial's (stays in L2), not two or three interleaved.
                 for p in 0..3 {
-                    for ((g, c), c2) in groups.iter().zip(&consts).zip(&consts2) {
+                    for (g, prep) in groups.iter().zip(&prepared) {
                         let lead = &rows[g.start];
                         if lead.level < i || p > degrees[g.start] {
                             continue;
@@ -441,8 +454,10 @@ impl Evaluator {
                             .iter_mut()
                             .map(|o| &mut o[p].limb_mut(i)[start..end])
                             .collect();
-                        let c = if p < 2 { c } else { c2 };
-                        kernels::dot_const_rows(&mut outs, xs, c, m);
+                        let k = prep[usize::from(p == 2)]
+                            .as_ref()
+                            .expect("constants for every polynomial a group has");
+                        kernels::dot_const_rows_prepared(&mut outs, xs, k, m);
                     }
                 }
                 start = end;

@@ -4,6 +4,7 @@ pub(crate) mod ciphertext;
 pub(crate) mod encoder;
 pub(crate) mod encryptor;
 pub(crate) mod evaluator;
+pub(crate) mod factored;
 pub(crate) mod keys;
 pub(crate) mod params;
 
@@ -11,6 +12,7 @@ pub use ciphertext::{Ciphertext, Plaintext};
 pub use encoder::Encoder;
 pub use encryptor::{decrypt, Encryptor};
 pub use evaluator::{Evaluator, LinearRow, SCALE_TOLERANCE};
+pub use factored::{winograd, FactoredMap};
 pub use keys::{
     galois_element, GaloisKeys, KeyGenerator, KeySwitchingKey, PublicKey, RelinKey, SecretKey,
 };

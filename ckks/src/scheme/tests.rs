@@ -489,3 +489,119 @@ fn mismatches_are_reported() {
     f.ev.drop_to_level(&mut kept, 2).unwrap();
     assert!((f.decrypt(&kept)[0] - 5.0).abs() < 1e-6);
 }
+
+/// Winograd F(2x2, 3x3) through `factored_combinations`: residue for residue the linear
+/// combination with the effective integer weights, and within noise of the plain 3x3
+/// cross-correlation of the decrypted patches (zeros and negated inputs included).
+#[test]
+fn winograd_block_equals_its_effective_combination_and_the_convolution() {
+    use crate::scheme::factored::winograd;
+    let mut f = small();
+    let (ci, co) = (3usize, 5usize);
+    // Input (c, i) holds slots [v, -v/2] with v = 0.1 (c + 1) - 0.05 i.
+    let value = |c: usize, i: usize| 0.1 * (c + 1) as f64 - 0.05 * i as f64;
+    let xs: Vec<Ciphertext> = (0..ci * 16)
+        .map(|e| {
+            let v = value(e / 16, e % 16);
+            f.encrypt(&[v, -v / 2.0])
+        })
+        .collect();
+    let inputs: Vec<&Ciphertext> = xs.iter().collect();
+    // Row 0 of the patch is padding (a top border block); every fifth entry negated.
+    let patch: Vec<Option<(u32, bool)>> = (0..ci * 16)
+        .map(|e| (e % 16 >= 4).then_some((e as u32, e % 5 == 0)))
+        .collect();
+    let g: Vec<[f64; 9]> = (0..co * ci)
+        .map(|oc| std::array::from_fn(|k| ((oc * 7 + k * 3) % 11) as f64 * 0.03 - 0.15))
+        .collect();
+    let mut u = vec![0.0; winograd::T * co * ci];
+    for o in 0..co {
+        for c in 0..ci {
+            for (k, w) in winograd::filter(&g[o * ci + c]).into_iter().enumerate() {
+                u[(k * co + o) * ci + c] = w;
+            }
+        }
+    }
+    // Per output a factor; output (0, 3) not wanted.
+    let fac: Vec<Option<f64>> = (0..co * winograd::M)
+        .map(|e| (e != 3).then_some(0.5 + 0.1 * e as f64))
+        .collect();
+    let (b, a) = (winograd::input_transform(), winograd::output_transform());
+    let level = xs[0].level() - 1;
+    let target = xs[0].scale() * f.params.q()[level] as f64;
+    let map = FactoredMap {
+        b: &b,
+        a: &a,
+        t: winograd::T,
+        p: winograd::P,
+        m: winograd::M,
+        patch: &patch,
+        u: &u,
+        u_bits: 20,
+        f: &fac,
+        level,
+        target_scale: target,
+    };
+    let got = f.ev.factored_combinations(&inputs, &map).unwrap();
+    assert_eq!(got.len(), co * winograd::M);
+    assert!(got[3].is_none());
+    let scale = xs[0].scale();
+    let u_int = |w: f64| (w * 2f64.powi(20)).round() as i128;
+    for o in 0..co {
+        for j in 0..winograd::M {
+            let Some(y) = &got[o * winograd::M + j] else {
+                continue;
+            };
+            let f_int = (fac[o * winograd::M + j].unwrap() * target / (scale * 2f64.powi(20)))
+                .round() as i128;
+            let mut terms: Vec<(&Ciphertext, f64)> = Vec::new();
+            let mut plain = [0.0f64; 2];
+            for c in 0..ci {
+                for i in 0..winograd::P {
+                    let Some((idx, neg)) = patch[c * 16 + i] else {
+                        continue;
+                    };
+                    let mut w: i128 = 0;
+                    for k in 0..winograd::T {
+                        w += a[j * 16 + k] as i128
+                            * u_int(u[(k * co + o) * ci + c])
+                            * b[k * 16 + i] as i128;
+                    }
+                    let w = f_int * if neg { -w } else { w };
+                    terms.push((inputs[idx as usize], w as f64 * scale / target));
+                    // The same output of the plain cross-correlation.
+                    let (iy, ix, jy, jx) = (i / 4, i % 4, j / 2, j % 2);
+                    if (jy..jy + 3).contains(&iy) && (jx..jx + 3).contains(&ix) {
+                        let tap = g[o * ci + c][(iy - jy) * 3 + ix - jx];
+                        let v = value(c, i) * if neg { -1.0 } else { 1.0 };
+                        let s = fac[o * winograd::M + j].unwrap();
+                        plain[0] += s * tap * v;
+                        plain[1] -= s * tap * v / 2.0;
+                    }
+                }
+            }
+            let mut want = f.ev.linear_combination(&terms, target).unwrap();
+            f.ev.drop_to_level(&mut want, level).unwrap();
+            assert_eq!(y.polys, want.polys, "output ({o}, {j})");
+            let mut y = y.clone();
+            f.ev.rescale_assign(&mut y).unwrap();
+            let dec = f.decrypt(&y);
+            for s in 0..2 {
+                assert!(
+                    (dec[s] - plain[s]).abs() < 1e-4,
+                    "output ({o}, {j}) slot {s}: {} vs {}",
+                    dec[s],
+                    plain[s]
+                );
+            }
+        }
+    }
+    // Inputs of another scale, and a patch pointing past the inputs, are refused.
+    let mut bad_patch = patch.clone();
+    bad_patch[5] = Some((ci as u32 * 16, false));
+    let bad = FactoredMap {
+        patch: &bad_patch,
+        ..map
+    };
+    assert!(f.ev.factored_combinations(&inputs, &bad).is_err());
+}

@@ -1,0 +1,361 @@
+//! Factored linear maps: a fast convolution (Winograd's minimal filtering) over ciphertexts.
+//!
+//! A 3x3 convolution computing a 2x2 block of outputs reads a 4x4 patch per input channel:
+//! 36 multiply-adds per (input, output) channel pair directly, 16 in Winograd's F(2x2, 3x3)
+//! form - the patch transformed by additions (`B`), 16 products per pair (`U`, the
+//! transformed filters), the block recovered by additions (`A`). Over ciphertexts every
+//! product is a modular multiply-add per residue, so the form cuts the GEMM's work about 2x
+//! where the channels are many. The products are kept at a scale of only `2^u_bits` above
+//! the inputs' so that a per-output factor (an element-wise activation's `sqrt|a|`, which
+//! differs between the four outputs that share the products) can still be applied before
+//! the one rescale: the weights' precision is split between the two.
+
+use crate::arith::kernels::{self, RowConsts};
+use crate::arith::ShoupConst;
+use crate::error::{Error, Result};
+use crate::ring::RnsPoly;
+use crate::scheme::evaluator::{GEMM_BLOCK_BYTES, PACK_PAD};
+use crate::scheme::{Ciphertext, Evaluator};
+
+/// `out[o][j] = f[o][j] * sum_k A[j][k] * sum_c U[k][o][c] * sum_i B[k][i] * x[c][i]`: input
+/// channels `c` each give a patch of `p` values `x[c][i]`, transformed to `t` values by the
+/// small integers `B`; `t` GEMMs over the channels with the weights `U`; each output channel's
+/// `m` outputs are small-integer combinations (`A`) of its `t` products, times a factor `f`.
+#[derive(Debug, Clone, Copy)]
+pub struct FactoredMap<'a> {
+    /// `t x p`, row-major.
+    pub b: &'a [i8],
+    /// `m x t`, row-major.
+    pub a: &'a [i8],
+    pub t: usize,
+    pub p: usize,
+    pub m: usize,
+    /// `ci x p`: per input channel and patch entry, the input's index and whether it enters
+    /// negated, or `None` for a zero (padding).
+    pub patch: &'a [Option<(u32, bool)>],
+    /// `t x co x ci` (k-major, then output, then input channel).
+    pub u: &'a [f64],
+    /// The products are encoded at (inputs' scale) x 2^u_bits: `U` keeps `u_bits` bits of
+    /// fraction, `f` the rest of `log2(target_scale / inputs' scale)`.
+    pub u_bits: i32,
+    /// `co x m`: each output's factor, `None` for an output not wanted (outside the map).
+    pub f: &'a [Option<f64>],
+    pub level: usize,
+    pub target_scale: f64,
+}
+
+impl FactoredMap<'_> {
+    pub fn channels_in(&self) -> usize {
+        self.patch.len() / self.p.max(1)
+    }
+    pub fn channels_out(&self) -> usize {
+        self.f.len() / self.m.max(1)
+    }
+}
+
+/// Largest integer a product weight may round to: the lazy sums of the kernels need inputs
+/// below 2^50 and constants reduced, which any `i64` is.
+const MAX_U_INT: f64 = 9.0e18;
+
+impl Evaluator {
+    /// The outputs of `map` over `inputs` (degree 1, one scale, at `map.level` or above), at
+    /// `map.level` and `map.target_scale`; `None` where `map.f` is `None`. Equal, residue for
+    /// residue, to [`Evaluator::linear_combination`] with the integer weights
+    /// `round(f * target / (scale 2^u_bits)) * sum_k A[j][k] round(U[k][o][c] 2^u_bits) B[k][i]`.
+    pub fn factored_combinations(
+        &self,
+        inputs: &[&Ciphertext],
+        map: &FactoredMap<'_>,
+    ) -> Result<Vec<Option<Ciphertext>>> {
+        let bad = |what: String| Err(Error::InvalidArgument(what));
+        let (t, p, m) = (map.t, map.p, map.m);
+        if t == 0 || p == 0 || m == 0 || map.b.len() != t * p || map.a.len() != m * t {
+            return bad(format!(
+                "transforms of {t} x {p} and {m} x {t} do not match"
+            ));
+        }
+        if !map.patch.len().is_multiple_of(p) || !map.f.len().is_multiple_of(m) {
+            return bad("patch or factor count is not a multiple of the block".into());
+        }
+        // The lazy sums below hold at most (sum of |coefficients|) x q < 2^64.
+        let widest = |mat: &[i8], cols: usize| {
+            mat.chunks(cols)
+                .map(|r| r.iter().map(|x| x.unsigned_abs() as u32).sum::<u32>())
+                .max()
+                .unwrap_or(0)
+        };
+        let (wb, wa) = (widest(map.b, p), widest(map.a, t));
+        if wb > 1024 || wa > 1024 {
+            return bad("transform coefficients too large".into());
+        }
+        // Sums below (widest + 1) q < 2^bits q.
+        let (bits_b, bits_a) = (32 - wb.leading_zeros(), 32 - wa.leading_zeros());
+        let (ci, co) = (map.channels_in(), map.channels_out());
+        if map.u.len() != t * co * ci {
+            return bad(format!("{} weights for {t} x {co} x {ci}", map.u.len()));
+        }
+        let mut scale = None;
+        for &(i, _) in map.patch.iter().flatten() {
+            let ct = inputs.get(i as usize).ok_or_else(|| {
+                Error::InvalidArgument(format!("patch refers to input {i} of {}", inputs.len()))
+            })?;
+            self.check(ct)?;
+            if ct.degree() != 1 {
+                return Err(Error::WrongDegree(ct.degree(), 1));
+            }
+            if ct.level < map.level {
+                return Err(Error::LevelMismatch(ct.level, map.level));
+            }
+            match scale {
+                None => scale = Some(ct.scale),
+                Some(s) if (s - ct.scale).abs() > 1e-9 * s => {
+                    return bad("factored map over inputs of different scales".into())
+                }
+                _ => {}
+            }
+        }
+        let Some(in_scale) = scale else {
+            return bad("factored map over no inputs".into());
+        };
+        let u_unit = 2f64.powi(map.u_bits);
+        let u_int: Vec<i64> = map
+            .u
+            .iter()
+            .map(|&w| {
+                let v = (w * u_unit).round();
+                if v.is_finite() && v.abs() < MAX_U_INT {
+                    Ok(v as i64)
+                } else {
+                    Err(Error::ValueOutOfRange {
+                        value: w,
+                        scale: u_unit,
+                    })
+                }
+            })
+            .collect::<Result<_>>()?;
+        let params = self.params();
+        let f_unit = map.target_scale / (in_scale * u_unit);
+        let limit = (params.log_q_at(map.level) - 2.0).min(120.0).exp2();
+        let f_int: Vec<Option<i128>> = map
+            .f
+            .iter()
+            .map(|f| {
+                f.map(|f| {
+                    let v = (f * f_unit).round();
+                    if v.is_finite() && v.abs() < limit {
+                        Ok(v as i128)
+                    } else {
+                        Err(Error::ValueOutOfRange {
+                            value: f,
+                            scale: f_unit,
+                        })
+                    }
+                })
+                .transpose()
+            })
+            .collect::<Result<_>>()?;
+
+        let n = params.n();
+        let ring = params.ring();
+        let mut out: Vec<Option<[RnsPoly; 2]>> = f_int
+            .iter()
+            .map(|f| {
+                f.map(|_| {
+                    [
+                        RnsPoly::zero(n, map.level + 1),
+                        RnsPoly::zero(n, map.level + 1),
+                    ]
+                })
+            })
+            .collect();
+        // Coefficient blocks small enough that one transform index's inputs (ci rows) and
+        // products (co rows) stay in L2 while the GEMM runs over them.
+        let block = (GEMM_BLOCK_BYTES / 2 / (8 * ci.max(co))).clamp(16, n) / 16 * 16;
+        let stride = block + PACK_PAD;
+        let mut v = vec![0u64; t * ci * stride];
+        let mut prod = vec![0u64; co * stride];
+        let mut acc = vec![0u64; co * m * stride];
+        let mut row = vec![0u64; block];
+        let mut c: Vec<ShoupConst> = Vec::with_capacity(ci * co);
+        for level in 0..=map.level {
+            let q = ring.modulus(level);
+            let qv = q.value();
+            // Per transform index, the GEMM's constants term-major (input channel, then
+            // output), in the kernel's layout.
+            let consts: Vec<RowConsts> = (0..t)
+                .map(|k| {
+                    c.clear();
+                    for ch in 0..ci {
+                        for o in 0..co {
+                            let w = u_int[(k * co + o) * ci + ch];
+                            c.push(ShoupConst::new(q.reduce_i64(w), q));
+                        }
+                    }
+                    RowConsts::new(&c, co, q)
+                })
+                .collect();
+            let f_const: Vec<Option<ShoupConst>> = f_int
+                .iter()
+                .map(|f| f.map(|f| ShoupConst::new(q.reduce_i128(f), q)))
+                .collect();
+            let mut start = 0;
+            while start < n {
+                let end = (start + block).min(n);
+                let len = end - start;
+                for poly in 0..2 {
+                    // The patches transformed: v[k][c] = sum_i B[k][i] x[c][i] mod q, summed
+                    // lazily (each term below |B| q, far below 2^64) and reduced once.
+                    for ch in 0..ci {
+                        let patch = &map.patch[ch * p..(ch + 1) * p];
+                        for k in 0..t {
+                            let dst = &mut v[(k * ci + ch) * stride..][..len];
+                            dst.fill(0);
+                            for (i, entry) in patch.iter().enumerate() {
+                                let coef = map.b[k * p + i];
+                                let Some((idx, neg)) = *entry else { continue };
+                                if coef == 0 {
+                                    continue;
+                                }
+                                let coef = if neg { -(coef as i64) } else { coef as i64 };
+                                let src = &inputs[idx as usize].polys[poly].limb(level)[start..end];
+                                add_small_multiple(dst, src, coef, qv);
+                            }
+                            reduce_below(dst, qv, bits_b);
+                        }
+                    }
+                    acc[..co * m * stride].fill(0);
+                    for k in 0..t {
+                        let xs: Vec<&[u64]> = (0..ci)
+                            .map(|ch| &v[(k * ci + ch) * stride..][..len])
+                            .collect();
+                        let mut outs: Vec<&mut [u64]> = prod
+                            .chunks_exact_mut(stride)
+                            .map(|r| &mut r[..len])
+                            .collect();
+                        kernels::dot_const_rows_prepared(&mut outs, &xs, &consts[k], q);
+                        for j in 0..m {
+                            let coef = map.a[j * t + k] as i64;
+                            if coef == 0 {
+                                continue;
+                            }
+                            for o in 0..co {
+                                if out[o * m + j].is_none() {
+                                    continue;
+                                }
+                                let dst = &mut acc[(o * m + j) * stride..][..len];
+                                add_small_multiple(dst, &prod[o * stride..][..len], coef, qv);
+                            }
+                        }
+                    }
+                    for (e, (polys, f)) in out.iter_mut().zip(&f_const).enumerate() {
+                        let (Some(polys), Some(f)) = (polys.as_mut(), f) else {
+                            continue;
+                        };
+                        row[..len].copy_from_slice(&acc[e * stride..][..len]);
+                        reduce_below(&mut row[..len], qv, bits_a);
+                        let dst = &mut polys[poly].limb_mut(level)[start..end];
+                        kernels::mul_const(dst, &row[..len], f, q);
+                    }
+                }
+                start = end;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|polys| {
+                polys.map(|polys| Ciphertext {
+                    params: params.clone(),
+                    polys: polys.into(),
+                    level: map.level,
+                    scale: map.target_scale,
+                    seed: None,
+                })
+            })
+            .collect())
+    }
+}
+
+/// `dst += coef * src` lazily (no reduction): `src` below `q`, a negative `coef` added as
+/// `|coef| (q - src)`. The caller reduces before the sum nears 2^64.
+fn add_small_multiple(dst: &mut [u64], src: &[u64], coef: i64, q: u64) {
+    let c = coef.unsigned_abs();
+    match coef {
+        1 => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
+        -1 => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += q - s),
+        _ if coef >= 0 => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += c * s),
+        _ => dst
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d += c * (q - s)),
+    }
+}
+
+/// `x mod q` in place for every `x < 2^bits q`: conditional subtractions of `2^j q`,
+/// branch-free (vectorizes), instead of a division-free but multiply-heavy general reduction.
+fn reduce_below(xs: &mut [u64], q: u64, bits: u32) {
+    for j in (0..bits).rev() {
+        let m = q << j;
+        for x in xs.iter_mut() {
+            let y = x.wrapping_sub(m);
+            // y's top bit is set exactly when x < m (both below 2^63).
+            *x = if (y as i64) < 0 { *x } else { y };
+        }
+    }
+}
+
+/// Winograd's F(2x2, 3x3) in the form [`FactoredMap`] takes (cross-correlation, as
+/// convolution layers compute it): a 4x4 input patch (row-major), 16 products, a 2x2 output
+/// block (row-major). `y = A^T [(G g G^T) . (B^T d B)] A` with the 1-D matrices
+/// `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]`,
+/// `A^T = [1 1 1 0; 0 1 -1 -1]`; the 2-D ones are their Kronecker squares.
+pub mod winograd {
+    const BT: [[i8; 4]; 4] = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]];
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    const AT: [[i8; 4]; 2] = [[1, 1, 1, 0], [0, 1, -1, -1]];
+
+    /// Transformed values per patch.
+    pub const T: usize = 16;
+    /// Patch entries (4x4).
+    pub const P: usize = 16;
+    /// Outputs per block (2x2).
+    pub const M: usize = 4;
+
+    /// The Kronecker square of a `rows x 4` matrix: entry `(r1 rows_count + r2, c1 4 + c2)`
+    /// is `m[r1][c1] m[r2][c2]`, row-major.
+    fn kron_square<const R: usize>(m: &[[i8; 4]; R]) -> Vec<i8> {
+        let mut out = Vec::with_capacity(R * R * 16);
+        for r1 in m {
+            for r2 in m {
+                for c1 in r1 {
+                    out.extend(r2.iter().map(|c2| c1 * c2));
+                }
+            }
+        }
+        out
+    }
+
+    /// `B` of [`super::FactoredMap`]: `T x P`.
+    pub fn input_transform() -> Vec<i8> {
+        kron_square(&BT)
+    }
+
+    /// `A` of [`super::FactoredMap`]: `M x T`.
+    pub fn output_transform() -> Vec<i8> {
+        kron_square(&AT)
+    }
+
+    /// The 16 transformed weights `G g G^T` of a 3x3 filter `g` (row-major).
+    pub fn filter(g: &[f64; 9]) -> [f64; T] {
+        let mut u = [0.0; T];
+        for (k, uk) in u.iter_mut().enumerate() {
+            let (gy, gx) = (&G[k / 4], &G[k % 4]);
+            *uk = (0..9).map(|ab| gy[ab / 3] * gx[ab % 3] * g[ab]).sum();
+        }
+        u
+    }
+}
