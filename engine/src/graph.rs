@@ -100,12 +100,19 @@ pub struct Meta {
 }
 
 /// A layer of values of shape `[C, H, W]`; element `e` is channel `e / (H W)` at position
-/// `e % (H W)` (its *tile*: all channels of one position are computed and stored together).
+/// `e % (H W)`. Its *tiles* are computed and stored together: all channels of one position,
+/// or of a `block x block` square of positions (layers computed in Winograd's form, which
+/// makes a 2x2 block at once, and the pointwise layers reading them).
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub name: String,
     pub kind: LayerKind,
     pub shape: [usize; 3],
+    /// Side of a tile in positions (1 or [`winograd::BLOCK`]).
+    pub block: usize,
+    /// For an activation: its combination computed in Winograd's F(2x2, 3x3) form instead of
+    /// from `forms` (which still list what it reads and what it equals).
+    pub winograd: Option<Box<Winograd>>,
     /// Per element: what is combined (empty for the input).
     pub forms: Vec<Form>,
     /// Per element: the level the combination is computed at and its target scale (for
@@ -125,17 +132,71 @@ impl Layer {
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
     }
+    /// Tiles per row and per column.
+    fn tile_grid(&self) -> (usize, usize) {
+        (
+            self.shape[1].div_ceil(self.block),
+            self.shape[2].div_ceil(self.block),
+        )
+    }
     pub fn tiles(&self) -> usize {
-        self.shape[1] * self.shape[2]
+        let (rows, cols) = self.tile_grid();
+        rows * cols
     }
     pub fn tile_of(&self, elem: usize) -> usize {
-        elem % self.tiles()
+        let w = self.shape[2];
+        let pos = elem % (self.shape[1] * w);
+        let (y, x) = (pos / w, pos % w);
+        (y / self.block) * self.tile_grid().1 + x / self.block
     }
-    /// Elements of tile `t`, channel by channel.
+    /// The positions of tile `t`, row-major (fewer at the right and bottom edges of a map
+    /// whose side is not a multiple of the block).
+    pub fn tile_positions(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
+        let (h, w, b) = (self.shape[1], self.shape[2], self.block);
+        let cols = self.tile_grid().1;
+        let (y0, x0) = ((t / cols) * b, (t % cols) * b);
+        (y0..(y0 + b).min(h)).flat_map(move |y| (x0..(x0 + b).min(w)).map(move |x| y * w + x))
+    }
+    /// Elements of tile `t`: channel by channel, each channel's positions row-major.
     pub fn tile_elems(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
-        let hw = self.tiles();
-        (0..self.shape[0]).map(move |c| c * hw + t)
+        let hw = self.shape[1] * self.shape[2];
+        (0..self.shape[0]).flat_map(move |c| self.tile_positions(t).map(move |p| c * hw + p))
     }
+    /// Number of elements of tile `t`.
+    pub fn tile_len(&self, t: usize) -> usize {
+        self.shape[0] * self.tile_positions(t).count()
+    }
+}
+
+/// A 3x3 convolution (stride 1, padding 1) whose activation is computed in Winograd's
+/// F(2x2, 3x3) form: per 2x2 block of outputs, the 4x4 input patches transformed by
+/// additions, 16 products per channel pair instead of 36, the block recovered by additions
+/// (`beaa_ckks::Evaluator::factored_combinations`). Every input element must be one value
+/// (times a weight of one magnitude per channel, and a constant, which the forms carry).
+#[derive(Debug, Clone)]
+pub struct Winograd {
+    /// The layer every input value belongs to.
+    pub input_layer: u32,
+    /// `[C_in, H, W]` of the convolution's input (the output has the same `H, W`).
+    pub input_shape: [usize; 3],
+    /// Per input element: its value's element in `input_layer` and whether it enters negated.
+    pub inputs: Vec<(u32, bool)>,
+    /// The transformed filters times each input channel's weight magnitude, `16 x C_out x C_in`.
+    pub u: Vec<f64>,
+    /// Per output element: the activation's `sqrt|a|`, applied after the products.
+    pub factor: Vec<f64>,
+    /// Bits of fraction of the transformed weights: the products carry the inputs' scale
+    /// times 2^u_bits and the factors the rest of the combining prime. Chosen so that the
+    /// largest weight and the largest factor get equally many bits (about 18 each for a
+    /// 40-bit prime): the per-element factor, which differs between the four outputs sharing
+    /// the products, must be applied before the one rescale, so the prime's precision is
+    /// split between the two (a direct combination gives each weight all of it).
+    pub u_bits: i32,
+}
+
+pub mod winograd {
+    /// Side of the output block of F(2x2, 3x3).
+    pub const BLOCK: usize = 2;
 }
 
 /// Activations with |a| below this are treated as linear (`b x + c`).
@@ -172,17 +233,22 @@ pub struct ValueGraph {
 
 impl ValueGraph {
     /// Builds the graph of `model` with inputs at the top level and default scale of `params`;
-    /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]).
+    /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]); with
+    /// `winograd = Some(c)`, the 3x3 convolutions over at least `c` input channels that allow it
+    /// are computed in Winograd's form.
     pub fn build(
         model: &Model,
         params: &Params,
         lazy: &BTreeSet<String>,
+        winograd: Option<usize>,
     ) -> Result<Self, ExecError> {
         Builder {
             model,
             q: params.q(),
             layers: Vec::new(),
             lazy,
+            winograd_min_channels: winograd,
+            winograd: BTreeMap::new(),
         }
         .run(params.max_level(), params.default_scale())
     }
@@ -209,6 +275,23 @@ impl ValueGraph {
             )))
         };
         for layer in &self.layers {
+            if let (Some(wg), Some(cm)) = (&layer.winograd, layer.combine.first()) {
+                // Mirrors `Evaluator::factored_combinations`.
+                let unit = 2f64.powi(wg.u_bits);
+                if let Some(u) = wg.u.iter().find(|u| (*u * unit).abs() >= 9.0e18) {
+                    return fail(&layer.name, 0, format!("transformed weight {u}"));
+                }
+                let in_scale = self.layers[wg.input_layer as usize].meta[0].scale;
+                let f_unit = cm.scale / (in_scale * unit);
+                let bits = log_q(cm.level) - 2.0;
+                if let Some(f) = wg
+                    .factor
+                    .iter()
+                    .find(|f| (*f * f_unit).abs().log2() >= bits)
+                {
+                    return fail(&layer.name, 0, format!("factor {f} at scale {f_unit:e}"));
+                }
+            }
             let beta = match &layer.kind {
                 LayerKind::Activation { beta, .. } => Some(beta),
                 LayerKind::Output | LayerKind::Partial => None,
@@ -283,6 +366,16 @@ impl ValueGraph {
         if matches!(layer.kind, LayerKind::Input | LayerKind::Sum) {
             return 0;
         }
+        if let Some(wg) = &layer.winograd {
+            // Per block: 16 products per channel pair, then one factor per output.
+            let limbs = layer
+                .combine
+                .first()
+                .map_or(0, |m| m.level.max(0) as u64 + 1);
+            let (ci, co) = (wg.input_shape[0] as u64, layer.shape[0] as u64);
+            let per_block = 16 * ci * co + layer.tile_len(0) as u64;
+            return layer.tiles() as u64 * per_block * limbs * 2;
+        }
         layer
             .forms
             .iter()
@@ -312,6 +405,10 @@ struct Builder<'m> {
     q: &'m [u64],
     layers: Vec<Layer>,
     lazy: &'m BTreeSet<String>,
+    /// Fewest input channels of a 3x3 convolution computed in Winograd's form (`None`: none).
+    winograd_min_channels: Option<usize>,
+    /// Per convolution node: its Winograd form, for the activation that reads it.
+    winograd: BTreeMap<String, Winograd>,
 }
 
 fn tensor<'m>(model: &'m Model, name: &str) -> Result<&'m [f32], ExecError> {
@@ -380,7 +477,21 @@ impl Builder<'_> {
         m
     }
 
-    fn push(&mut self, layer: Layer) -> u32 {
+    /// Adds a layer, choosing its tile: a 2x2 block when it is computed in Winograd's form,
+    /// or when it reads such a layer of its own map size (a pointwise layer after it: with
+    /// single-position tiles, each block would be read by four of its tiles and could no
+    /// longer be computed inside its reader).
+    fn push(&mut self, mut layer: Layer) -> u32 {
+        let [_, h, w] = layer.shape;
+        let reads_block = || {
+            layer.forms.iter().flat_map(|f| &f.terms).any(|(v, _)| {
+                let src = &self.layers[v.layer as usize];
+                src.block > 1 && src.shape[1] == h && src.shape[2] == w
+            })
+        };
+        if layer.winograd.is_some() || (h * w > 1 && reads_block()) {
+            layer.block = winograd::BLOCK;
+        }
         self.layers.push(layer);
         (self.layers.len() - 1) as u32
     }
@@ -422,6 +533,8 @@ impl Builder<'_> {
                         name: node.name.clone(),
                         kind: LayerKind::Input,
                         shape: node.shape,
+                        block: 1,
+                        winograd: None,
                         forms: Vec::new(),
                         combine: Vec::new(),
                         reads_lazy: false,
@@ -459,6 +572,12 @@ impl Builder<'_> {
                         .ok_or_else(|| ExecError::Model(format!("missing tensor {weight}")))?;
                     let (kh, kw) = (wt.shape[2], wt.shape[3]);
                     let bias = tensor(model, bias)?;
+                    let square_3x3 = (kh, kw, *stride, *padding, hi, wi) == (3, 3, 1, 1, h, w);
+                    if square_3x3 && self.winograd_min_channels.is_some_and(|m| ci >= m) {
+                        if let Some(wg) = self.winograd_form(x, [ci, hi, wi], c, &wt.data) {
+                            self.winograd.insert(node.name.clone(), wg);
+                        }
+                    }
                     (0..c * h * w)
                         .map(|e| {
                             let (o, oy, ox) = (e / (h * w), (e / w) % h, e % w);
@@ -491,7 +610,8 @@ impl Builder<'_> {
                 }
                 Op::Poly { a, b, c: cc } => {
                     let (a, b, cc) = (tensor(model, a)?, tensor(model, b)?, tensor(model, cc)?);
-                    self.activation(&node.name, node.shape, x, a, b, cc)?
+                    let wg = node.inputs.first().and_then(|n| self.winograd.remove(n));
+                    self.activation(&node.name, node.shape, x, (a, b, cc), wg)?
                 }
                 Op::Relu => return Err(ExecError::Relu(node.name.clone())),
                 Op::Affine { scale, shift } => {
@@ -615,6 +735,8 @@ impl Builder<'_> {
             name: "logits".into(),
             kind: LayerKind::Output,
             shape: output_shape,
+            block: 1,
+            winograd: None,
             forms: out,
             combine,
             reads_lazy,
@@ -634,9 +756,8 @@ impl Builder<'_> {
         name: &str,
         shape: [usize; 3],
         x: &[Form],
-        a: &[f32],
-        b: &[f32],
-        c: &[f32],
+        (a, b, c): (&[f32], &[f32], &[f32]),
+        winograd: Option<Winograd>,
     ) -> Result<Vec<Form>, ExecError> {
         let n = x.len();
         if a.len() != n || b.len() != n || c.len() != n {
@@ -689,6 +810,15 @@ impl Builder<'_> {
         if forms.is_empty() {
             return Ok(out);
         }
+        // Winograd's form needs every element quadratic (one value each, in map order).
+        let winograd = winograd.filter(|_| forms.len() == n).map(|mut wg| {
+            wg.factor = a.iter().map(|&ae| (ae as f64).abs().sqrt()).collect();
+            let max = |v: &[f64]| v.iter().fold(f64::MIN_POSITIVE, |m, x| m.max(x.abs()));
+            let ratio = combine[0].scale / self.meta(forms[0].terms[0].0).scale;
+            wg.u_bits =
+                ((ratio.log2() + max(&wg.factor).log2() - max(&wg.u).log2()) / 2.0).round() as i32;
+            Box::new(wg)
+        });
         // Values are numbered densely; when every element is quadratic (the usual case)
         // value e is element e and tiles follow the feature map.
         let shape = if forms.len() == n {
@@ -700,6 +830,8 @@ impl Builder<'_> {
             name: name.to_string(),
             kind: LayerKind::Activation { beta, lazy },
             shape,
+            block: 1,
+            winograd,
             forms,
             combine,
             reads_lazy,
@@ -739,11 +871,68 @@ impl Builder<'_> {
         Some(Layer {
             name: "logits.partial".into(),
             kind: LayerKind::Partial,
-            shape: [out.len(), src.shape[1], src.shape[2]],
+            // One element per logit and source tile: the tiles in raster order.
+            shape: [out.len(), 1, tiles],
+            block: 1,
+            winograd: None,
             forms,
             combine: metas.clone(),
             reads_lazy: false,
             meta: metas,
+        })
+    }
+
+    /// The Winograd form of a 3x3 convolution over the input forms `x` (`[ci, h, w]`) with
+    /// weights `[co, ci, 3, 3]`, if its inputs allow it: each one value of one layer (degree 1,
+    /// one level and scale) with a weight of one magnitude per channel (folded into the
+    /// transformed filters; signs go to the additions, constants stay in the forms).
+    fn winograd_form(
+        &self,
+        x: &[Form],
+        [ci, h, w]: [usize; 3],
+        co: usize,
+        weights: &[f32],
+    ) -> Option<Winograd> {
+        let first = x.first()?.terms.first()?.0;
+        let src = &self.layers[first.layer as usize];
+        if holds_lazy(src) || x.len() != ci * h * w || weights.len() != co * ci * 9 {
+            return None;
+        }
+        let m0 = self.meta(first);
+        let mut inputs = Vec::with_capacity(x.len());
+        let mut mu = vec![0.0f64; ci];
+        for (e, f) in x.iter().enumerate() {
+            let [(v, wv)] = f.terms[..] else {
+                return None;
+            };
+            let m = self.meta(v);
+            let ch = e / (h * w);
+            if v.layer != first.layer || m.level != m0.level || m.scale != m0.scale || wv == 0.0 {
+                return None;
+            }
+            if e % (h * w) == 0 {
+                mu[ch] = wv.abs();
+            } else if (wv.abs() - mu[ch]).abs() > 1e-12 * mu[ch] {
+                return None;
+            }
+            inputs.push((v.elem, wv < 0.0));
+        }
+        let mut u = vec![0.0; 16 * co * ci];
+        for o in 0..co {
+            for (c, &m) in mu.iter().enumerate() {
+                let g: [f64; 9] = std::array::from_fn(|k| weights[(o * ci + c) * 9 + k] as f64 * m);
+                for (k, uk) in beaa_ckks::winograd::filter(&g).into_iter().enumerate() {
+                    u[(k * co + o) * ci + c] = uk;
+                }
+            }
+        }
+        Some(Winograd {
+            input_layer: first.layer,
+            input_shape: [ci, h, w],
+            inputs,
+            u,
+            factor: Vec::new(),
+            u_bits: 0,
         })
     }
 
@@ -786,11 +975,58 @@ impl Builder<'_> {
             name: name.to_string(),
             kind: LayerKind::Sum,
             shape,
+            block: 1,
+            winograd: None,
             combine: Vec::new(),
             reads_lazy,
             forms,
             meta,
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tiles of single positions and of 2x2 blocks (maps of odd sides included): every element
+    /// in exactly one tile, `tile_of` the inverse of `tile_elems`, `tile_len` their count.
+    #[test]
+    fn block_tiles_cover_every_element_once() {
+        for (c, h, w, block) in [(2, 5, 3, 2), (3, 4, 4, 2), (2, 3, 3, 1), (1, 1, 1, 2)] {
+            let n = c * h * w;
+            let layer = Layer {
+                name: "x".into(),
+                kind: LayerKind::Sum,
+                shape: [c, h, w],
+                block,
+                winograd: None,
+                forms: Vec::new(),
+                combine: Vec::new(),
+                reads_lazy: false,
+                meta: vec![
+                    Meta {
+                        level: 0,
+                        scale: 1.0
+                    };
+                    n
+                ],
+            };
+            assert_eq!(layer.tiles(), h.div_ceil(block) * w.div_ceil(block));
+            let mut seen = vec![0; n];
+            for t in 0..layer.tiles() {
+                assert_eq!(layer.tile_elems(t).count(), layer.tile_len(t));
+                for e in layer.tile_elems(t) {
+                    assert_eq!(
+                        layer.tile_of(e),
+                        t,
+                        "{c}x{h}x{w} block {block}: element {e}"
+                    );
+                    seen[e] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&k| k == 1), "{c}x{h}x{w} block {block}");
+        }
     }
 }

@@ -29,4 +29,4 @@ pub mod stream;
 pub use exec::{run, ExecError};
 pub use job::{run_job, FileInputs, InputSource, Progress, RunControl};
 pub use optime::{Op, OpTimes};
-pub use plan::{Headroom, Plan, PlanError};
+pub use plan::{Headroom, Plan, PlanError, WINOGRAD_MIN_CHANNELS};

@@ -20,6 +20,12 @@ pub enum PlanError {
     Other(String),
 }
 
+/// Fewest input channels for which Winograd's form pays: its GEMM rows have `C_in` terms
+/// instead of `9 C_in`, and below a few dozen the kernels' per-row reductions and the
+/// transforms outweigh the saved multiply-adds (the width/16 CIFAR-10 model, 2 to 24 input
+/// channels: 1.82x fewer multiply-adds, 1.5x more GEMM time; BENCHMARKS.md).
+pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+
 /// What a model needs from a parameter set, and how it will be evaluated.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -45,15 +51,29 @@ pub struct Plan {
 
 impl Plan {
     /// Plans `model` with inputs at the top level and default scale of `params`; fails with
-    /// `TooDeep` (saying how many levels it needs) when the chain is too short.
+    /// `TooDeep` (saying how many levels it needs) when the chain is too short. Every
+    /// convolution is a direct GEMM (see [`Plan::with_winograd`]).
     pub fn new(model: &Model, params: &Params) -> Result<Self, PlanError> {
+        Self::with_winograd(model, params, None)
+    }
+
+    /// [`Plan::new`], computing the 3x3 convolutions over at least `winograd = Some(c)` input
+    /// channels that allow it in Winograd's F(2x2, 3x3) form ([`WINOGRAD_MIN_CHANNELS`] is
+    /// where it pays): about half their GEMM work, but each weight's 40 bits of precision
+    /// are split with the activation's per-element factor (see `graph::Winograd::u_bits`), so
+    /// the encrypted results stray further from the plaintext ones. Off by default.
+    pub fn with_winograd(
+        model: &Model,
+        params: &Params,
+        winograd: Option<usize>,
+    ) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let eager = build_graph(model, params, &BTreeSet::new())?;
+        let eager = build_graph(model, params, &BTreeSet::new(), winograd)?;
         let lazy = lazy_layers(&eager, &Schedule::new(&eager));
         let graph = if lazy.is_empty() {
             eager
         } else {
-            build_graph(model, params, &lazy)?
+            build_graph(model, params, &lazy, winograd)?
         };
         let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
@@ -108,6 +128,16 @@ impl Plan {
             segments,
             work_dir_peak: (peak, seq_peak),
         })
+    }
+
+    /// Activation layers whose convolution is computed in Winograd's form.
+    pub fn winograd_layers(&self) -> Vec<&str> {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| l.winograd.is_some())
+            .map(|l| l.name.as_str())
+            .collect()
     }
 
     /// Activation layers left unrelinearized (their reader relinearizes its sums).
@@ -249,8 +279,9 @@ fn build_graph(
     model: &Model,
     params: &Params,
     lazy: &BTreeSet<String>,
+    winograd: Option<usize>,
 ) -> Result<ValueGraph, PlanError> {
-    ValueGraph::build(model, params, lazy).map_err(|e| match e {
+    ValueGraph::build(model, params, lazy, winograd).map_err(|e| match e {
         ExecError::Relu(n) => PlanError::Relu(n),
         other => PlanError::Other(other.to_string()),
     })
@@ -353,29 +384,45 @@ impl Plan {
             .map_err(|e| PlanError::Other(e.to_string()))?;
         // Lazy relinearization keeps every level, so the plain graph gives the depth; no
         // schedule or second graph is needed just to choose parameters.
-        let graph = build_graph(model, &probe, &BTreeSet::new())?;
+        let graph = build_graph(model, &probe, &BTreeSet::new(), None)?;
         let top = probe.max_level() as isize;
         Ok((top - graph.lowest_level().min(top)) as usize)
     }
 
     /// Chooses a 128-bit parameter set for `model` (see [`choose_spec`]) and plans on it.
     pub fn choose(model: &Model) -> Result<(Params, Plan), PlanError> {
+        Self::choose_with(model, None)
+    }
+
+    /// [`Plan::choose`], optionally with Winograd's form ([`Plan::with_winograd`]).
+    pub fn choose_with(
+        model: &Model,
+        winograd: Option<usize>,
+    ) -> Result<(Params, Plan), PlanError> {
         let depth = Self::depth_of(model)?;
         let spec = choose_spec(depth).ok_or(PlanError::TooDeep {
             needed: depth,
             available: 0,
         })?;
         let params = Params::new(spec).map_err(|e| PlanError::Other(e.to_string()))?;
-        let plan = Plan::new(model, &params)?;
+        let plan = Plan::with_winograd(model, &params, winograd)?;
         Ok((params, plan))
     }
 
     /// Plans `model` on [`insecure_test_spec`] (tests and `--insecure-test-params` only).
     pub fn choose_insecure_for_tests(model: &Model) -> Result<(Params, Plan), PlanError> {
+        Self::choose_insecure_for_tests_with(model, None)
+    }
+
+    /// [`Plan::choose_insecure_for_tests`], optionally with Winograd's form.
+    pub fn choose_insecure_for_tests_with(
+        model: &Model,
+        winograd: Option<usize>,
+    ) -> Result<(Params, Plan), PlanError> {
         let depth = Self::depth_of(model)?;
         let params = Params::insecure_for_tests(insecure_test_spec(depth))
             .map_err(|e| PlanError::Other(e.to_string()))?;
-        let plan = Plan::new(model, &params)?;
+        let plan = Plan::with_winograd(model, &params, winograd)?;
         Ok((params, plan))
     }
 }

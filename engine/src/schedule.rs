@@ -278,7 +278,7 @@ fn visit(
 ) {
     let layer = &g.layers[l as usize];
     if matches!(layer.kind, LayerKind::Activation { .. }) {
-        *work += layer.shape[0] as u64;
+        *work += layer.tile_len(t as usize) as u64;
     }
     let (outer, inner) = tile_sources(g, inlined, (l, t));
     for r in outer {

@@ -3,12 +3,12 @@
 //! tile reads.
 
 use crate::exec::ExecError;
-use crate::graph::{LayerKind, Meta, ValueGraph, ValueRef};
+use crate::graph::{winograd, LayerKind, Meta, ValueGraph, ValueRef, Winograd};
 use crate::job::InputSource;
 use crate::optime::{Op, OpTimes};
 use crate::schedule::{tile_sources, Schedule, Segment, TileRef};
 use crate::store::Store;
-use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
+use beaa_ckks::{Ciphertext, Evaluator, FactoredMap, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -205,12 +205,12 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.store.get(l, t)
             }
         })?;
-        if values.len() != layer.shape[0] {
+        let expected = layer.tile_len(t as usize);
+        if values.len() != expected {
             return Err(ExecError::Model(format!(
-                "tile {t} of {} has {} values, expected {}",
+                "tile {t} of {} has {} values, expected {expected}",
                 layer.name,
                 values.len(),
-                layer.shape[0]
             )));
         }
         let tile = Arc::new(values);
@@ -321,7 +321,14 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         } else {
             1
         };
-        for group in chunks.chunks(step) {
+        let direct_chunks = match &layer.winograd {
+            Some(wg) => {
+                sums = self.winograd_sums(cache, (l, t), &chunks, wg)?;
+                &[][..]
+            }
+            None => &chunks[..],
+        };
+        for group in direct_chunks.chunks(step) {
             let parts: Vec<Vec<Option<Ciphertext>>> = if parallel {
                 group.par_iter().map(partial).collect::<Result<_, _>>()?
             } else {
@@ -399,6 +406,102 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         } else {
             sums.into_iter().enumerate().map(finish).collect()
         }
+    }
+
+    /// The combinations of tile `t` (a 2x2 block) of a Winograd layer, before their constants
+    /// and rescale: the block's 4x4 input patch per channel from the source tiles, one
+    /// [`beaa_ckks::Evaluator::factored_combinations`]. In the order of `tile_elems`.
+    fn winograd_sums(
+        &self,
+        cache: &Cache,
+        (l, t): TileRef,
+        chunks: &[Vec<TileRef>],
+        wg: &Winograd,
+    ) -> Result<Vec<Option<Ciphertext>>, ExecError> {
+        let layer = &self.g.layers[l as usize];
+        let mut held: Vec<(TileRef, Tile)> = Vec::new();
+        for &r in chunks.iter().flatten() {
+            let tile = if self.schedule.inlined[r.0 as usize] {
+                Arc::new(self.tile(cache, r, false)?)
+            } else {
+                self.stored(cache, r)?
+            };
+            held.push((r, tile));
+        }
+        self.check_cancel()?;
+        let mut index: HashMap<u32, u32> = HashMap::new();
+        let mut inputs: Vec<&Ciphertext> = Vec::new();
+        for ((rl, rt), tile) in &held {
+            if *rl != wg.input_layer {
+                return Err(ExecError::Model(format!(
+                    "{}: reads a layer besides its convolution's input",
+                    layer.name
+                )));
+            }
+            let src = &self.g.layers[*rl as usize];
+            for (c, elem) in src.tile_elems(*rt as usize).enumerate() {
+                index.insert(elem as u32, inputs.len() as u32);
+                inputs.push(&tile[c]);
+            }
+        }
+        let [ci, h, w] = wg.input_shape;
+        let b = winograd::BLOCK;
+        let cols = w.div_ceil(b);
+        let (y0, x0) = ((t as usize / cols) * b, (t as usize % cols) * b);
+        let mut patch = Vec::with_capacity(ci * 16);
+        for c in 0..ci {
+            for py in 0..4 {
+                for px in 0..4 {
+                    let (iy, ix) = ((y0 + py).wrapping_sub(1), (x0 + px).wrapping_sub(1));
+                    if iy >= h || ix >= w {
+                        patch.push(None);
+                        continue;
+                    }
+                    let (v, neg) = wg.inputs[(c * h + iy) * w + ix];
+                    let i = index.get(&v).ok_or_else(|| {
+                        ExecError::Model(format!("{}: an input of tile {t} is missing", layer.name))
+                    })?;
+                    patch.push(Some((*i, neg)));
+                }
+            }
+        }
+        let co = layer.shape[0];
+        let factor: Vec<Option<f64>> = (0..co)
+            .flat_map(|o| {
+                (0..b * b).map(move |j| {
+                    let (oy, ox) = (y0 + j / b, x0 + j % b);
+                    (oy < h && ox < w).then(|| wg.factor[(o * h + oy) * w + ox])
+                })
+            })
+            .collect();
+        let first = layer
+            .tile_elems(t as usize)
+            .next()
+            .ok_or_else(|| ExecError::Model(format!("{}: empty tile {t}", layer.name)))?;
+        let cm = layer.combine[first];
+        let (bt, at) = (
+            beaa_ckks::winograd::input_transform(),
+            beaa_ckks::winograd::output_transform(),
+        );
+        let map = FactoredMap {
+            b: &bt,
+            a: &at,
+            t: beaa_ckks::winograd::T,
+            p: beaa_ckks::winograd::P,
+            m: beaa_ckks::winograd::M,
+            patch: &patch,
+            u: &wg.u,
+            u_bits: wg.u_bits,
+            f: &factor,
+            level: cm.level.max(0) as usize,
+            target_scale: cm.scale,
+        };
+        let out = self
+            .times
+            .time(Op::Gemm, || self.ev.factored_combinations(&inputs, &map))?;
+        // Outputs channel by channel, block positions row-major; those outside the map are
+        // `None` and not elements of the tile.
+        Ok(out.into_iter().filter(Option::is_some).collect())
     }
 
     /// A sum tile: plain additions and subtractions of its (equal-level) values.

@@ -2,7 +2,7 @@
 //! real architecture, at small insecure test parameters.
 
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator, ParamSpec, Params};
-use beaa_engine::{run, Plan, PlanError};
+use beaa_engine::{run, run_job, Plan, PlanError, RunControl};
 use beaa_model::testing::random_model;
 use beaa_model::{Activation, SqueezeNetSpec};
 
@@ -64,6 +64,16 @@ fn tiny_squeezenet_encrypted_equals_plaintext() {
 /// Runs `batch` random images encrypted and in f64; asserts equal predicted classes on every
 /// image and returns the largest logit difference.
 fn encrypted_vs_plaintext(model: &beaa_model::Model, params: &Params, batch: usize) -> f64 {
+    encrypted_vs_plaintext_planned(model, params, batch, None)
+}
+
+/// [`encrypted_vs_plaintext`] under a given plan (else [`Plan::new`]'s).
+fn encrypted_vs_plaintext_planned(
+    model: &beaa_model::Model,
+    params: &Params,
+    batch: usize,
+    plan: Option<&Plan>,
+) -> f64 {
     let classes = model.manifest.classes.len();
     let params = params.clone();
     let mut kg = KeyGenerator::new(&params);
@@ -73,7 +83,10 @@ fn encrypted_vs_plaintext(model: &beaa_model::Model, params: &Params, batch: usi
     let x = images(batch, per, 5);
     let inputs = pack_and_encrypt(&params, &sk, &x, batch);
     let ev = Evaluator::new(&params);
-    let logits = run(model, &ev, &rlk, &inputs).unwrap();
+    let logits = match plan {
+        Some(plan) => run_job(model, plan, &ev, &rlk, &inputs[..], RunControl::new()).unwrap(),
+        None => run(model, &ev, &rlk, &inputs).unwrap(),
+    };
     assert_eq!(logits.len(), classes);
 
     let want = model.forward(&x, batch).unwrap();
@@ -98,6 +111,49 @@ fn encrypted_vs_plaintext(model: &beaa_model::Model, params: &Params, batch: usi
         );
     }
     max_err
+}
+
+/// Winograd's F(2x2, 3x3) form of the 3x3 convolutions (conv1, the expand3 layers, conv2,
+/// conv3): the same levels, less GEMM work, and the same predictions; its logits stray
+/// further from the plaintext ones than the direct GEMM's (each weight's precision is shared
+/// with the activation's per-element factor).
+#[test]
+fn winograd_form_agrees_with_plaintext_and_does_less_gemm() {
+    // 16x16 images, so that conv2 and conv3 work on a 4x4 map (on 2x2 the whole map is one
+    // tile: conv2 is computed inside conv3's, and lazy, and the form needs degree-1 inputs).
+    let spec = SqueezeNetSpec::tiny(3, 16, 4);
+    let model = random_model(11, &spec, Activation::PolyElement);
+    let params = Params::insecure_for_tests(ParamSpec::chain(10, 16, 40, 8)).unwrap();
+    let direct = Plan::new(&model, &params).unwrap();
+    // Every 3x3 layer, however few its channels (the test model's are 3 to 5).
+    let wino = Plan::with_winograd(&model, &params, Some(1)).unwrap();
+    assert!(direct.winograd_layers().is_empty());
+    assert_eq!(
+        wino.winograd_layers(),
+        [
+            "conv1.act",
+            "fire1.expand3.act",
+            "fire2.expand3.act",
+            "conv2.act",
+            "conv3.act"
+        ]
+    );
+    assert_eq!(wino.depth, direct.depth);
+    let gemm = |p: &Plan| -> u64 {
+        (0..p.graph.layers.len())
+            .map(|l| p.graph.multiply_adds(l))
+            .sum()
+    };
+    eprintln!(
+        "GEMM multiply-adds: direct {}, Winograd {}",
+        gemm(&direct),
+        gemm(&wino)
+    );
+    assert!(gemm(&wino) < gemm(&direct));
+    let max_err = encrypted_vs_plaintext_planned(&model, &params, 37, Some(&wino));
+    let direct_err = encrypted_vs_plaintext(&model, &params, 37);
+    eprintln!("max |encrypted - plaintext|: Winograd {max_err:.2e}, direct {direct_err:.2e}");
+    assert!(max_err < 1e-3, "max error {max_err}");
 }
 
 /// Real models have large constants (biases, `c`, batch-norm shifts) in the sums that read
@@ -425,13 +481,20 @@ fn work_directory_jobs_resume_after_cancellation() {
 
 /// The stages run as a wavefront: a stored layer is consumed while it is being made. What the
 /// store holds in a real run stays within the planner's prediction, which is below what
-/// running the stages one after the other would hold.
+/// running the stages one after the other would hold. With tiles of single positions and,
+/// under Winograd's form, of 2x2 blocks.
 #[test]
 fn wavefront_holds_what_the_plan_predicts() {
-    use beaa_engine::{run_job, RunControl};
+    wavefront_holds_what_the_plan_predicts_with(false);
+    wavefront_holds_what_the_plan_predicts_with(true);
+}
+
+fn wavefront_holds_what_the_plan_predicts_with(winograd: bool) {
     let spec = SqueezeNetSpec::tiny(3, 16, 4);
     let model = random_model(8, &spec, Activation::PolyElement);
-    let (params, plan) = Plan::choose_insecure_for_tests(&model).unwrap();
+    let (params, plan) =
+        Plan::choose_insecure_for_tests_with(&model, winograd.then_some(1)).unwrap();
+    assert_eq!(plan.winograd_layers().is_empty(), !winograd);
     let mut kg = KeyGenerator::new(&params);
     let sk = kg.secret_key();
     let rlk = kg.relin_key(&sk);
@@ -440,7 +503,7 @@ fn wavefront_holds_what_the_plan_predicts() {
     let ev = Evaluator::new(&params);
     let mut peak = 0u64;
     let mut order = Vec::new();
-    run_job(
+    let logits = run_job(
         &model,
         &plan,
         &ev,
@@ -454,8 +517,23 @@ fn wavefront_holds_what_the_plan_predicts() {
         }),
     )
     .unwrap();
+    let want = model.forward(&x, 2).unwrap();
+    let encoder = Encoder::new(&params);
+    for (c, ct) in logits.iter().enumerate() {
+        let got = encoder.decode(&decrypt(&sk, ct).unwrap());
+        for b in 0..2 {
+            let w = want[b * logits.len() + c];
+            assert!(
+                (got[b] - w).abs() < 1e-3,
+                "winograd {winograd}: {} vs {w}",
+                got[b]
+            );
+        }
+    }
     let (wavefront, stage_by_stage) = plan.work_dir_peak;
-    eprintln!("held {peak}, predicted {wavefront}, stage by stage {stage_by_stage}");
+    eprintln!(
+        "winograd {winograd}: held {peak}, predicted {wavefront}, stage by stage {stage_by_stage}"
+    );
     assert!(peak > 0 && peak <= wavefront, "{peak} vs {wavefront}");
     assert!(
         wavefront < stage_by_stage,

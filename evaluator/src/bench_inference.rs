@@ -31,6 +31,9 @@ pub struct InferenceBenchArgs {
     /// (the time does not depend on the values; the agreement check does).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
+    /// Compute the 3x3 convolutions in Winograd's F(2x2, 3x3) form (`beaa_engine::Plan::with_winograd`).
+    #[arg(long)]
+    pub winograd: bool,
 }
 
 #[derive(Serialize)]
@@ -41,6 +44,10 @@ struct Report {
     threads: usize,
     /// The row kernels' path on this CPU: "avx512-ifma", "avx2-fma" or "scalar".
     kernels: &'static str,
+    /// Layers whose 3x3 convolution ran in Winograd's form (`--winograd`).
+    winograd_layers: Vec<String>,
+    /// The GEMM's modular multiply-adds per job under this plan.
+    gemm_multiply_adds: u64,
     keygen_s: f64,
     encrypt_s: f64,
     total_s: f64,
@@ -89,7 +96,11 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         anyhow::bail!("--data {} is not a directory", data.display());
     }
     let t = Instant::now();
-    let (params, plan) = Plan::choose(&model).context("planning")?;
+    let (params, plan) = Plan::choose_with(
+        &model,
+        args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+    )
+    .context("planning")?;
     let plan_s = t.elapsed().as_secs_f64();
     let batch = match args.batch.as_str() {
         "full" => params.slots(),
@@ -198,6 +209,15 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         batch,
         threads: rayon::current_num_threads(),
         kernels: beaa_ckks::arith::kernels::kernel_path(),
+        winograd_layers: plan
+            .winograd_layers()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        gemm_multiply_adds: (0..plan.graph.layers.len())
+            .map(|l| plan.graph.multiply_adds(l))
+            .sum::<u64>()
+            * params.n() as u64,
         keygen_s,
         encrypt_s,
         total_s,

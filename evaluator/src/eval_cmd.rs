@@ -35,6 +35,10 @@ pub struct EvalArgs {
     /// With --encrypted: where inputs and intermediate tiles go (default: a temp directory).
     #[arg(long, requires = "encrypted")]
     pub work_dir: Option<PathBuf>,
+    /// With --encrypted: compute the 3x3 convolutions in Winograd's F(2x2, 3x3) form (about
+    /// half their GEMM work; each weight's precision shared with the activation's factor).
+    #[arg(long, requires = "encrypted")]
+    pub winograd: bool,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -63,9 +67,15 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut encrypted = None;
     let predicted = if args.encrypted {
         let (params, plan) = if args.insecure_test_params {
-            Plan::choose_insecure_for_tests(&model)
+            Plan::choose_insecure_for_tests_with(
+                &model,
+                args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+            )
         } else {
-            Plan::choose(&model)
+            Plan::choose_with(
+                &model,
+                args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+            )
         }
         .context("planning")?;
         eprintln!(

@@ -17,6 +17,10 @@ pub struct PlanArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Plan the 3x3 convolutions in Winograd's F(2x2, 3x3) form (as `eval --encrypted
+    /// --winograd` and `bench inference --winograd` run them).
+    #[arg(long)]
+    pub winograd: bool,
 }
 
 #[derive(Serialize)]
@@ -55,6 +59,8 @@ struct Report {
     work_dir_peak_bytes_stage_by_stage: u64,
     /// Activation layers whose squares are summed before one relinearization per sum.
     lazy: Vec<String>,
+    /// Layers whose 3x3 convolution is computed in Winograd's form (`--winograd`).
+    winograd: Vec<String>,
     squares_per_job: usize,
     /// Per layer that combines terms: modular multiply-adds per job (terms x limbs x
     /// polynomials x N), the GEMM's work; and their total.
@@ -73,7 +79,11 @@ struct Report {
 
 pub fn run(args: &PlanArgs) -> Result<()> {
     let (dir, model) = crate::models::load(&args.model)?;
-    let (params, plan) = Plan::choose(&model).context("planning")?;
+    let (params, plan) = Plan::choose_with(
+        &model,
+        args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+    )
+    .context("planning")?;
     let slots = params.slots();
     let batch = args.batch.unwrap_or(slots).clamp(1, slots);
     let top = params.max_level();
@@ -140,6 +150,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         work_dir_peak_bytes: peak,
         work_dir_peak_bytes_stage_by_stage: peak_sequential,
         lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
+        winograd: plan
+            .winograd_layers()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         squares_per_job: plan.squares(),
         multiply_adds_per_job: multiply_adds.iter().map(|(_, m)| m).sum(),
         multiply_adds,
@@ -206,6 +221,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         report.squares_per_job,
         report.relinearizations_per_job
     );
+    if !report.winograd.is_empty() {
+        eprintln!(
+            "  winograd {} (F(2x2, 3x3): 2x2 output blocks as tiles)",
+            report.winograd.join(", ")
+        );
+    }
     eprintln!(
         "sizes      relin key {:.1} MB, upload {} x {:.2} MB = {:.1} MB, download {:.2} MB",
         report.relin_key_bytes as f64 / 1e6,

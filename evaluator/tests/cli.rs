@@ -29,6 +29,34 @@ fn write_cifar_records(dir: &std::path::Path, n: u32, classes: &[String]) {
     std::fs::write(dir.join("batches.meta.txt"), classes.join("\n")).unwrap();
 }
 
+/// `--winograd`: the shipped CIFAR-10 model's 3x3 layers with at least 32 input channels in
+/// Winograd's form, fewer GEMM multiply-adds, the same depth.
+#[test]
+fn plan_with_winograd_does_less_gemm_on_the_shipped_model() {
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["plan", "--model", "cifar10", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = beaa(&args);
+        assert!(ok, "{stderr}");
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let (direct, wino) = (plan(&[]), plan(&["--winograd"]));
+    assert_eq!(direct["winograd"], serde_json::json!([]));
+    assert_eq!(
+        wino["winograd"],
+        serde_json::json!([
+            "fire1.expand3.act",
+            "fire2.expand3.act",
+            "conv2.act",
+            "conv3.act"
+        ])
+    );
+    assert_eq!(wino["depth"], direct["depth"]);
+    let work = |v: &serde_json::Value| v["multiply_adds_per_job"].as_u64().unwrap() as f64;
+    let ratio = work(&direct) / work(&wino);
+    assert!(ratio > 1.5, "{ratio}");
+}
+
 #[test]
 fn plan_of_a_random_squeezenet_fits_n32768_at_128_bits() {
     let dir = tempfile::tempdir().unwrap();
