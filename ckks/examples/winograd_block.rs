@@ -91,20 +91,7 @@ fn main() {
         }
     }
     let fac: Vec<Option<f64>> = vec![Some(1.0); co * winograd::M];
-    let (b, a) = (winograd::input_transform(), winograd::output_transform());
-    let map = FactoredMap {
-        b: &b,
-        a: &a,
-        t: winograd::T,
-        p: winograd::P,
-        m: winograd::M,
-        patch: &patch,
-        u: &u,
-        u_bits: 20,
-        f: &fac,
-        level,
-        target_scale: target,
-    };
+    let map = winograd::map(&patch, &u, 20, &fac, level, target);
 
     let (mut direct, mut wino) = (Vec::new(), Vec::new());
     for _ in 0..reps {

@@ -8,7 +8,7 @@ use crate::job::InputSource;
 use crate::optime::{Op, OpTimes};
 use crate::schedule::{tile_sources, Schedule, Segment, TileRef};
 use crate::store::Store;
-use beaa_ckks::{Ciphertext, Evaluator, FactoredMap, LinearRow, RelinKey, SCALE_TOLERANCE};
+use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -183,6 +183,15 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
+    /// A tile a computation reads: computed now if its layer is inlined, else the stored one.
+    fn source(&self, cache: &Cache, r: TileRef) -> Result<Tile, ExecError> {
+        if self.schedule.inlined[r.0 as usize] {
+            Ok(Arc::new(self.tile(cache, r, false)?))
+        } else {
+            self.stored(cache, r)
+        }
+    }
+
     /// A stored tile, loading it on first use.
     fn stored(&self, cache: &Cache, (l, t): TileRef) -> Result<Tile, ExecError> {
         let slot = cache.slot((l, t));
@@ -243,12 +252,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let partial = |refs: &Vec<TileRef>| -> Result<Vec<Option<Ciphertext>>, ExecError> {
             let mut held: Vec<(TileRef, Tile)> = Vec::with_capacity(refs.len());
             for &r in refs {
-                let tile = if self.schedule.inlined[r.0 as usize] {
-                    Arc::new(self.tile(cache, r, false)?)
-                } else {
-                    self.stored(cache, r)?
-                };
-                held.push((r, tile));
+                held.push((r, self.source(cache, r)?));
             }
             self.check_cancel()?;
             let mut index: HashMap<ValueRef, u32> = HashMap::new();
@@ -421,12 +425,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let layer = &self.g.layers[l as usize];
         let mut held: Vec<(TileRef, Tile)> = Vec::new();
         for &r in chunks.iter().flatten() {
-            let tile = if self.schedule.inlined[r.0 as usize] {
-                Arc::new(self.tile(cache, r, false)?)
-            } else {
-                self.stored(cache, r)?
-            };
-            held.push((r, tile));
+            held.push((r, self.source(cache, r)?));
         }
         self.check_cancel()?;
         let mut index: HashMap<u32, u32> = HashMap::new();
@@ -479,23 +478,14 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             .next()
             .ok_or_else(|| ExecError::Model(format!("{}: empty tile {t}", layer.name)))?;
         let cm = layer.combine[first];
-        let (bt, at) = (
-            beaa_ckks::winograd::input_transform(),
-            beaa_ckks::winograd::output_transform(),
+        let map = beaa_ckks::winograd::map(
+            &patch,
+            &wg.u,
+            wg.u_bits,
+            &factor,
+            cm.level.max(0) as usize,
+            cm.scale,
         );
-        let map = FactoredMap {
-            b: &bt,
-            a: &at,
-            t: beaa_ckks::winograd::T,
-            p: beaa_ckks::winograd::P,
-            m: beaa_ckks::winograd::M,
-            patch: &patch,
-            u: &wg.u,
-            u_bits: wg.u_bits,
-            f: &factor,
-            level: cm.level.max(0) as usize,
-            target_scale: cm.scale,
-        };
         let out = self
             .times
             .time(Op::Gemm, || self.ev.factored_combinations(&inputs, &map))?;
@@ -519,11 +509,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let mut acc: Vec<Option<Ciphertext>> = vec![None; elems.len()];
         let mut found = vec![0usize; elems.len()];
         for r in chunks.into_iter().flatten() {
-            let tile = if self.schedule.inlined[r.0 as usize] {
-                Arc::new(self.tile(cache, r, false)?)
-            } else {
-                self.stored(cache, r)?
-            };
+            let tile = self.source(cache, r)?;
             let src = &self.g.layers[r.0 as usize];
             let channel: HashMap<u32, usize> = src
                 .tile_elems(r.1 as usize)

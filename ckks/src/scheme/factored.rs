@@ -309,6 +309,9 @@ fn reduce_below(xs: &mut [u64], q: u64, bits: u32) {
 /// `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]`,
 /// `A^T = [1 1 1 0; 0 1 -1 -1]`; the 2-D ones are their Kronecker squares.
 pub mod winograd {
+    use super::FactoredMap;
+    use std::sync::OnceLock;
+
     const BT: [[i8; 4]; 4] = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]];
     const G: [[f64; 3]; 4] = [
         [1.0, 0.0, 0.0],
@@ -340,13 +343,41 @@ pub mod winograd {
     }
 
     /// `B` of [`super::FactoredMap`]: `T x P`.
-    pub fn input_transform() -> Vec<i8> {
-        kron_square(&BT)
+    pub fn input_transform() -> &'static [i8] {
+        static B: OnceLock<Vec<i8>> = OnceLock::new();
+        B.get_or_init(|| kron_square(&BT))
     }
 
     /// `A` of [`super::FactoredMap`]: `M x T`.
-    pub fn output_transform() -> Vec<i8> {
-        kron_square(&AT)
+    pub fn output_transform() -> &'static [i8] {
+        static A: OnceLock<Vec<i8>> = OnceLock::new();
+        A.get_or_init(|| kron_square(&AT))
+    }
+
+    /// The [`FactoredMap`] of F(2x2, 3x3) blocks: `patch` is `ci x 16` (4x4 patches), `u`
+    /// `16 x co x ci` (from [`filter`]), `f` `co x 4` (2x2 blocks); the rest as in
+    /// [`FactoredMap`].
+    pub fn map<'a>(
+        patch: &'a [Option<(u32, bool)>],
+        u: &'a [f64],
+        u_bits: i32,
+        f: &'a [Option<f64>],
+        level: usize,
+        target_scale: f64,
+    ) -> FactoredMap<'a> {
+        FactoredMap {
+            b: input_transform(),
+            a: output_transform(),
+            t: T,
+            p: P,
+            m: M,
+            patch,
+            u,
+            u_bits,
+            f,
+            level,
+            target_scale,
+        }
     }
 
     /// The 16 transformed weights `G g G^T` of a 3x3 filter `g` (row-major).

@@ -529,19 +529,7 @@ fn winograd_block_equals_its_effective_combination_and_the_convolution() {
     let (b, a) = (winograd::input_transform(), winograd::output_transform());
     let level = xs[0].level() - 1;
     let target = xs[0].scale() * f.params.q()[level] as f64;
-    let map = FactoredMap {
-        b: &b,
-        a: &a,
-        t: winograd::T,
-        p: winograd::P,
-        m: winograd::M,
-        patch: &patch,
-        u: &u,
-        u_bits: 20,
-        f: &fac,
-        level,
-        target_scale: target,
-    };
+    let map = winograd::map(&patch, &u, 20, &fac, level, target);
     let got = f.ev.factored_combinations(&inputs, &map).unwrap();
     assert_eq!(got.len(), co * winograd::M);
     assert!(got[3].is_none());
