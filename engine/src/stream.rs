@@ -445,8 +445,12 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
         let [ci, h, w] = wg.input_shape;
         let b = winograd::BLOCK;
-        let cols = w.div_ceil(b);
-        let (y0, x0) = ((t as usize / cols) * b, (t as usize % cols) * b);
+        // The block's top-left output position (the output map is the input's size).
+        let corner = layer
+            .tile_positions(t as usize)
+            .next()
+            .ok_or_else(|| ExecError::Model(format!("{}: empty tile {t}", layer.name)))?;
+        let (y0, x0) = (corner / w, corner % w);
         let mut patch = Vec::with_capacity(ci * 16);
         for c in 0..ci {
             for py in 0..4 {
@@ -473,11 +477,8 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 })
             })
             .collect();
-        let first = layer
-            .tile_elems(t as usize)
-            .next()
-            .ok_or_else(|| ExecError::Model(format!("{}: empty tile {t}", layer.name)))?;
-        let cm = layer.combine[first];
+        // Channel 0's first element is the corner itself.
+        let cm = layer.combine[corner];
         let map = beaa_ckks::winograd::map(
             &patch,
             &wg.u,

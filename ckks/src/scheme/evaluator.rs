@@ -13,8 +13,22 @@ use crate::scheme::{
 /// last bits; anything larger is a planning error worth reporting.
 pub const SCALE_TOLERANCE: f64 = 1e-9;
 
-fn same_scale(a: f64, b: f64) -> bool {
+pub(crate) fn same_scale(a: f64, b: f64) -> bool {
     (a - b).abs() <= SCALE_TOLERANCE * a.abs().max(b.abs())
+}
+
+/// `round(w * unit)` as the integer a combination multiplies by, if it is finite and below
+/// `limit` (see [`Evaluator::weight_limit`]).
+pub(crate) fn encode_weight(w: f64, unit: f64, limit: f64) -> Result<i128> {
+    let v = (w * unit).round();
+    if v.is_finite() && v.abs() < limit {
+        Ok(v as i128)
+    } else {
+        Err(Error::ValueOutOfRange {
+            value: w,
+            scale: unit,
+        })
+    }
 }
 
 /// One output of [`Evaluator::linear_combinations`]: terms `(input index, weight)`, the
@@ -47,6 +61,12 @@ impl Evaluator {
 
     pub fn params(&self) -> &Params {
         &self.params
+    }
+
+    /// Bound on the integer weights of a combination at `level`: a quarter of `Q_level`, and
+    /// at most 2^120 (the `i128` the residues are reduced from).
+    pub(crate) fn weight_limit(&self, level: usize) -> f64 {
+        (self.params.log_q_at(level) - 2.0).min(120.0).exp2()
     }
 
     pub(crate) fn check(&self, ct: &Ciphertext) -> Result<()> {
@@ -227,20 +247,10 @@ impl Evaluator {
             }
         }
         let level = terms.iter().map(|(c, _)| c.level).min().expect("non-empty");
-        let limit = (self.params.log_q_at(level) - 2.0).min(120.0).exp2();
+        let limit = self.weight_limit(level);
         let ints: Vec<i128> = terms
             .iter()
-            .map(|(ct, w)| {
-                let v = (w * target_scale / ct.scale).round();
-                if v.is_finite() && v.abs() < limit {
-                    Ok(v as i128)
-                } else {
-                    Err(Error::ValueOutOfRange {
-                        value: *w,
-                        scale: target_scale / ct.scale,
-                    })
-                }
-            })
+            .map(|(ct, w)| encode_weight(*w, target_scale / ct.scale, limit))
             .collect::<Result<_>>()?;
         let ring = self.params.ring();
         let n = self.params.n();
@@ -292,7 +302,7 @@ impl Evaluator {
                     "linear combination of no ciphertexts".into(),
                 ));
             }
-            let limit = (self.params.log_q_at(row.level) - 2.0).min(120.0).exp2();
+            let limit = self.weight_limit(row.level);
             let mut r = Vec::with_capacity(row.terms.len());
             for &(i, w) in row.terms {
                 let ct = inputs.get(i as usize).ok_or_else(|| {
@@ -301,14 +311,7 @@ impl Evaluator {
                 if ct.level < row.level {
                     return Err(Error::LevelMismatch(ct.level, row.level));
                 }
-                let v = (w * row.target_scale / ct.scale).round();
-                if !(v.is_finite() && v.abs() < limit) {
-                    return Err(Error::ValueOutOfRange {
-                        value: w,
-                        scale: row.target_scale / ct.scale,
-                    });
-                }
-                r.push(v as i128);
+                r.push(encode_weight(w, row.target_scale / ct.scale, limit)?);
             }
             ints.push(r);
         }

@@ -14,7 +14,7 @@ use crate::arith::kernels::{self, RowConsts};
 use crate::arith::ShoupConst;
 use crate::error::{Error, Result};
 use crate::ring::RnsPoly;
-use crate::scheme::evaluator::{GEMM_BLOCK_BYTES, PACK_PAD};
+use crate::scheme::evaluator::{encode_weight, same_scale, GEMM_BLOCK_BYTES, PACK_PAD};
 use crate::scheme::{Ciphertext, Evaluator};
 
 /// `out[o][j] = f[o][j] * sum_k A[j][k] * sum_c U[k][o][c] * sum_i B[k][i] * x[c][i]`: input
@@ -108,7 +108,7 @@ impl Evaluator {
             }
             match scale {
                 None => scale = Some(ct.scale),
-                Some(s) if (s - ct.scale).abs() > 1e-9 * s => {
+                Some(s) if !same_scale(s, ct.scale) => {
                     return bad("factored map over inputs of different scales".into())
                 }
                 _ => {}
@@ -121,38 +121,15 @@ impl Evaluator {
         let u_int: Vec<i64> = map
             .u
             .iter()
-            .map(|&w| {
-                let v = (w * u_unit).round();
-                if v.is_finite() && v.abs() < MAX_U_INT {
-                    Ok(v as i64)
-                } else {
-                    Err(Error::ValueOutOfRange {
-                        value: w,
-                        scale: u_unit,
-                    })
-                }
-            })
+            .map(|&w| encode_weight(w, u_unit, MAX_U_INT).map(|v| v as i64))
             .collect::<Result<_>>()?;
         let params = self.params();
         let f_unit = map.target_scale / (in_scale * u_unit);
-        let limit = (params.log_q_at(map.level) - 2.0).min(120.0).exp2();
+        let limit = self.weight_limit(map.level);
         let f_int: Vec<Option<i128>> = map
             .f
             .iter()
-            .map(|f| {
-                f.map(|f| {
-                    let v = (f * f_unit).round();
-                    if v.is_finite() && v.abs() < limit {
-                        Ok(v as i128)
-                    } else {
-                        Err(Error::ValueOutOfRange {
-                            value: f,
-                            scale: f_unit,
-                        })
-                    }
-                })
-                .transpose()
-            })
+            .map(|f| f.map(|f| encode_weight(f, f_unit, limit)).transpose())
             .collect::<Result<_>>()?;
 
         let n = params.n();
@@ -175,7 +152,6 @@ impl Evaluator {
         let mut v = vec![0u64; t * ci * stride];
         let mut prod = vec![0u64; co * stride];
         let mut acc = vec![0u64; co * m * stride];
-        let mut row = vec![0u64; block];
         let mut c: Vec<ShoupConst> = Vec::with_capacity(ci * co);
         for level in 0..=map.level {
             let q = ring.modulus(level);
@@ -251,10 +227,9 @@ impl Evaluator {
                         let (Some(polys), Some(f)) = (polys.as_mut(), f) else {
                             continue;
                         };
-                        row[..len].copy_from_slice(&acc[e * stride..][..len]);
-                        reduce_below(&mut row[..len], qv, bits_a);
-                        let dst = &mut polys[poly].limb_mut(level)[start..end];
-                        kernels::mul_const(dst, &row[..len], f, q);
+                        let sum = &mut acc[e * stride..][..len];
+                        reduce_below(sum, qv, bits_a);
+                        kernels::mul_const(&mut polys[poly].limb_mut(level)[start..end], sum, f, q);
                     }
                 }
                 start = end;
