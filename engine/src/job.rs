@@ -179,6 +179,12 @@ pub fn run_job(
         store,
         cancel: cancel.as_deref(),
         times: &times,
+        winograd_weights: plan
+            .graph
+            .layers
+            .iter()
+            .map(|_| Default::default())
+            .collect(),
     };
     let total: u64 = plan
         .schedule

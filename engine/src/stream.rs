@@ -8,7 +8,7 @@ use crate::job::InputSource;
 use crate::optime::{Op, OpTimes};
 use crate::schedule::{tile_sources, Schedule, Segment, TileRef};
 use crate::store::Store;
-use beaa_ckks::{Ciphertext, Evaluator, LinearRow, RelinKey, SCALE_TOLERANCE};
+use beaa_ckks::{Ciphertext, Evaluator, FactoredWeights, LinearRow, RelinKey, SCALE_TOLERANCE};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -65,6 +65,9 @@ pub struct Runner<'a, I: InputSource + ?Sized> {
     pub store: &'a dyn Store,
     pub cancel: Option<&'a AtomicBool>,
     pub times: &'a OpTimes,
+    /// Per layer, its Winograd weights in the kernels' form, prepared by the first block
+    /// that needs them (the same for every block of the layer).
+    pub winograd_weights: Vec<Mutex<Option<Arc<FactoredWeights>>>>,
 }
 
 impl<I: InputSource + ?Sized> Runner<'_, I> {
@@ -487,9 +490,20 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             cm.level.max(0) as usize,
             cm.scale,
         );
-        let out = self
-            .times
-            .time(Op::Gemm, || self.ev.factored_combinations(&inputs, &map))?;
+        let out = self.times.time(Op::Gemm, || -> Result<_, ExecError> {
+            let weights = {
+                let mut slot = self.winograd_weights[l as usize]
+                    .lock()
+                    .expect("weights lock");
+                match slot.as_ref() {
+                    Some(w) => Arc::clone(w),
+                    None => Arc::clone(slot.insert(Arc::new(self.ev.prepare_factored(&map)?))),
+                }
+            };
+            Ok(self
+                .ev
+                .factored_combinations_prepared(&inputs, &map, &weights)?)
+        })?;
         // Outputs channel by channel, block positions row-major; those outside the map are
         // `None` and not elements of the tile.
         Ok(out.into_iter().filter(Option::is_some).collect())

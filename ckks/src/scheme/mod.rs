@@ -12,7 +12,7 @@ pub use ciphertext::{Ciphertext, Plaintext};
 pub use encoder::Encoder;
 pub use encryptor::{decrypt, Encryptor};
 pub use evaluator::{Evaluator, LinearRow, SCALE_TOLERANCE};
-pub use factored::{winograd, FactoredMap};
+pub use factored::{winograd, FactoredMap, FactoredWeights};
 pub use keys::{
     galois_element, GaloisKeys, KeyGenerator, KeySwitchingKey, PublicKey, RelinKey, SecretKey,
 };

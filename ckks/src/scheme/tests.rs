@@ -592,4 +592,27 @@ fn winograd_block_equals_its_effective_combination_and_the_convolution() {
         ..map
     };
     assert!(f.ev.factored_combinations(&inputs, &bad).is_err());
+    // Weights prepared once serve every block of the map and give the same residues; weights
+    // of another shape or precision are refused.
+    let prepared = f.ev.prepare_factored(&map).unwrap();
+    let again =
+        f.ev.factored_combinations_prepared(&inputs, &map, &prepared)
+            .unwrap();
+    for (x, y) in got.iter().zip(&again) {
+        assert_eq!(x.as_ref().map(|c| &c.polys), y.as_ref().map(|c| &c.polys));
+    }
+    let other_bits = FactoredMap { u_bits: 19, ..map };
+    assert!(f
+        .ev
+        .factored_combinations_prepared(&inputs, &other_bits, &prepared)
+        .is_err());
+    let fewer_out = FactoredMap {
+        u: &u[..winograd::T * (co - 1) * ci],
+        f: &fac[..(co - 1) * winograd::M],
+        ..map
+    };
+    assert!(f
+        .ev
+        .factored_combinations_prepared(&inputs, &fewer_out, &prepared)
+        .is_err());
 }
