@@ -1,9 +1,10 @@
 //! `beaa bench inference`: encrypted inference on random inputs (or the images of `--data`)
 //! at the planned 128-bit parameters, with per-layer seconds and peak memory.
 
-use crate::local_job::{run_encrypted, WorkDir};
-use anyhow::{Context, Result};
-use beaa_ckks::KeyGenerator;
+use crate::keygen::{self, ClientKeys};
+use crate::local_job::{run_encrypted_resumable, Journal, WorkDir};
+use anyhow::{bail, Context, Result};
+use beaa_ckks::RelinKey;
 use beaa_engine::Plan;
 use beaa_model::range::outside_calibration;
 use beaa_model::scores::argmax;
@@ -34,7 +35,18 @@ pub struct InferenceBenchArgs {
     /// Compute the 3x3 convolutions in Winograd's F(2x2, 3x3) form (`beaa_engine::Plan::with_winograd`).
     #[arg(long)]
     pub winograd: bool,
+    /// Keep the job resumable in --work-dir: its keys (the secret key mode 0600, removed when
+    /// the job ends), inputs, finished tiles and a journal of the time spent stay there, and
+    /// the same command run again continues the job instead of starting over. For jobs that
+    /// outlast a process (a full-width job on a slow machine); the report sums the runs.
+    #[arg(long, requires = "work_dir")]
+    pub resume: bool,
 }
+
+/// The journal of a resumable bench, in its work directory.
+const JOURNAL_FILE: &str = "bench-journal.json";
+/// The keys of a resumable bench, in its work directory.
+const KEYS_DIR: &str = "keys";
 
 #[derive(Serialize)]
 struct Report {
@@ -42,6 +54,9 @@ struct Report {
     n: usize,
     batch: usize,
     threads: usize,
+    /// Process runs the job took (`--resume`; 1 otherwise). Times are sums over the runs;
+    /// `peak_rss_bytes` is the largest of them.
+    runs: u32,
     /// The row kernels' path on this CPU: "avx512-ifma", "avx2-fma" or "scalar".
     kernels: &'static str,
     /// Layers whose 3x3 convolution ran in Winograd's form (`--winograd`).
@@ -59,7 +74,7 @@ struct Report {
     per_layer_s: Vec<(String, f64)>,
     /// Thread-seconds per kind of operation, summed over the threads (`beaa_engine::Op`): where
     /// the time goes. What `threads x total_s` has beyond their sum is waiting and bookkeeping.
-    thread_s_by_op: Vec<(&'static str, f64)>,
+    thread_s_by_op: Vec<(String, f64)>,
     /// What the batch held: random normalized pixels, or the images of a directory.
     inputs: String,
     /// Images whose reference logits lie beyond the model's calibrated range (`beaa eval`'s
@@ -117,10 +132,50 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         rayon::current_num_threads(),
         beaa_ckks::arith::kernels::kernel_path()
     );
+    let work = WorkDir::new(args.work_dir.as_deref(), "bench");
+    let journal_path = work.path.join(JOURNAL_FILE);
+    let keys_dir = work.path.join(KEYS_DIR);
+    let job = format!(
+        "model {}, winograd {}, batch {batch}, data {:?}, params {}",
+        dir.display(),
+        args.winograd,
+        args.data,
+        crate::serve::util::hex(params.fingerprint())
+    );
+    let previous = if args.resume {
+        Journal::load(&journal_path)?
+    } else {
+        if journal_path.exists() {
+            bail!(
+                "{} holds a resumable bench: pass --resume to continue it, or remove it",
+                work.path.display()
+            );
+        }
+        None
+    };
+    if let Some(j) = &previous {
+        if j.job != job {
+            bail!(
+                "{} holds another bench ({}); this one is {job}",
+                work.path.display(),
+                j.job
+            );
+        }
+    }
     let t = Instant::now();
-    let mut kg = KeyGenerator::new(&params);
-    let sk = kg.secret_key();
-    let rlk = kg.relin_key(&sk);
+    let keys = match &previous {
+        Some(_) => keygen::load(&keys_dir, &params)?
+            .with_context(|| format!("the bench's keys are missing from {}", keys_dir.display()))?,
+        None => {
+            let keys = keygen::generate(&params);
+            if args.resume {
+                keygen::save(&keys_dir, &args.model, &params, false, &keys)?;
+            }
+            keys
+        }
+    };
+    let ClientKeys { sk, rlk_bytes } = keys;
+    let rlk = RelinKey::from_bytes(&params, &rlk_bytes)?;
     let keygen_s = t.elapsed().as_secs_f64();
 
     let per = model.input_len();
@@ -159,17 +214,62 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             )
         }
     };
-    let work = WorkDir::new(args.work_dir.as_deref(), "bench");
-    let run = run_encrypted(
-        &model, &params, &plan, &sk, &rlk, &images, batch, &work.path,
+    let start = previous.unwrap_or(Journal {
+        job: job.clone(),
+        ..Journal::default()
+    });
+    if args.resume && start.runs > 0 {
+        eprintln!(
+            "resuming the bench in {} (run {}; {:.0} s of evaluation so far)",
+            work.path.display(),
+            start.runs + 1,
+            start.eval_s
+        );
+    }
+    let run = run_encrypted_resumable(
+        &model,
+        &params,
+        &plan,
+        &sk,
+        &rlk,
+        &images,
+        batch,
+        &work.path,
+        args.resume.then_some((journal_path.as_path(), &start)),
     )?;
-    let (encrypt_s, total_s) = (run.encrypt_s, run.eval_s);
-    for (name, secs) in &run.per_stage_s {
+    // Over every run of the job: the journal's sums, or this run alone.
+    let done = match args.resume {
+        true => Journal::load(&journal_path)?.context("the journal vanished")?,
+        false => Journal {
+            job,
+            runs: 1,
+            inputs_written: true,
+            encrypt_s: run.encrypt_s,
+            eval_s: run.eval_s,
+            per_stage_s: run.per_stage_s.clone(),
+            op_thread_s: run
+                .op_thread_s
+                .iter()
+                .map(|(k, s)| (k.to_string(), *s))
+                .collect(),
+            work_dir_peak_bytes: run.work_dir_peak_bytes,
+            peak_rss_bytes: peak_rss_bytes(),
+        },
+    };
+    if args.resume {
+        // The job is over: its inputs, tiles, secret key and journal go.
+        for sub in ["inputs", "tiles", KEYS_DIR] {
+            std::fs::remove_dir_all(work.path.join(sub)).ok();
+        }
+        std::fs::remove_file(&journal_path).ok();
+    }
+    let (encrypt_s, total_s) = (done.encrypt_s, done.eval_s);
+    for (name, secs) in &done.per_stage_s {
         eprintln!("  {name:<24} {secs:>9.2} s");
     }
-    let per_layer = run.per_stage_s.clone();
-    let busy: f64 = run.op_thread_s.iter().map(|(_, s)| s).sum();
-    for (op, secs) in &run.op_thread_s {
+    let per_layer = done.per_stage_s.clone();
+    let busy: f64 = done.op_thread_s.iter().map(|(_, s)| s).sum();
+    for (op, secs) in &done.op_thread_s {
         eprintln!(
             "  {op:<24} {secs:>9.2} thread-s ({:.1}%)",
             100.0 * secs / busy.max(1e-9)
@@ -208,6 +308,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         n: params.n(),
         batch,
         threads: rayon::current_num_threads(),
+        runs: done.runs,
         kernels: beaa_ckks::arith::kernels::kernel_path(),
         winograd_layers: plan
             .winograd_layers()
@@ -222,10 +323,10 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         encrypt_s,
         total_s,
         amortized_ms: total_s * 1e3 / batch as f64,
-        peak_rss_bytes: peak_rss_bytes(),
-        work_dir_peak_bytes: run.work_dir_peak_bytes,
+        peak_rss_bytes: done.peak_rss_bytes.max(peak_rss_bytes()),
+        work_dir_peak_bytes: done.work_dir_peak_bytes,
         per_layer_s: per_layer,
-        thread_s_by_op: run.op_thread_s.clone(),
+        thread_s_by_op: done.op_thread_s.clone(),
         inputs,
         inputs_outside_calibrated_range: outside,
         squares: plan.squares(),

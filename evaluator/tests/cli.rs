@@ -229,3 +229,72 @@ fn demo_runs_and_reports_agreement() {
     assert!(ok, "{stderr}");
     assert!(stdout.contains("max |encrypted - plaintext|"), "{stdout}");
 }
+
+/// `bench inference --resume`: a job killed mid-way (SIGKILL, as when a session's processes
+/// end) continues from its stored tiles with the same keys - every prediction equal to the
+/// plaintext one - and reports two runs; the work directory is emptied at the end. Without
+/// `--resume`, or with other settings, the unfinished job is refused, not overwritten.
+#[test]
+fn bench_inference_resumes_a_killed_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    random_model(5, &SqueezeNetSpec::tiny(3, 8, 4), Activation::PolyElement)
+        .save(&model)
+        .unwrap();
+    let work = dir.path().join("work");
+    let (model_s, work_s) = (model.to_str().unwrap(), work.to_str().unwrap());
+    let args = |batch: &'static str| {
+        vec![
+            "bench",
+            "inference",
+            "--model",
+            model_s,
+            "--batch",
+            batch,
+            "--work-dir",
+            work_s,
+            "--resume",
+            "--json",
+        ]
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_beaa"))
+        .args(args("16"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has stored a tile (the job has hundreds).
+    let tiles = work.join("tiles");
+    let has_tile = || {
+        std::fs::read_dir(&tiles).is_ok_and(|layers| {
+            layers.flatten().any(|l| {
+                l.path().is_dir()
+                    && std::fs::read_dir(l.path()).is_ok_and(|mut t| t.next().is_some())
+            })
+        })
+    };
+    let t = std::time::Instant::now();
+    while !has_tile() {
+        assert!(child.try_wait().unwrap().is_none(), "the bench ended early");
+        assert!(t.elapsed().as_secs() < 600, "no tile after 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(work.join("keys").join("secret.key").is_file());
+
+    let (ok, _, stderr) = beaa(&args("16")[..args("16").len() - 2]);
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let (ok, _, stderr) = beaa(&args("8"));
+    assert!(!ok && stderr.contains("another bench"), "{stderr}");
+
+    let (ok, stdout, stderr) = beaa(&args("16"));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["runs"], 2);
+    assert_eq!(v["predictions_agree"], 16, "{v}");
+    assert!(v["total_s"].as_f64().unwrap() > 0.0);
+    let left: Vec<_> = std::fs::read_dir(&work).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
