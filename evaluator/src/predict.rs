@@ -1,15 +1,21 @@
 //! `beaa predict`: the native client. Preprocesses and encrypts images locally (ciphertext
 //! `k` holds feature `k` of every image), uploads the evaluation key and the inputs, waits
 //! for the server, downloads and decrypts the logits, prints class and probabilities.
+//!
+//! With `--keys DIR` the job in flight is remembered in `DIR/job.json` (mode 0600: its token
+//! reads the result and deletes the job), so a client that was killed, lost its connection or
+//! hit a full server continues the same job when the same command runs again - uploading only
+//! the inputs the server lacks - as the web page does with its IndexedDB.
 
 use crate::keygen::{self, ClientKeys};
 use anyhow::{anyhow, bail, Context, Result};
 use beaa_ckks::{decrypt, Ciphertext, Encoder, Encryptor, ParamSpec, Params};
 use beaa_model::range::{batch_looks_corrupt, outside_calibration};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -21,6 +27,7 @@ pub struct PredictArgs {
     #[arg(long)]
     pub model: String,
     /// Key directory from `beaa keygen` (fresh keys are made, and saved here, if it has none).
+    /// The job in flight is remembered here too: run the same command again to continue it.
     #[arg(long)]
     pub keys: Option<PathBuf>,
     /// Print one JSON object on stdout.
@@ -161,43 +168,68 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         },
         None => keygen::generate(params),
     };
+    let fingerprint = crate::serve::util::hex(params.fingerprint());
+    let image_names: Vec<String> = files
+        .iter()
+        .map(|f| {
+            std::fs::canonicalize(f)
+                .unwrap_or_else(|_| f.clone())
+                .display()
+                .to_string()
+        })
+        .collect();
+    let pending_path = args.keys.as_ref().map(|d| d.join(PENDING_FILE));
     let t0 = Instant::now();
-    let (job_id, token) = submit(server, &args.model, params, &keys, &images)?;
+    let flat: Vec<f32> = images.concat();
+    let job = match pending_path
+        .as_deref()
+        .map(PendingJob::load)
+        .transpose()?
+        .flatten()
+    {
+        Some(p) => {
+            if p.model != args.model
+                || p.images != image_names
+                || p.params_fingerprint != fingerprint
+            {
+                bail!(
+                    "{} holds an unfinished job ({}) of other images or another model: run its command again to finish it, or delete the file to abandon the job",
+                    pending_path.as_deref().unwrap_or(Path::new("")).display(),
+                    p.job_id
+                );
+            }
+            resume(server, params, &keys, &flat, &p, pending_path.as_deref())?
+        }
+        None => None,
+    };
+    let job = match job {
+        Some(job) => job,
+        None => {
+            let job = create_job(server, &args.model, &keys, images.len())?;
+            if let Some(path) = &pending_path {
+                PendingJob {
+                    server: server.to_owned(),
+                    model: args.model.clone(),
+                    job_id: job.id.clone(),
+                    token: job.token.clone(),
+                    images: image_names.clone(),
+                    params_fingerprint: fingerprint.clone(),
+                }
+                .save(path)?;
+            }
+            let all: Vec<usize> = (0..job.inputs).collect();
+            upload(server, params, &keys, &flat, &job, &all)?;
+            start(server, &job)?;
+            job
+        }
+    };
+    let (job_id, token) = (job.id.clone(), job.token.clone());
     let upload_s = t0.elapsed().as_secs_f64();
     let auth = format!("Bearer {token}");
     let a = agent();
     let job_url = format!("{server}/api/jobs/{job_id}");
     let t1 = Instant::now();
-    loop {
-        let st = read_json(
-            a.get(&job_url)
-                .set("Authorization", &auth)
-                .call()
-                .map_err(http_err)?,
-        )?;
-        let state = st["state"].as_str().unwrap_or("?").to_owned();
-        eprint!(
-            "\r{state:>9} {:5.1}% {:<28} eta {:>6}   ",
-            st["progress"].as_f64().unwrap_or(0.0) * 100.0,
-            st["stage"].as_str().unwrap_or(""),
-            st["eta_s"]
-                .as_f64()
-                .map(|e| format!("{e:.0} s"))
-                .unwrap_or_else(|| "-".into())
-        );
-        match state.as_str() {
-            "done" => break,
-            "failed" | "cancelled" => {
-                eprintln!();
-                bail!(
-                    "the job {state}: {}",
-                    st["error"].as_str().unwrap_or("no reason given")
-                );
-            }
-            _ => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
-    eprintln!();
+    wait(&job_url, &auth, pending_path.as_deref())?;
     let server_s = t1.elapsed().as_secs_f64();
     let mut result = Vec::new();
     a.get(&format!("{job_url}/result"))
@@ -208,8 +240,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         .take(1 << 34)
         .read_to_end(&mut result)?;
     let logits = decrypt_result(params, &keys, &result, classes.len(), images.len())?;
-    // The server keeps nothing it no longer needs.
+    // The server keeps nothing it no longer needs, nor do we.
     let _ = a.delete(&job_url).set("Authorization", &auth).call();
+    if let Some(path) = &pending_path {
+        std::fs::remove_file(path).ok();
+    }
 
     // Servers before the field existed: no flags rather than a guess.
     let calibrated = m.info["logits_calibration_max_abs"].as_f64();
@@ -289,14 +324,54 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// Uploads the key, creates the job, encrypts and uploads every input, starts the job.
-fn submit(
-    server: &str,
-    model: &str,
-    params: &Params,
-    keys: &ClientKeys,
-    images: &[Vec<f32>],
-) -> Result<(String, String)> {
+/// The file in a `--keys` directory that remembers the job in flight.
+pub const PENDING_FILE: &str = "job.json";
+
+/// A job this client created and has not collected yet.
+#[derive(Debug, Serialize, Deserialize)]
+struct PendingJob {
+    /// Where it was created (for the reader; the job is looked for on `--server`).
+    server: String,
+    model: String,
+    job_id: String,
+    token: String,
+    /// The images, as canonical paths, in job order.
+    images: Vec<String>,
+    params_fingerprint: String,
+}
+
+impl PendingJob {
+    fn load(path: &Path) -> Result<Option<PendingJob>> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        keygen::write_private(path, &serde_json::to_vec_pretty(self)?)
+    }
+}
+
+/// A job on the server: its id, bearer token and number of input ciphertexts.
+struct JobRef {
+    id: String,
+    token: String,
+    inputs: usize,
+}
+
+impl JobRef {
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+}
+
+/// Uploads the evaluation key and creates the job.
+fn create_job(server: &str, model: &str, keys: &ClientKeys, batch: usize) -> Result<JobRef> {
     let a = agent();
     let key = read_json(
         a.post(&format!("{server}/api/keys?model={model}"))
@@ -307,40 +382,133 @@ fn submit(
     let key_id = key["key_id"].as_str().ok_or_else(|| anyhow!("no key_id"))?;
     let job = read_json(
         a.post(&format!("{server}/api/jobs"))
-            .send_json(json!({"model": model, "key_id": key_id, "batch": images.len()}))
+            .send_json(json!({"model": model, "key_id": key_id, "batch": batch}))
             .map_err(http_err)?,
     )?;
-    let job_id = job["job_id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no job_id"))?
-        .to_owned();
-    let token = job["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no token"))?
-        .to_owned();
-    let n = job["inputs"].as_u64().unwrap_or(0) as usize;
-    let auth = format!("Bearer {token}");
-    let (scale, level) = (params.default_scale(), params.max_level());
-    // Element-wise packing (beaa_model::packing): image-major features, one column per input.
-    let flat: Vec<f32> = images.concat();
-    if n == 0 || flat.len() != n * images.len() {
+    let field = |k: &str| {
+        job[k]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no {k}"))
+    };
+    Ok(JobRef {
+        id: field("job_id")?,
+        token: field("token")?,
+        inputs: job["inputs"].as_u64().unwrap_or(0) as usize,
+    })
+}
+
+/// Picks up a remembered job: `Some` when the server still has it and it is uploading (the
+/// missing inputs are uploaded and the job started), queued, running or done; `None` when it
+/// is gone (expired, deleted, another server) and a new job must be made. A failed or
+/// cancelled job is an error, and forgotten.
+fn resume(
+    server: &str,
+    params: &Params,
+    keys: &ClientKeys,
+    flat: &[f32],
+    p: &PendingJob,
+    pending_path: Option<&Path>,
+) -> Result<Option<JobRef>> {
+    let forget = || {
+        if let Some(path) = pending_path {
+            std::fs::remove_file(path).ok();
+        }
+    };
+    let a = agent();
+    let url = format!("{server}/api/jobs/{}", p.job_id);
+    let auth = format!("Bearer {}", p.token);
+    let st = match a.get(&url).set("Authorization", &auth).call() {
+        Ok(r) => read_json(r)?,
+        Err(ureq::Error::Status(404, _)) => {
+            eprintln!(
+                "the server no longer has job {} (expired, deleted, or another server): starting a new one",
+                p.job_id
+            );
+            forget();
+            return Ok(None);
+        }
+        Err(e) => return Err(http_err(e)),
+    };
+    let job = JobRef {
+        id: p.job_id.clone(),
+        token: p.token.clone(),
+        inputs: st["inputs_total"].as_u64().unwrap_or(0) as usize,
+    };
+    let state = st["state"].as_str().unwrap_or("?");
+    eprintln!("resuming job {} ({state})", job.id);
+    match state {
+        "uploading" => {
+            // The server lists at most 1000 missing inputs at a time.
+            loop {
+                let have = read_json(
+                    a.get(&format!("{url}/inputs"))
+                        .set("Authorization", &auth)
+                        .call()
+                        .map_err(http_err)?,
+                )?;
+                let missing: Vec<usize> = have["missing"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|k| k.as_u64().map(|k| k as usize))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if missing.is_empty() {
+                    break;
+                }
+                eprintln!(
+                    "{} of {} inputs missing on the server",
+                    have["total"].as_u64().unwrap_or(0) - have["present"].as_u64().unwrap_or(0),
+                    job.inputs
+                );
+                upload(server, params, keys, flat, &job, &missing)?;
+            }
+            start(server, &job)?;
+        }
+        "failed" | "cancelled" => {
+            forget();
+            bail!(
+                "the job {state}: {}",
+                st["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        _ => {}
+    }
+    Ok(Some(job))
+}
+
+/// Encrypts and uploads the input ciphertexts `which` of the job.
+fn upload(
+    server: &str,
+    params: &Params,
+    keys: &ClientKeys,
+    flat: &[f32],
+    job: &JobRef,
+    which: &[usize],
+) -> Result<()> {
+    let n = job.inputs;
+    if n == 0 || !flat.len().is_multiple_of(n) || which.iter().any(|&k| k >= n) {
         bail!(
-            "the server expects {n} inputs per job; the images have {} features",
-            flat.len() / images.len().max(1)
+            "the server expects {n} inputs per job; the images have {} values",
+            flat.len()
         );
     }
+    let a = agent();
+    let auth = job.auth();
+    let (scale, level) = (params.default_scale(), params.max_level());
     let t = Instant::now();
     let mut sent = 0u64;
-    for chunk in (0..n)
-        .collect::<Vec<_>>()
-        .chunks(rayon::current_num_threads() * 4)
-    {
+    let mut done = 0usize;
+    // Element-wise packing (beaa_model::packing): image-major features, one column per input.
+    for chunk in which.chunks(rayon::current_num_threads() * 4) {
         let cts: Vec<Vec<u8>> = chunk
             .par_iter()
             .map_init(
                 || Encryptor::new(params),
                 |enc, &k| -> Result<Vec<u8>> {
-                    let column = beaa_model::packing::feature_slots(&flat, n, k);
+                    let column = beaa_model::packing::feature_slots(flat, n, k);
                     Ok(enc
                         .encrypt_values_sk(&keys.sk, &column, scale, level)?
                         .to_bytes())
@@ -349,7 +517,7 @@ fn submit(
             .collect::<Result<_>>()?;
         for (&k, ct) in chunk.iter().zip(&cts) {
             let sum = crate::serve::util::hex(&crate::serve::util::sha256(ct));
-            a.put(&format!("{server}/api/jobs/{job_id}/inputs/{k}"))
+            a.put(&format!("{server}/api/jobs/{}/inputs/{k}", job.id))
                 .set("Authorization", &auth)
                 .set("Content-Type", "application/octet-stream")
                 .set("X-Checksum-Sha256", &sum)
@@ -357,19 +525,66 @@ fn submit(
                 .map_err(http_err)?;
             sent += ct.len() as u64;
         }
-        let done = chunk.last().map_or(0, |k| k + 1);
+        done += chunk.len();
         eprint!(
-            "\rencrypt+upload {done}/{n} ciphertexts, {:.1} MB, {:.1} MB/s   ",
+            "\rencrypt+upload {done}/{} ciphertexts, {:.1} MB, {:.1} MB/s   ",
+            which.len(),
             sent as f64 / 1e6,
             sent as f64 / 1e6 / t.elapsed().as_secs_f64().max(1e-9)
         );
     }
     eprintln!();
-    a.post(&format!("{server}/api/jobs/{job_id}/start"))
-        .set("Authorization", &auth)
+    Ok(())
+}
+
+/// Starts a job whose inputs are all on the server.
+fn start(server: &str, job: &JobRef) -> Result<()> {
+    agent()
+        .post(&format!("{server}/api/jobs/{}/start", job.id))
+        .set("Authorization", &job.auth())
         .send_bytes(b"")
         .map_err(http_err)?;
-    Ok((job_id, token))
+    Ok(())
+}
+
+/// Polls the job until it is done, showing its progress; an error if it failed (and the
+/// remembered job is forgotten: running the command again makes a new one).
+fn wait(job_url: &str, auth: &str, pending_path: Option<&Path>) -> Result<()> {
+    let a = agent();
+    loop {
+        let st = read_json(
+            a.get(job_url)
+                .set("Authorization", auth)
+                .call()
+                .map_err(http_err)?,
+        )?;
+        let state = st["state"].as_str().unwrap_or("?").to_owned();
+        eprint!(
+            "\r{state:>9} {:5.1}% {:<28} eta {:>6}   ",
+            st["progress"].as_f64().unwrap_or(0.0) * 100.0,
+            st["stage"].as_str().unwrap_or(""),
+            st["eta_s"]
+                .as_f64()
+                .map(|e| format!("{e:.0} s"))
+                .unwrap_or_else(|| "-".into())
+        );
+        match state.as_str() {
+            "done" => break,
+            "failed" | "cancelled" => {
+                eprintln!();
+                if let Some(path) = pending_path {
+                    std::fs::remove_file(path).ok();
+                }
+                bail!(
+                    "the job {state}: {}",
+                    st["error"].as_str().unwrap_or("no reason given")
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+    eprintln!();
+    Ok(())
 }
 
 /// Parses `u32 count, then (u64 length, ciphertext)*` and decrypts: logits[image][class].

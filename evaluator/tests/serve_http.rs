@@ -1139,3 +1139,86 @@ fn start_reports_inputs_lost_since_upload() {
     wait_done(&server, &job, Duration::from_secs(120));
     check_against_plaintext(&model, &imgs, &result(&server, &job, &keys, batch));
 }
+
+/// `beaa predict --keys DIR` remembers its job: a client stopped mid-upload (here by the
+/// server's disk quota) leaves `DIR/job.json` (mode 0600), refuses other images while it is
+/// there, and the same command - after a server restart, at its new address - uploads only the
+/// missing inputs, finishes the same job with the plaintext's predictions and forgets it.
+#[test]
+fn cli_predict_resumes_its_job_after_an_interruption() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let (ct_len, rlk_len, _) = probe_sizes(&zoo, tmp.path());
+    let n_inputs = model.input_len();
+    // Room for the key and about half the inputs.
+    let quota = rlk_len + (n_inputs as u64 / 2) * ct_len;
+    let quota_gb = format!("{}", quota as f64 / 1e9);
+    let data = tmp.path().join("data");
+    let mut server = Server::start(&zoo, &data, true, &["--max-disk-gb", &quota_gb]);
+    model_info(&server); // planned and listed
+    let keys_dir = tmp.path().join("keys");
+    let files = write_pngs(&tmp.path().join("imgs"), 3, 12, 21);
+    let predict = |url: &str, images: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_beaa"))
+            .args(["predict", "--server", url, "--model", MODEL, "--json"])
+            .arg("--keys")
+            .arg(&keys_dir)
+            .arg(images)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
+    assert!(!ok && stderr.contains("507"), "{stderr}");
+    let pending = keys_dir.join("job.json");
+    let job = json_of(&std::fs::read(&pending).unwrap());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pending).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let job = Job {
+        id: job["job_id"].as_str().unwrap().to_owned(),
+        token: job["token"].as_str().unwrap().to_owned(),
+        n: n_inputs,
+    };
+    let present = status(&server, &job)["inputs_present"].as_u64().unwrap() as usize;
+    assert!(0 < present && present < n_inputs, "{present} inputs stored");
+
+    // Other images are refused while the job is unfinished.
+    write_pngs(&tmp.path().join("other"), 2, 12, 5);
+    let (ok, _, stderr) = predict(&server.url, &tmp.path().join("other"));
+    assert!(!ok && stderr.contains("job.json"), "{stderr}");
+
+    // The server restarts without the quota; the client continues the same job.
+    server.kill9();
+    let server = Server::start(&zoo, &data, true, &[]);
+    model_info(&server);
+    let (ok, stdout, stderr) = predict(&server.url, &tmp.path().join("imgs"));
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("resuming job {}", job.id)),
+        "{stderr}"
+    );
+    let missing = n_inputs - present;
+    assert!(
+        stderr.contains(&format!("{missing} of {n_inputs} inputs missing")),
+        "{stderr}"
+    );
+    let v = json_of(stdout.as_bytes());
+    assert_eq!(v["job_id"].as_str(), Some(job.id.as_str()));
+    let spec = model.manifest.input.clone();
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), files.len());
+    for (p, f) in preds.iter().zip(&files) {
+        let x = beaa_model::preprocess::preprocess(&std::fs::read(f).unwrap(), &spec).unwrap();
+        let want = model.forward_f32(&x, 1).unwrap();
+        assert_eq!(p["class_index"].as_u64().unwrap() as usize, argmax(&want));
+    }
+    assert!(!pending.exists(), "the finished job is still remembered");
+}
