@@ -169,6 +169,16 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         None => {
             let keys = keygen::generate(&params);
             if args.resume {
+                // A new resumable job: whatever tiles or inputs the directory holds were
+                // made under other keys.
+                for sub in ["inputs", "tiles"] {
+                    match std::fs::remove_dir_all(work.path.join(sub)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(e).context("clearing the work directory")
+                        }
+                        _ => {}
+                    }
+                }
                 keygen::save(&keys_dir, &args.model, &params, false, &keys)?;
             }
             keys
