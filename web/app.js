@@ -22,6 +22,8 @@ const RESULTS_PER_PAGE = 50;
 
 const state = {
   models: [],
+  loading: [],
+  loadingTimer: null,
   model: null,
   images: [], // {id, file, name, features: Float32Array|null, error: string|null, el, gen, queued, removed}
   nextImageId: 1,
@@ -187,8 +189,9 @@ async function loadModels() {
   const pill = $('#server-status');
   try {
     await api('health');
-    const { models } = await api('models');
+    const { models, loading } = await api('models');
     state.models = models || [];
+    state.loading = loading || [];
     pill.textContent = 'server online';
     pill.className = 'pill ok';
     clearMessages('server');
@@ -204,15 +207,28 @@ async function loadModels() {
   }
   const sel = $('#model-select');
   const previous = sel.value;
-  sel.innerHTML = '';
-  for (const m of state.models) {
-    const o = document.createElement('option');
-    o.value = m.name;
-    o.textContent = m.insecure_test_params ? `${m.name} (INSECURE test parameters)` : m.name;
-    sel.append(o);
+  const names = state.models.map((m) => m.name).join('\n');
+  // Rebuilt only when the list changed (a poll below must not close an open drop-down).
+  if (sel.dataset.names !== names) {
+    sel.dataset.names = names;
+    sel.innerHTML = '';
+    for (const m of state.models) {
+      const o = document.createElement('option');
+      o.value = m.name;
+      o.textContent = m.insecure_test_params ? `${m.name} (INSECURE test parameters)` : m.name;
+      sel.append(o);
+    }
   }
   sel.disabled = state.models.length === 0 || state.running;
-  if (!state.models.length) message('The server offers no models.', 'error', 'server');
+  // A freshly started server plans its models one after another: list them as they come.
+  clearTimeout(state.loadingTimer);
+  if (state.loading.length) {
+    message(`The server is still preparing ${state.loading.join(', ')}; the list fills in as each is ready.`, 'info', 'loading');
+    state.loadingTimer = setTimeout(() => loadModels(), 2000);
+  } else {
+    clearMessages('loading');
+    if (!state.models.length) message('The server offers no models.', 'error', 'server');
+  }
   if (previous && state.models.some((m) => m.name === previous)) sel.value = previous;
   selectModel(sel.value);
   resumeStoredJob();
@@ -786,6 +802,8 @@ async function resumeStoredJob() {
   }
   if (!rec) return;
   const model = state.models.find((m) => m.name === rec.model);
+  // Still being prepared: the next poll of loadModels tries again.
+  if (!model && state.loading.includes(rec.model)) return;
   if (!model || model.params_fingerprint !== rec.fingerprint) {
     message(
       `A job stored on this device (model "${rec.model}", ${rec.names.length} image(s)) cannot be finished now: the server ` +

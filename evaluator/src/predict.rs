@@ -73,20 +73,47 @@ fn read_json(r: ureq::Response) -> Result<Value> {
     Ok(serde_json::from_str(&s)?)
 }
 
-/// `GET /api/models`, the named model, its parameters rebuilt and the fingerprint checked.
+/// How long a client waits for a model the server is still planning (a freshly started
+/// server plans its models one after another, tens of seconds each at full size).
+const MODEL_LOADING_WAIT: Duration = Duration::from_secs(600);
+
+/// `GET /api/models`, the named model, its parameters rebuilt and the fingerprint checked;
+/// waits while the server lists the model as loading.
 pub fn fetch_model(server: &str, name: &str) -> Result<ServerModel> {
     let server = server.trim_end_matches('/');
-    let v = read_json(
-        agent()
-            .get(&format!("{server}/api/models"))
-            .call()
-            .map_err(http_err)?,
-    )?;
-    let info = v["models"]
-        .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
-        .cloned()
-        .ok_or_else(|| anyhow!("the server does not list a model named {name:?}"))?;
+    let t = Instant::now();
+    let mut said = false;
+    let info = loop {
+        let v = read_json(
+            agent()
+                .get(&format!("{server}/api/models"))
+                .call()
+                .map_err(http_err)?,
+        )?;
+        if let Some(m) = v["models"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        {
+            break m.clone();
+        }
+        let loading = v["loading"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|m| m == name));
+        if !loading {
+            bail!("the server does not list a model named {name:?}");
+        }
+        if t.elapsed() > MODEL_LOADING_WAIT {
+            bail!(
+                "the server is still preparing {name:?} after {} s; try again later",
+                MODEL_LOADING_WAIT.as_secs()
+            );
+        }
+        if !said {
+            eprintln!("the server is still preparing {name:?}; waiting");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let spec: ParamSpec = serde_json::from_value(info["params"].clone())?;
     let insecure = info["insecure_test_params"].as_bool().unwrap_or(false);
     let params = Params::from_spec(spec, insecure)?;

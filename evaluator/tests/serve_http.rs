@@ -1144,6 +1144,7 @@ fn start_reports_inputs_lost_since_upload() {
 /// server's disk quota) leaves `DIR/job.json` (mode 0600), refuses other images while it is
 /// there, and the same command - after a server restart, at its new address - uploads only the
 /// missing inputs, finishes the same job with the plaintext's predictions and forgets it.
+/// Each `predict` starts right after its server: it waits for the model to be planned.
 #[test]
 fn cli_predict_resumes_its_job_after_an_interruption() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1154,8 +1155,11 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     let quota = rlk_len + (n_inputs as u64 / 2) * ct_len;
     let quota_gb = format!("{}", quota as f64 / 1e9);
     let data = tmp.path().join("data");
+    // No waiting for the model to be listed: the client waits while the server reports it
+    // loading (before `loading` existed, a client this quick was told there is no such model).
     let mut server = Server::start(&zoo, &data, true, &["--max-disk-gb", &quota_gb]);
-    model_info(&server); // planned and listed
+    let (s, v) = get(&format!("{}/api/models", server.url));
+    assert!(s == 200 && v["loading"].is_array(), "{v}");
     let keys_dir = tmp.path().join("keys");
     let files = write_pngs(&tmp.path().join("imgs"), 3, 12, 21);
     let predict = |url: &str, images: &Path| {
@@ -1198,7 +1202,6 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     // The server restarts without the quota; the client continues the same job.
     server.kill9();
     let server = Server::start(&zoo, &data, true, &[]);
-    model_info(&server);
     let (ok, stdout, stderr) = predict(&server.url, &tmp.path().join("imgs"));
     assert!(ok, "{stderr}");
     assert!(

@@ -35,7 +35,7 @@ pub async fn health() -> Json<Value> {
 
 pub async fn models(State(st): St) -> Json<Value> {
     let list: Vec<Value> = st.registry.list().iter().map(|m| m.info.clone()).collect();
-    Json(json!({"models": list}))
+    Json(json!({"models": list, "loading": st.registry.loading()}))
 }
 
 /// A temporary upload file, removed on drop unless kept (a client that disconnects mid-body

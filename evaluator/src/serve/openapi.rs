@@ -52,7 +52,7 @@ pub fn spec() -> Value {
         },
         "paths": {
             "/api/health": {"get": {"summary": "liveness", "responses": {"200": ok_json("ok", json!({"type": "object", "properties": {"ok": {"type": "boolean"}}}))}}},
-            "/api/models": {"get": {"summary": "the served models (listed once planned)", "responses": {"200": ok_json("models", json!({"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/ModelInfo"}}}}))}}},
+            "/api/models": {"get": {"summary": "the served models (listed once planned)", "responses": {"200": ok_json("models", json!({"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/ModelInfo"}}, "loading": {"type": "array", "items": {"type": "string"}, "description": "models of the zoo still being planned"}}}))}}},
             "/api/keys": {"post": {
                 "summary": "upload a relinearization key (content-addressed)",
                 "parameters": [{"name": "model", "in": "query", "required": true, "schema": {"type": "string"}}],

@@ -95,6 +95,22 @@ impl Registry {
                 .contains_key(name)
     }
 
+    /// The zoo's models still being planned (empty once planning is over: a model that
+    /// failed is not served and not loading either).
+    pub fn loading(&self) -> Vec<String> {
+        if self.done.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let ready = self.ready.read().unwrap_or_else(|p| p.into_inner());
+        self.pending
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|name| !ready.contains_key(*name))
+            .cloned()
+            .collect()
+    }
+
     /// Lists the zoo's model directories (cheap; before the listener and the queue start).
     pub fn discover(&self, zoo: Option<&Path>) {
         let mut found = BTreeMap::new();
