@@ -2,7 +2,7 @@
 //! at the planned 128-bit parameters, with per-layer seconds and peak memory.
 
 use crate::keygen::{self, ClientKeys};
-use crate::local_job::{run_encrypted_resumable, Journal, WorkDir};
+use crate::local_job::{run_encrypted, Journal, WorkDir};
 use anyhow::{bail, Context, Result};
 use beaa_ckks::RelinKey;
 use beaa_engine::Plan;
@@ -236,7 +236,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             start.eval_s
         );
     }
-    let run = run_encrypted_resumable(
+    let run = run_encrypted(
         &model,
         &params,
         &plan,

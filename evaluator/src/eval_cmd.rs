@@ -93,7 +93,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let sk = kg.secret_key();
         let rlk = kg.relin_key(&sk);
         let work = WorkDir::new(args.work_dir.as_deref(), "eval");
-        let run = run_encrypted(&model, &params, &plan, &sk, &rlk, &images, n, &work.path)?;
+        let run = run_encrypted(
+            &model, &params, &plan, &sk, &rlk, &images, n, &work.path, None,
+        )?;
         let want = model.forward(&images, n)?;
         // Per image: the largest absolute error, and that error relative to the image's own
         // largest |logit| (at least 1), so one exploded outlier image does not mask how

@@ -7,7 +7,6 @@ use crate::predict::fetch_model;
 use anyhow::{bail, Context, Result};
 use beaa_ckks::{KeyGenerator, Params, RelinKey, SecretKey};
 use serde_json::json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const SECRET_FILE: &str = "secret.key";
@@ -82,7 +81,7 @@ pub fn save(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let sk_bytes = keys.sk.to_local_bytes();
-    write_private(&dir.join(SECRET_FILE), &sk_bytes)?;
+    crate::files::write_private(&dir.join(SECRET_FILE), &sk_bytes)?;
     std::fs::write(dir.join(RELIN_FILE), &keys.rlk_bytes)?;
     let meta = json!({
         "model": model,
@@ -92,30 +91,6 @@ pub fn save(
     });
     std::fs::write(dir.join(META_FILE), serde_json::to_vec_pretty(&meta)?)?;
     Ok(())
-}
-
-/// Writes a file only its owner can read (mode 0600 on Unix, also when it existed before),
-/// synced to disk: secret keys, and job tokens.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    // An existing file keeps its mode through open(): make sure it is 0600.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Loads keys from `dir` if they were made for `params` (None when the directory has none).

@@ -55,14 +55,7 @@ pub const JOURNAL_EVERY_S: f64 = 30.0;
 
 impl Journal {
     pub fn load(path: &Path) -> Result<Option<Journal>> {
-        match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::files::read_json_if_exists(path)
     }
 
     /// Written whole or not at all (a temporary file renamed over the old one).
@@ -103,29 +96,15 @@ fn add_named(into: &mut Vec<(String, f64)>, from: impl IntoIterator<Item = (Stri
 
 /// Runs `images` (`n` preprocessed images, `[C, H, W]` each, flattened) through the encrypted
 /// network, in jobs of at most N/2 images. `work` receives inputs and tiles (removed after).
-#[allow(clippy::too_many_arguments)]
-pub fn run_encrypted(
-    model: &Model,
-    params: &Params,
-    plan: &Plan,
-    sk: &SecretKey,
-    rlk: &RelinKey,
-    images: &[f64],
-    n: usize,
-    work: &Path,
-) -> Result<LocalRun> {
-    run_encrypted_resumable(model, params, plan, sk, rlk, images, n, work, None)
-}
-
-/// [`run_encrypted`] that can be resumed: with `journal` (its file, and what it held when this
-/// process started), one job of at most N/2 images whose inputs and finished tiles in `work`
-/// are kept across process runs - the inputs are written once, the engine skips stored
-/// tiles - and whose accounting is saved to the journal file as it goes. The caller must run
+///
+/// Resumable with `journal` (its file, and what it held when this process started): one job
+/// of at most N/2 images whose inputs and finished tiles in `work` are kept across process
+/// runs - the inputs are written once, the engine skips stored tiles - and whose accounting is saved to the journal file as it goes. The caller must run
 /// it with the same keys, plan and images every time, and removes the work directory's
 /// `inputs` and `tiles` once it has what it needs (a run that ends finds the finished job
 /// again). The returned [`LocalRun`] is this process's part; the journal holds the sums.
 #[allow(clippy::too_many_arguments)]
-pub fn run_encrypted_resumable(
+pub fn run_encrypted(
     model: &Model,
     params: &Params,
     plan: &Plan,

@@ -5,6 +5,7 @@ mod bench_inference;
 mod bench_upload;
 mod demo;
 mod eval_cmd;
+mod files;
 mod keygen;
 mod local_job;
 mod models;

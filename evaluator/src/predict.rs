@@ -369,18 +369,11 @@ struct PendingJob {
 
 impl PendingJob {
     fn load(path: &Path) -> Result<Option<PendingJob>> {
-        match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::files::read_json_if_exists(path)
     }
 
     fn save(&self, path: &Path) -> Result<()> {
-        keygen::write_private(path, &serde_json::to_vec_pretty(self)?)
+        crate::files::write_private(path, &serde_json::to_vec_pretty(self)?)
     }
 }
 
