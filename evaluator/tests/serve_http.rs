@@ -1155,11 +1155,18 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     let quota = rlk_len + (n_inputs as u64 / 2) * ct_len;
     let quota_gb = format!("{}", quota as f64 / 1e9);
     let data = tmp.path().join("data");
-    // No waiting for the model to be listed: the client waits while the server reports it
-    // loading (before `loading` existed, a client this quick was told there is no such model).
-    let mut server = Server::start(&zoo, &data, true, &["--max-disk-gb", &quota_gb]);
+    // The planner held back: the server lists the model as loading, and the client waits for
+    // it (before `loading` existed, it was told there is no such model).
+    let mut server = Server::start(
+        &zoo,
+        &data,
+        true,
+        &["--max-disk-gb", &quota_gb, "--plan-delay-ms", "1500"],
+    );
     let (s, v) = get(&format!("{}/api/models", server.url));
-    assert!(s == 200 && v["loading"].is_array(), "{v}");
+    assert_eq!(s, 200);
+    assert_eq!(v["models"], json!([]), "{v}");
+    assert_eq!(v["loading"], json!([MODEL]), "{v}");
     let keys_dir = tmp.path().join("keys");
     let files = write_pngs(&tmp.path().join("imgs"), 3, 12, 21);
     let predict = |url: &str, images: &Path| {
@@ -1178,6 +1185,7 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     };
     let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
     assert!(!ok && stderr.contains("507"), "{stderr}");
+    assert!(stderr.contains("still preparing"), "{stderr}");
     let pending = keys_dir.join("job.json");
     let job = json_of(&std::fs::read(&pending).unwrap());
     #[cfg(unix)]

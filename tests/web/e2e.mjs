@@ -702,6 +702,38 @@ test('page: "remember key" keeps the secret in IndexedDB only; a reload decrypts
 
 // ------------------------------------------------------------------ 4. server down (last)
 
+test('page: a server still preparing its models says so, and the list fills in when they are ready', { timeout: 120_000 }, async (t) => {
+  if (env.skip) return t.skip(env.skip);
+  // A second server whose planner is held back (hidden test flag), on its own data directory.
+  const port = await freePort();
+  const base = `http://127.0.0.1:${port}`;
+  const args = ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', path.join(env.tmp, 'data-slow'), '--zoo', path.join(env.fx, 'zoo'),
+    '--insecure-test-params', '--web-dir', path.join(ROOT, 'web'), '--plan-delay-ms', '4000'];
+  const server = spawn(BEAA, args, { cwd: ROOT, stdio: 'ignore' });
+  t.after(() => server.kill('SIGTERM'));
+  let listed = null;
+  for (let i = 0; i < 300 && !listed; i++) {
+    try {
+      const r = await fetch(`${base}/api/models`);
+      if (r.ok) listed = await r.json();
+    } catch (_) {
+      await sleep(50);
+    }
+  }
+  assert.ok(listed, 'the second server never answered');
+  assert.deepEqual(listed.models, []);
+  assert.deepEqual(listed.loading, [env.expected.model]);
+  const context = await env.browser.newContext();
+  t.after(() => context.close());
+  const page = await context.newPage();
+  await page.goto(`${base}/`);
+  await page.waitForFunction(() => document.querySelector('#messages').textContent.includes('still preparing'), null, { timeout: 10_000 });
+  await page.waitForSelector(`#model-select option[value="${env.expected.model}"]`, { state: 'attached', timeout: 30_000 });
+  await page.waitForFunction(() => !document.querySelector('#messages').textContent.includes('still preparing'), null, { timeout: 10_000 });
+  assert.doesNotMatch(await page.textContent('#messages'), /offers no models/);
+  assert.equal(await page.isDisabled('#model-select'), false);
+});
+
 test('page: the server goes away; a run says so clearly', { timeout: 120_000 }, async (t) => {
   if (env.skip) return t.skip(env.skip);
   const { page } = await openPage(t);

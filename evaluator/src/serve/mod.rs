@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// Milliseconds between progress writes to the database.
     #[arg(long, default_value_t = 1000, hide = true)]
     pub progress_interval_ms: u64,
+    /// Milliseconds the planner waits before it plans the zoo: tests of clients that meet a
+    /// server still preparing its models (a full-size model takes tens of seconds).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub plan_delay_ms: u64,
 }
 
 pub struct AppState {
@@ -297,9 +301,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     {
         let st = st.clone();
         let insecure = args.insecure_test_params;
+        let delay = std::time::Duration::from_millis(args.plan_delay_ms);
         std::thread::Builder::new()
             .name("planner".into())
             .spawn(move || {
+                std::thread::sleep(delay);
                 let notify = || st.queue.notify_waiters();
                 st.registry.plan_all(insecure, &notify)
             })?;
