@@ -208,6 +208,12 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     let pending_path = args.keys.as_ref().map(|d| d.join(PENDING_FILE));
     let t0 = Instant::now();
     let flat: Vec<f32> = images.concat();
+    // What the inputs were made of: a resumed job must get the missing columns of the same
+    // pixels (a file changed in between would otherwise mix two images in one slot).
+    let inputs_sha256 = {
+        let bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+        crate::serve::util::hex(&crate::serve::util::sha256(&bytes))
+    };
     let job = match pending_path
         .as_deref()
         .map(PendingJob::load)
@@ -217,6 +223,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         Some(p) => {
             if p.model != args.model
                 || p.images != image_names
+                || p.inputs_sha256 != inputs_sha256
                 || p.params_fingerprint != fingerprint
             {
                 bail!(
@@ -240,6 +247,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                     job_id: job.id.clone(),
                     token: job.token.clone(),
                     images: image_names.clone(),
+                    inputs_sha256: inputs_sha256.clone(),
                     params_fingerprint: fingerprint.clone(),
                 }
                 .save(path)?;
@@ -364,6 +372,8 @@ struct PendingJob {
     token: String,
     /// The images, as canonical paths, in job order.
     images: Vec<String>,
+    /// SHA-256 of the preprocessed images (f32 little-endian, job order).
+    inputs_sha256: String,
     params_fingerprint: String,
 }
 

@@ -1141,8 +1141,8 @@ fn start_reports_inputs_lost_since_upload() {
 }
 
 /// `beaa predict --keys DIR` remembers its job: a client stopped mid-upload (here by the
-/// server's disk quota) leaves `DIR/job.json` (mode 0600), refuses other images while it is
-/// there, and the same command - after a server restart, at its new address - uploads only the
+/// server's disk quota) leaves `DIR/job.json` (mode 0600), refuses other images (or changed
+/// pixels) while it is there, and the same command - after a server restart, at its new address - uploads only the
 /// missing inputs, finishes the same job with the plaintext's predictions and forgets it.
 /// Each `predict` starts right after its server: it waits for the model to be planned.
 #[test]
@@ -1206,6 +1206,12 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     write_pngs(&tmp.path().join("other"), 2, 12, 5);
     let (ok, _, stderr) = predict(&server.url, &tmp.path().join("other"));
     assert!(!ok && stderr.contains("job.json"), "{stderr}");
+    // So is the same file name with other pixels.
+    let original = std::fs::read(&files[0]).unwrap();
+    std::fs::copy(tmp.path().join("other").join("img0.png"), &files[0]).unwrap();
+    let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
+    assert!(!ok && stderr.contains("job.json"), "{stderr}");
+    std::fs::write(&files[0], original).unwrap();
 
     // The server restarts without the quota; the client continues the same job.
     server.kill9();
