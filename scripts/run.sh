@@ -21,7 +21,7 @@ echo "[run] cargo build --release -p evaluator --bin beaa" >&2
 cargo build --release -p evaluator --bin beaa
 if [ "$1" = serve ]; then
   shift
-  echo "[run] $TARGET/release/beaa serve --web-dir web $* (models are listed once planned, ~1-2 min)" >&2
+  echo "[run] $TARGET/release/beaa serve --web-dir web $* (the page lists each model once it is planned, ~20-30 s each)" >&2
   exec "$TARGET/release/beaa" serve --web-dir web "$@"
 fi
 echo "[run] $TARGET/release/beaa $*" >&2
