@@ -2,8 +2,8 @@
 //! `k` holds feature `k` of every image), uploads the evaluation key and the inputs, waits
 //! for the server, downloads and decrypts the logits, prints class and probabilities.
 //!
-//! With `--keys DIR` the job in flight is remembered in `DIR/job.json` (mode 0600: its token
-//! reads the result and deletes the job), so a client that was killed, lost its connection or
+//! With `--keys DIR` the job in flight is remembered in `DIR/jobs/<digest>.json` (mode 0600:
+//! its token reads the result and deletes the job), so a client that was killed, lost its connection or
 //! hit a full server continues the same job when the same command runs again - uploading only
 //! the inputs the server lacks - as the web page does with its IndexedDB.
 
@@ -205,35 +205,28 @@ pub fn run(args: &PredictArgs) -> Result<()> {
                 .to_string()
         })
         .collect();
-    let pending_path = args.keys.as_ref().map(|d| d.join(PENDING_FILE));
     let t0 = Instant::now();
     let flat: Vec<f32> = images.concat();
-    // What the inputs were made of: a resumed job must get the missing columns of the same
-    // pixels (a file changed in between would otherwise mix two images in one slot).
+    // A remembered job is found by what it computes - the model, its parameters and the
+    // preprocessed pixels - so a changed file under the same name is a new job, and clients
+    // with other images can share the key directory at once.
     let inputs_sha256 = {
-        let bytes: Vec<u8> = flat.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut bytes: Vec<u8> = format!("{}\n{fingerprint}\n", args.model).into_bytes();
+        bytes.extend(flat.iter().flat_map(|x| x.to_le_bytes()));
         crate::serve::util::hex(&crate::serve::util::sha256(&bytes))
     };
+    let pending_path = args.keys.as_ref().map(|d| {
+        d.join(PENDING_DIR)
+            .join(format!("{}.json", &inputs_sha256[..32]))
+    });
     let job = match pending_path
         .as_deref()
         .map(PendingJob::load)
         .transpose()?
         .flatten()
+        .filter(|p| p.inputs_sha256 == inputs_sha256)
     {
-        Some(p) => {
-            if p.model != args.model
-                || p.images != image_names
-                || p.inputs_sha256 != inputs_sha256
-                || p.params_fingerprint != fingerprint
-            {
-                bail!(
-                    "{} holds an unfinished job ({}) of other images or another model: run its command again to finish it, or delete the file to abandon the job",
-                    pending_path.as_deref().unwrap_or(Path::new("")).display(),
-                    p.job_id
-                );
-            }
-            resume(server, params, &keys, &flat, &p, pending_path.as_deref())?
-        }
+        Some(p) => resume(server, params, &keys, &flat, &p, pending_path.as_deref())?,
         None => None,
     };
     let job = match job {
@@ -241,6 +234,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         None => {
             let job = create_job(server, &args.model, &keys, images.len())?;
             if let Some(path) = &pending_path {
+                std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
                 PendingJob {
                     server: server.to_owned(),
                     model: args.model.clone(),
@@ -359,8 +353,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     Ok(())
 }
 
-/// The file in a `--keys` directory that remembers the job in flight.
-pub const PENDING_FILE: &str = "job.json";
+/// The directory in a `--keys` directory that remembers the jobs in flight, one file each
+/// (named by a digest of the model, its parameters and the preprocessed images).
+pub const PENDING_DIR: &str = "jobs";
 
 /// A job this client created and has not collected yet.
 #[derive(Debug, Serialize, Deserialize)]
@@ -372,7 +367,8 @@ struct PendingJob {
     token: String,
     /// The images, as canonical paths, in job order.
     images: Vec<String>,
-    /// SHA-256 of the preprocessed images (f32 little-endian, job order).
+    /// SHA-256 of the model name, parameter fingerprint and preprocessed images (f32
+    /// little-endian, job order).
     inputs_sha256: String,
     params_fingerprint: String,
 }

@@ -1141,8 +1141,8 @@ fn start_reports_inputs_lost_since_upload() {
 }
 
 /// `beaa predict --keys DIR` remembers its job: a client stopped mid-upload (here by the
-/// server's disk quota) leaves `DIR/job.json` (mode 0600), refuses other images (or changed
-/// pixels) while it is there, and the same command - after a server restart, at its new address - uploads only the
+/// server's disk quota) leaves `DIR/jobs/<digest>.json` (mode 0600); other pixels are another
+/// job; the same command - after a server restart, at its new address - uploads only the
 /// missing inputs, finishes the same job with the plaintext's predictions and forgets it.
 /// Each `predict` starts right after its server: it waits for the model to be planned.
 #[test]
@@ -1186,7 +1186,13 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
     assert!(!ok && stderr.contains("507"), "{stderr}");
     assert!(stderr.contains("still preparing"), "{stderr}");
-    let pending = keys_dir.join("job.json");
+    let pending_dir = keys_dir.join("jobs");
+    let remembered: Vec<PathBuf> = std::fs::read_dir(&pending_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(remembered.len(), 1, "{remembered:?}");
+    let pending = remembered[0].clone();
     let job = json_of(&std::fs::read(&pending).unwrap());
     #[cfg(unix)]
     {
@@ -1202,15 +1208,14 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     let present = status(&server, &job)["inputs_present"].as_u64().unwrap() as usize;
     assert!(0 < present && present < n_inputs, "{present} inputs stored");
 
-    // Other images are refused while the job is unfinished.
-    write_pngs(&tmp.path().join("other"), 2, 12, 5);
-    let (ok, _, stderr) = predict(&server.url, &tmp.path().join("other"));
-    assert!(!ok && stderr.contains("job.json"), "{stderr}");
-    // So is the same file name with other pixels.
+    // The same file name with other pixels is another job (which the full server refuses
+    // to create), not a continuation of the first; the first stays remembered.
     let original = std::fs::read(&files[0]).unwrap();
+    write_pngs(&tmp.path().join("other"), 1, 12, 5);
     std::fs::copy(tmp.path().join("other").join("img0.png"), &files[0]).unwrap();
     let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
-    assert!(!ok && stderr.contains("job.json"), "{stderr}");
+    assert!(!ok && !stderr.contains("resuming"), "{stderr}");
+    assert!(pending.exists());
     std::fs::write(&files[0], original).unwrap();
 
     // The server restarts without the quota; the client continues the same job.
