@@ -2,7 +2,7 @@
 //! at the planned 128-bit parameters, with per-layer seconds and peak memory.
 
 use crate::keygen::{self, ClientKeys};
-use crate::local_job::{run_encrypted, Journal, WorkDir};
+use crate::local_job::{peak_rss_bytes, run_encrypted, Journal, WorkDir};
 use anyhow::{bail, Context, Result};
 use beaa_ckks::RelinKey;
 use beaa_engine::Plan;
@@ -90,19 +90,6 @@ struct Report {
     /// between its top class and the encrypted prediction's class (0 when all agree). A gap
     /// below twice the max error is a near-tie that error can flip, not a wrong computation.
     largest_reference_gap_of_a_disagreement: f64,
-}
-
-/// Peak resident set size of this process (Linux `ru_maxrss`), 0 elsewhere.
-pub fn peak_rss_bytes() -> u64 {
-    #[cfg(target_os = "linux")]
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
-            return u.ru_maxrss as u64 * 1024;
-        }
-    }
-    0
 }
 
 pub fn run(args: &InferenceBenchArgs) -> Result<()> {

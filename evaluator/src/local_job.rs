@@ -50,6 +50,19 @@ pub struct Journal {
     pub peak_rss_bytes: u64,
 }
 
+/// Peak resident set size of this process (Linux `ru_maxrss`), 0 elsewhere.
+pub fn peak_rss_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
+            return u.ru_maxrss as u64 * 1024;
+        }
+    }
+    0
+}
+
 /// Seconds between saves of a [`Journal`].
 pub const JOURNAL_EVERY_S: f64 = 30.0;
 
@@ -72,9 +85,7 @@ impl Journal {
         out.encrypt_s += run.encrypt_s;
         out.eval_s += run.eval_s;
         out.work_dir_peak_bytes = out.work_dir_peak_bytes.max(run.work_dir_peak_bytes);
-        out.peak_rss_bytes = out
-            .peak_rss_bytes
-            .max(crate::bench_inference::peak_rss_bytes());
+        out.peak_rss_bytes = out.peak_rss_bytes.max(peak_rss_bytes());
         add_named(&mut out.per_stage_s, stages.iter().cloned());
         add_named(
             &mut out.op_thread_s,
@@ -99,10 +110,11 @@ fn add_named(into: &mut Vec<(String, f64)>, from: impl IntoIterator<Item = (Stri
 ///
 /// Resumable with `journal` (its file, and what it held when this process started): one job
 /// of at most N/2 images whose inputs and finished tiles in `work` are kept across process
-/// runs - the inputs are written once, the engine skips stored tiles - and whose accounting is saved to the journal file as it goes. The caller must run
-/// it with the same keys, plan and images every time, and removes the work directory's
-/// `inputs` and `tiles` once it has what it needs (a run that ends finds the finished job
-/// again). The returned [`LocalRun`] is this process's part; the journal holds the sums.
+/// runs - the inputs are written once, the engine skips stored tiles - and whose accounting
+/// is saved to the journal file as it goes. The caller must run it with the same keys, plan
+/// and images every time, and removes the work directory's `inputs` and `tiles` once it has
+/// what it needs (a run that ends finds the finished job again). The returned [`LocalRun`]
+/// is this process's part; the journal holds the sums.
 #[allow(clippy::too_many_arguments)]
 pub fn run_encrypted(
     model: &Model,
