@@ -219,55 +219,74 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         d.join(PENDING_DIR)
             .join(format!("{}.json", &inputs_sha256[..32]))
     });
-    let job = match pending_path
-        .as_deref()
-        .map(PendingJob::load)
-        .transpose()?
-        .flatten()
-        .filter(|p| p.inputs_sha256 == inputs_sha256)
-    {
-        Some(p) => resume(server, params, &keys, &flat, &p, pending_path.as_deref())?,
-        None => None,
-    };
-    let job = match job {
-        Some(job) => job,
-        None => {
-            let job = create_job(server, &args.model, &keys, images.len())?;
-            if let Some(path) = &pending_path {
-                std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-                PendingJob {
-                    server: server.to_owned(),
-                    model: args.model.clone(),
-                    job_id: job.id.clone(),
-                    token: job.token.clone(),
-                    images: image_names.clone(),
-                    inputs_sha256: inputs_sha256.clone(),
-                    params_fingerprint: fingerprint.clone(),
+    // Everything that talks to the server; when it fails with a job remembered, say how to
+    // continue it.
+    let remote = || -> Result<(String, String, f64, f64, Vec<u8>)> {
+        let job = match pending_path
+            .as_deref()
+            .map(PendingJob::load)
+            .transpose()?
+            .flatten()
+            .filter(|p| p.inputs_sha256 == inputs_sha256)
+        {
+            Some(p) => resume(server, params, &keys, &flat, &p, pending_path.as_deref())?,
+            None => None,
+        };
+        let job = match job {
+            Some(job) => job,
+            None => {
+                let job = create_job(server, &args.model, &keys, images.len())?;
+                if let Some(path) = &pending_path {
+                    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+                    PendingJob {
+                        server: server.to_owned(),
+                        model: args.model.clone(),
+                        job_id: job.id.clone(),
+                        token: job.token.clone(),
+                        images: image_names.clone(),
+                        inputs_sha256: inputs_sha256.clone(),
+                        params_fingerprint: fingerprint.clone(),
+                    }
+                    .save(path)?;
                 }
-                .save(path)?;
+                let all: Vec<usize> = (0..job.inputs).collect();
+                upload(server, params, &keys, &flat, &job, &all)?;
+                start(server, &job)?;
+                job
             }
-            let all: Vec<usize> = (0..job.inputs).collect();
-            upload(server, params, &keys, &flat, &job, &all)?;
-            start(server, &job)?;
-            job
+        };
+        let (job_id, token) = (job.id.clone(), job.token.clone());
+        let upload_s = t0.elapsed().as_secs_f64();
+        let auth = format!("Bearer {token}");
+        let a = agent();
+        let job_url = format!("{server}/api/jobs/{job_id}");
+        let t1 = Instant::now();
+        wait(&job_url, &auth, pending_path.as_deref())?;
+        let server_s = t1.elapsed().as_secs_f64();
+        let mut result = Vec::new();
+        a.get(&format!("{job_url}/result"))
+            .set("Authorization", &auth)
+            .call()
+            .map_err(http_err)?
+            .into_reader()
+            .take(1 << 34)
+            .read_to_end(&mut result)?;
+        Ok((job_id, auth, upload_s, server_s, result))
+    };
+    let (job_id, auth, upload_s, server_s, result) = match remote() {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(path) = pending_path.as_deref().filter(|p| p.exists()) {
+                eprintln!(
+                    "the job is remembered in {}: run the same command again to continue it",
+                    path.display()
+                );
+            }
+            return Err(e);
         }
     };
-    let (job_id, token) = (job.id.clone(), job.token.clone());
-    let upload_s = t0.elapsed().as_secs_f64();
-    let auth = format!("Bearer {token}");
     let a = agent();
     let job_url = format!("{server}/api/jobs/{job_id}");
-    let t1 = Instant::now();
-    wait(&job_url, &auth, pending_path.as_deref())?;
-    let server_s = t1.elapsed().as_secs_f64();
-    let mut result = Vec::new();
-    a.get(&format!("{job_url}/result"))
-        .set("Authorization", &auth)
-        .call()
-        .map_err(http_err)?
-        .into_reader()
-        .take(1 << 34)
-        .read_to_end(&mut result)?;
     let logits = decrypt_result(params, &keys, &result, classes.len(), images.len())?;
     // The server keeps nothing it no longer needs, nor do we.
     let _ = a.delete(&job_url).set("Authorization", &auth).call();

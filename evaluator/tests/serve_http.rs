@@ -1186,6 +1186,7 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     let (ok, _, stderr) = predict(&server.url, &tmp.path().join("imgs"));
     assert!(!ok && stderr.contains("507"), "{stderr}");
     assert!(stderr.contains("still preparing"), "{stderr}");
+    assert!(stderr.contains("run the same command again"), "{stderr}");
     let pending_dir = keys_dir.join("jobs");
     let remembered: Vec<PathBuf> = std::fs::read_dir(&pending_dir)
         .unwrap()
