@@ -211,9 +211,17 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     // preprocessed pixels - so a changed file under the same name is a new job, and clients
     // with other images can share the key directory at once.
     let inputs_sha256 = {
-        let mut bytes: Vec<u8> = format!("{}\n{fingerprint}\n", args.model).into_bytes();
-        bytes.extend(flat.iter().flat_map(|x| x.to_le_bytes()));
-        crate::serve::util::hex(&crate::serve::util::sha256(&bytes))
+        // Streamed: a full batch's pixels are hundreds of MB, not worth a second copy.
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("{}\n{fingerprint}\n", args.model));
+        let mut buf = Vec::with_capacity(4 * 4096);
+        for chunk in flat.chunks(4096) {
+            buf.clear();
+            buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+            h.update(&buf);
+        }
+        crate::serve::util::hex(&h.finalize())
     };
     let pending_path = args.keys.as_ref().map(|d| {
         d.join(PENDING_DIR)
