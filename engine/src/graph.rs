@@ -100,9 +100,12 @@ pub struct Meta {
 }
 
 /// A layer of values of shape `[C, H, W]`; element `e` is channel `e / (H W)` at position
-/// `e % (H W)`. Its *tiles* are computed and stored together: all channels of one position,
-/// or of a `block x block` square of positions (layers computed in Winograd's form, which
-/// makes a 2x2 block at once, and the pointwise layers reading them).
+/// `e % (H W)`. Its *tiles* are computed together: all channels of one position, or of a
+/// `block x block` square of positions (layers computed in Winograd's form, which makes a 2x2
+/// block at once, and the pointwise layers reading them). A stored layer is kept *per
+/// position* whatever its tile (`position_elems`): a 3x3 window then loads just the
+/// positions it reads, where 2x2-block tiles offset by the padding would load 36 positions
+/// to use 16.
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub name: String,
@@ -165,6 +168,18 @@ impl Layer {
     /// Number of elements of tile `t`.
     pub fn tile_len(&self, t: usize) -> usize {
         self.shape[0] * self.tile_positions(t).count()
+    }
+    /// Positions of the map: the unit a stored layer is kept and read in.
+    pub fn positions(&self) -> usize {
+        self.shape[1] * self.shape[2]
+    }
+    pub fn position_of(&self, elem: usize) -> usize {
+        elem % self.positions()
+    }
+    /// Elements at position `p`, channel by channel.
+    pub fn position_elems(&self, p: usize) -> impl Iterator<Item = usize> {
+        let hw = self.positions();
+        (0..self.shape[0]).map(move |c| c * hw + p)
     }
 }
 
@@ -991,7 +1006,8 @@ mod tests {
     use super::*;
 
     /// Tiles of single positions and of 2x2 blocks (maps of odd sides included): every element
-    /// in exactly one tile, `tile_of` the inverse of `tile_elems`, `tile_len` their count.
+    /// in exactly one tile, `tile_of` the inverse of `tile_elems`, `tile_len` their count; the
+    /// same for positions.
     #[test]
     fn block_tiles_cover_every_element_once() {
         for (c, h, w, block) in [(2, 5, 3, 2), (3, 4, 4, 2), (2, 3, 3, 1), (1, 1, 1, 2)] {
@@ -1027,6 +1043,14 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&k| k == 1), "{c}x{h}x{w} block {block}");
+            let mut seen = vec![0; n];
+            for p in 0..layer.positions() {
+                for e in layer.position_elems(p) {
+                    assert_eq!(layer.position_of(e), p);
+                    seen[e] += 1;
+                }
+            }
+            assert!(seen.iter().all(|&k| k == 1), "{c}x{h}x{w} positions");
         }
     }
 }

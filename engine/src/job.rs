@@ -153,8 +153,10 @@ pub fn run_job(
     let dir;
     let store: &dyn Store = match &control.work_dir {
         Some(path) => {
+            // "by position": stored layers are kept per position (before, a Winograd plan's
+            // were kept per 2x2 block under the same file names), so older tiles are dropped.
             let identity = format!(
-                "model {} | params {} | layers {} | stages {}",
+                "model {} | params {} | layers {} | stages {} | by position",
                 model.manifest.name,
                 hex(ev.params().fingerprint()),
                 plan.graph.layers.len(),

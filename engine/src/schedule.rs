@@ -4,14 +4,16 @@
 //! tile (position) of a single consumer layer: it is then computed inside that tile, used, and
 //! dropped (conv1 into fire1.squeeze through the 2x2 pool, the expand layers into the next
 //! squeeze or pool, conv3 into the logits). Otherwise it is **stored**: computed once in its
-//! own *stage*, tile by tile in raster order, kept in the store while later tiles may still
-//! read it, then deleted. Reads of overlapping windows (3x3 convolutions) then touch only a
+//! own *stage*, tile by tile in raster order, kept in the store position by position while
+//! later tiles may still read it, then deleted. Reads of overlapping windows (3x3 convolutions) then touch only a
 //! band of recent rows, so resident memory is bounded by a few rows of one layer.
 
 use crate::graph::{LayerKind, ValueGraph};
 use std::collections::HashMap;
 
-/// A tile of a layer: `(layer, tile)`.
+/// A tile of a layer: `(layer, tile)`. What the store holds and stages read of a stored layer
+/// are its positions (`Layer::position_elems`), so a reference to a stored value names its
+/// position; one to an inlined value names its computed tile.
 pub type TileRef = (u32, u32);
 
 #[derive(Debug, Clone)]
@@ -19,15 +21,15 @@ pub struct Stage {
     pub layer: u32,
     /// Activations computed per tile (including inlined layers): the progress weight.
     pub work: Vec<u64>,
-    /// Stored tiles this stage reads, with the last of its tiles that reads each.
+    /// Stored positions this stage reads, with the last of its tiles that reads each.
     pub last_use: HashMap<TileRef, u32>,
-    /// Per tile: the stored tiles computing it reads, once per read (a tile read by several
+    /// Per tile: the stored positions computing it reads, once per read (one read by several
     /// inlined tiles appears once for each).
     pub sources: Vec<Vec<TileRef>>,
 }
 
 impl Stage {
-    /// How many times tiles `range` of this stage read each stored tile: a tile leaves
+    /// How many times tiles `range` of this stage read each stored position: it leaves
     /// memory after its last read within the range.
     pub fn reads(&self, range: std::ops::Range<usize>) -> HashMap<TileRef, u32> {
         let mut reads = HashMap::new();
@@ -38,17 +40,19 @@ impl Stage {
     }
 
     /// Per tile: for each stored layer it reads (besides the input), the highest tile of that
-    /// layer it reads. Stages fill their layers in raster order, so tile `t` can be computed
-    /// once every listed layer has more than that many tiles done.
+    /// layer (as computed) holding a position it reads. Stages fill their layers in raster
+    /// order, so tile `t` can be computed once every listed layer has more than that many
+    /// tiles done.
     pub fn needs(&self, g: &ValueGraph) -> Vec<Vec<(u32, u32)>> {
         self.sources
             .iter()
             .map(|refs| {
                 let mut need: HashMap<u32, u32> = HashMap::new();
-                for &(l, t) in refs {
-                    if g.layers[l as usize].kind != LayerKind::Input {
+                for &(l, p) in refs {
+                    let layer = &g.layers[l as usize];
+                    if layer.kind != LayerKind::Input {
                         let e = need.entry(l).or_default();
-                        *e = (*e).max(t);
+                        *e = (*e).max(layer.tile_of(p as usize) as u32);
                     }
                 }
                 let mut need: Vec<(u32, u32)> = need.into_iter().collect();
@@ -162,7 +166,7 @@ pub type Segment = (usize, std::ops::Range<usize>);
 
 impl Schedule {
     /// The order the executor runs tiles in: a wavefront. After each segment, the latest stage
-    /// that can run a whole segment (every stored tile it reads is done) runs next; if none
+    /// that can run a whole segment (every stored value it reads is done) runs next; if none
     /// can, the earliest unfinished stage does. Stages fill their layers in raster order.
     /// Depends on the graph only, so the planner can tell the stored bytes in advance.
     pub fn segments(&self, g: &ValueGraph) -> Vec<Segment> {
@@ -218,10 +222,10 @@ impl Schedule {
             .collect()
     }
 
-    /// The most bytes the store holds at once when `segments` run (tile by tile: a tile is
-    /// put, then the tiles it was the last reader of are consumed), given each stored value's
-    /// size in bytes. The executor consumes after each batch of `threads` tiles, so it may
-    /// briefly hold up to a batch more.
+    /// The most bytes the store holds at once when `segments` run (tile by tile: a tile's
+    /// positions are put, then the positions it was the last reader of are consumed), given
+    /// each stored value's size in bytes. The executor consumes after each batch of `threads`
+    /// tiles, so it may briefly hold up to a batch more.
     pub fn peak_stored_bytes(
         &self,
         g: &ValueGraph,
@@ -234,7 +238,13 @@ impl Schedule {
                 .map(|e| value_bytes(l, e))
                 .sum()
         };
-        // Per stage: which stored tiles each of its tiles is the last reader of.
+        let position_bytes = |l: u32, p: u32| -> u64 {
+            g.layers[l as usize]
+                .position_elems(p as usize)
+                .map(|e| value_bytes(l, e))
+                .sum()
+        };
+        // Per stage: which stored positions each of its tiles is the last reader of.
         let frees: Vec<HashMap<u32, Vec<TileRef>>> = self
             .stages
             .iter()
@@ -257,8 +267,8 @@ impl Schedule {
             for t in range.clone() {
                 held += tile_bytes(layer, t as u32);
                 peak = peak.max(held);
-                for &(l, tl) in frees[*si].get(&(t as u32)).into_iter().flatten() {
-                    held -= tile_bytes(l, tl);
+                for &(l, p) in frees[*si].get(&(t as u32)).into_iter().flatten() {
+                    held -= position_bytes(l, p);
                 }
             }
         }
@@ -266,8 +276,8 @@ impl Schedule {
     }
 }
 
-/// Walks what computing `tile` touches as the executor does: each stored tile it reads goes
-/// to `stored` once per computed tile that reads it, inlined tiles are entered; `work`
+/// Walks what computing `tile` touches as the executor does: each stored position it reads
+/// goes to `stored` once per computed tile that reads it, inlined tiles are entered; `work`
 /// counts the activations computed.
 fn visit(
     g: &ValueGraph,
@@ -289,8 +299,8 @@ fn visit(
     }
 }
 
-/// The tiles a tile's forms read, deduplicated: `(stored, inlined)`. The executor reads them
-/// exactly so (once per computed tile), which is what the read counts rely on.
+/// What a tile's forms read, deduplicated: `(stored positions, inlined tiles)`. The executor
+/// reads them exactly so (once per computed tile), which is what the read counts rely on.
 pub fn tile_sources(
     g: &ValueGraph,
     inlined: &[bool],
@@ -300,14 +310,11 @@ pub fn tile_sources(
     let (mut stored, mut inner) = (Vec::new(), Vec::new());
     for e in layer.tile_elems(t as usize) {
         for (v, _) in &layer.forms[e].terms {
-            let r = (
-                v.layer,
-                g.layers[v.layer as usize].tile_of(v.elem as usize) as u32,
-            );
+            let src = &g.layers[v.layer as usize];
             if inlined[v.layer as usize] {
-                inner.push(r);
+                inner.push((v.layer, src.tile_of(v.elem as usize) as u32));
             } else {
-                stored.push(r);
+                stored.push((v.layer, src.position_of(v.elem as usize) as u32));
             }
         }
     }

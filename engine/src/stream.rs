@@ -109,7 +109,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         };
         let todo: Vec<usize> = range
             .clone()
-            .filter(|&x| !self.store.is_done(stage.layer, x as u32))
+            .filter(|&x| !self.tile_done(stage.layer, x))
             .collect();
         let ledger = Mutex::new(Ledger {
             finished: range
@@ -139,7 +139,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                     .tile(&cache, (stage.layer, x as u32), !outer)
                     .and_then(|values| {
                         self.times
-                            .time(Op::Store, || self.store.put(stage.layer, x as u32, &values))
+                            .time(Op::Store, || self.put_tile(stage.layer, x, values))
                     });
                 if let Err(e) = done {
                     failed.store(true, Ordering::Relaxed);
@@ -186,7 +186,42 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
-    /// A tile a computation reads: computed now if its layer is inlined, else the stored one.
+    /// Whether every position of tile `t` of stored layer `l` is in the store (or consumed):
+    /// a tile interrupted between its positions is computed again.
+    fn tile_done(&self, l: u32, t: usize) -> bool {
+        self.g.layers[l as usize]
+            .tile_positions(t)
+            .all(|p| self.store.is_done(l, p as u32))
+    }
+
+    /// Stores tile `t` of layer `l` position by position (its values are channel by channel,
+    /// each channel's positions in the tile's order).
+    fn put_tile(&self, l: u32, t: usize, values: Vec<Ciphertext>) -> Result<(), ExecError> {
+        let layer = &self.g.layers[l as usize];
+        let positions: Vec<usize> = layer.tile_positions(t).collect();
+        let k = positions.len();
+        let mut per: Vec<Vec<Ciphertext>> = vec![Vec::with_capacity(layer.shape[0]); k];
+        for (i, ct) in values.into_iter().enumerate() {
+            per[i % k].push(ct);
+        }
+        for (p, values) in positions.into_iter().zip(per) {
+            self.store.put(l, p as u32, &values)?;
+        }
+        Ok(())
+    }
+
+    /// The elements of what `source` returns for `r`, in its order.
+    fn source_elems(&self, (l, t): TileRef) -> Vec<usize> {
+        let layer = &self.g.layers[l as usize];
+        if self.schedule.inlined[l as usize] {
+            layer.tile_elems(t as usize).collect()
+        } else {
+            layer.position_elems(t as usize).collect()
+        }
+    }
+
+    /// What a computation reads: an inlined layer's tile, computed now, or a stored layer's
+    /// position.
     fn source(&self, cache: &Cache, r: TileRef) -> Result<Tile, ExecError> {
         if self.schedule.inlined[r.0 as usize] {
             Ok(Arc::new(self.tile(cache, r, false)?))
@@ -195,7 +230,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
-    /// A stored tile, loading it on first use.
+    /// A stored position, loading it on first use.
     fn stored(&self, cache: &Cache, (l, t): TileRef) -> Result<Tile, ExecError> {
         let slot = cache.slot((l, t));
         let mut slot = slot.lock().expect("tile lock");
@@ -206,7 +241,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let values = self.times.time(Op::Load, || {
             if layer.kind == LayerKind::Input {
                 layer
-                    .tile_elems(t as usize)
+                    .position_elems(t as usize)
                     .map(|k| {
                         let ct = self.inputs.load(k)?;
                         check_meta(&ct, layer.meta[k], &layer.name)?;
@@ -217,10 +252,10 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.store.get(l, t)
             }
         })?;
-        let expected = layer.tile_len(t as usize);
+        let expected = layer.shape[0];
         if values.len() != expected {
             return Err(ExecError::Model(format!(
-                "tile {t} of {} has {} values, expected {expected}",
+                "position {t} of {} has {} values, expected {expected}",
                 layer.name,
                 values.len(),
             )));
@@ -260,12 +295,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             self.check_cancel()?;
             let mut index: HashMap<ValueRef, u32> = HashMap::new();
             let mut inputs: Vec<&Ciphertext> = Vec::new();
-            for ((rl, rt), tile) in &held {
-                let src = &self.g.layers[*rl as usize];
-                for (c, elem) in src.tile_elems(*rt as usize).enumerate() {
+            for (r, tile) in &held {
+                for (c, elem) in self.source_elems(*r).into_iter().enumerate() {
                     index.insert(
                         ValueRef {
-                            layer: *rl,
+                            layer: r.0,
                             elem: elem as u32,
                         },
                         inputs.len() as u32,
@@ -433,15 +467,14 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         self.check_cancel()?;
         let mut index: HashMap<u32, u32> = HashMap::new();
         let mut inputs: Vec<&Ciphertext> = Vec::new();
-        for ((rl, rt), tile) in &held {
-            if *rl != wg.input_layer {
+        for (r, tile) in &held {
+            if r.0 != wg.input_layer {
                 return Err(ExecError::Model(format!(
                     "{}: reads a layer besides its convolution's input",
                     layer.name
                 )));
             }
-            let src = &self.g.layers[*rl as usize];
-            for (c, elem) in src.tile_elems(*rt as usize).enumerate() {
+            for (c, elem) in self.source_elems(*r).into_iter().enumerate() {
                 index.insert(elem as u32, inputs.len() as u32);
                 inputs.push(&tile[c]);
             }
@@ -525,9 +558,9 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let mut found = vec![0usize; elems.len()];
         for r in chunks.into_iter().flatten() {
             let tile = self.source(cache, r)?;
-            let src = &self.g.layers[r.0 as usize];
-            let channel: HashMap<u32, usize> = src
-                .tile_elems(r.1 as usize)
+            let channel: HashMap<u32, usize> = self
+                .source_elems(r)
+                .into_iter()
                 .enumerate()
                 .map(|(c, elem)| (elem as u32, c))
                 .collect();
