@@ -161,6 +161,12 @@ impl Schedule {
 /// shares with the previous one from the store, so more segments cost more reads.
 pub const SEGMENTS_PER_STAGE: usize = 16;
 
+/// ... but a segment has at least this many tiles (or what is left of its stage): the
+/// executor's threads share a segment's tiles, so a one-tile segment runs on one thread.
+/// Winograd's 2x2-block tiles made conv2's stage and the logits' partial sums 16 tiles each
+/// at 32x32 (64 direct), one per segment: half of two cores idle for half the GEMM.
+pub const MIN_TILES_PER_SEGMENT: usize = 4;
+
 /// A run of consecutive tiles of one stage: `(stage index, tiles)`.
 pub type Segment = (usize, std::ops::Range<usize>);
 
@@ -180,7 +186,11 @@ impl Schedule {
             .iter()
             .map(|s| g.layers[s.layer as usize].tiles())
             .collect();
-        let chunk = |si: usize| tiles[si].div_ceil(SEGMENTS_PER_STAGE);
+        let chunk = |si: usize| {
+            tiles[si]
+                .div_ceil(SEGMENTS_PER_STAGE)
+                .max(MIN_TILES_PER_SEGMENT)
+        };
         // Tiles 0..next[si] of stage si are done.
         let mut next = vec![0usize; stages.len()];
         let ready = |next: &[usize], si: usize, t: usize| {

@@ -2,6 +2,7 @@
 //! real architecture, at small insecure test parameters.
 
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator, ParamSpec, Params};
+use beaa_engine::schedule::MIN_TILES_PER_SEGMENT;
 use beaa_engine::{run, run_job, Plan, PlanError, RunControl};
 use beaa_model::testing::random_model;
 use beaa_model::{Activation, SqueezeNetSpec};
@@ -318,6 +319,22 @@ fn shipped_models_plan_at_production_parameters() {
             "{}: {wavefront} vs {stage_by_stage}",
             dir.display()
         );
+        // Two threads or more share each segment's tiles (a one-tile segment runs on one
+        // thread), in the direct form and in Winograd's, whose 2x2-block tiles are 4x fewer.
+        let wino =
+            Plan::with_winograd(&model, &params, Some(beaa_engine::WINOGRAD_MIN_CHANNELS)).unwrap();
+        assert!(!wino.winograd_layers().is_empty());
+        for p in [&plan, &wino] {
+            let short: Vec<_> = p
+                .segments
+                .iter()
+                .filter(|(si, range)| {
+                    let tiles = p.graph.layers[p.schedule.stages[*si].layer as usize].tiles();
+                    range.len() < MIN_TILES_PER_SEGMENT && range.end < tiles
+                })
+                .collect();
+            assert!(short.is_empty(), "{}: {short:?}", dir.display());
+        }
         planned += 1;
     }
     assert!(planned >= 2, "found {planned} shipped models");
