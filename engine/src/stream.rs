@@ -66,8 +66,17 @@ pub struct Runner<'a, I: InputSource + ?Sized> {
     pub cancel: Option<&'a AtomicBool>,
     pub times: &'a OpTimes,
     /// Per layer, its Winograd weights in the kernels' form, prepared by the first block
-    /// that needs them (the same for every block of the layer).
-    pub winograd_weights: Vec<Mutex<Option<Arc<FactoredWeights>>>>,
+    /// that needs them (the same for every block of the layer), split in as many groups of
+    /// output channels as threads share a block.
+    pub winograd_weights: Vec<Mutex<Option<Arc<Vec<WinogradGroup>>>>>,
+}
+
+/// The output channels `channels` of a Winograd layer: their transformed filters
+/// (`16 x |channels| x C_in`) and those in the kernels' form.
+pub struct WinogradGroup {
+    channels: std::ops::Range<usize>,
+    u: Vec<f64>,
+    weights: FactoredWeights,
 }
 
 impl<I: InputSource + ?Sized> Runner<'_, I> {
@@ -102,7 +111,10 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let stage = &self.schedule.stages[si];
         let threads = rayon::current_num_threads().max(1);
         let tiles = self.g.layers[stage.layer as usize].tiles();
-        let outer = tiles >= 2 * threads;
+        // Threads take tiles of their own, except in stages that compute Winograd blocks:
+        // there they share each tile (its GEMM split by output channels), so one block's
+        // 16-position window and outputs are held at a time instead of one per thread.
+        let outer = tiles >= 2 * threads && !self.has_winograd(stage.layer);
         let cache = Cache {
             reads: stage.reads(range.clone()),
             map: Mutex::default(),
@@ -186,6 +198,18 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
+    /// Whether computing a tile of layer `l` computes a Winograd block (of `l` or of a layer
+    /// inlined into it; every tile of a layer reads the same layers).
+    fn has_winograd(&self, l: u32) -> bool {
+        if self.g.layers[l as usize].winograd.is_some() {
+            return true;
+        }
+        let (_, inlined) = tile_sources(self.g, &self.schedule.inlined, (l, 0));
+        let mut layers: Vec<u32> = inlined.into_iter().map(|(l, _)| l).collect();
+        layers.dedup();
+        layers.into_iter().any(|l| self.has_winograd(l))
+    }
+
     /// Whether every position of tile `t` of stored layer `l` is in the store (or consumed):
     /// a tile interrupted between its positions is computed again.
     fn tile_done(&self, l: u32, t: usize) -> bool {
@@ -220,11 +244,11 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         }
     }
 
-    /// What a computation reads: an inlined layer's tile, computed now, or a stored layer's
-    /// position.
-    fn source(&self, cache: &Cache, r: TileRef) -> Result<Tile, ExecError> {
+    /// What a computation reads: an inlined layer's tile, computed now (with the threads
+    /// sharing it if `parallel`), or a stored layer's position.
+    fn source(&self, cache: &Cache, r: TileRef, parallel: bool) -> Result<Tile, ExecError> {
         if self.schedule.inlined[r.0 as usize] {
-            Ok(Arc::new(self.tile(cache, r, false)?))
+            Ok(Arc::new(self.tile(cache, r, parallel)?))
         } else {
             self.stored(cache, r)
         }
@@ -284,13 +308,13 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         chunks.extend(inlined.into_iter().map(|r| vec![r]));
 
         if layer.kind == LayerKind::Sum {
-            return self.sum_tile(cache, l, &elems, chunks);
+            return self.sum_tile(cache, l, &elems, chunks, parallel);
         }
         // Partial sums of every output of the tile over one chunk of sources.
         let partial = |refs: &Vec<TileRef>| -> Result<Vec<Option<Ciphertext>>, ExecError> {
             let mut held: Vec<(TileRef, Tile)> = Vec::with_capacity(refs.len());
             for &r in refs {
-                held.push((r, self.source(cache, r)?));
+                held.push((r, self.source(cache, r, parallel)?));
             }
             self.check_cancel()?;
             let mut index: HashMap<ValueRef, u32> = HashMap::new();
@@ -364,7 +388,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         };
         let direct_chunks = match &layer.winograd {
             Some(wg) => {
-                sums = self.winograd_sums(cache, (l, t), &chunks, wg)?;
+                sums = self.winograd_sums(cache, (l, t), &chunks, wg, parallel)?;
                 &[][..]
             }
             None => &chunks[..],
@@ -458,11 +482,12 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         (l, t): TileRef,
         chunks: &[Vec<TileRef>],
         wg: &Winograd,
+        parallel: bool,
     ) -> Result<Vec<Option<Ciphertext>>, ExecError> {
         let layer = &self.g.layers[l as usize];
         let mut held: Vec<(TileRef, Tile)> = Vec::new();
         for &r in chunks.iter().flatten() {
-            held.push((r, self.source(cache, r)?));
+            held.push((r, self.source(cache, r, parallel)?));
         }
         self.check_cancel()?;
         let mut index: HashMap<u32, u32> = HashMap::new();
@@ -515,31 +540,78 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             .collect();
         // Channel 0's first element is the corner itself.
         let cm = layer.combine[corner];
-        let map = beaa_ckks::winograd::map(
-            &patch,
-            &wg.u,
-            wg.u_bits,
-            &factor,
-            cm.level.max(0) as usize,
-            cm.scale,
-        );
-        let out = self.times.time(Op::Gemm, || -> Result<_, ExecError> {
-            let weights = {
-                let mut slot = self.winograd_weights[l as usize]
-                    .lock()
-                    .expect("weights lock");
-                match slot.as_ref() {
-                    Some(w) => Arc::clone(w),
-                    None => Arc::clone(slot.insert(Arc::new(self.ev.prepare_factored(&map)?))),
-                }
-            };
-            Ok(self
-                .ev
-                .factored_combinations_prepared(&inputs, &map, &weights)?)
+        let (level, scale) = (cm.level.max(0) as usize, cm.scale);
+        let groups = if parallel {
+            rayon::current_num_threads().clamp(1, co)
+        } else {
+            1
+        };
+        let groups = self.winograd_groups(l, wg, groups, |u, f| {
+            let map = beaa_ckks::winograd::map(&patch, u, wg.u_bits, f, level, scale);
+            self.ev.prepare_factored(&map)
         })?;
+        let run = |g: &WinogradGroup| -> Result<Vec<Option<Ciphertext>>, ExecError> {
+            self.times.time(Op::Gemm, || {
+                let f = &factor[g.channels.start * b * b..g.channels.end * b * b];
+                let map = beaa_ckks::winograd::map(&patch, &g.u, wg.u_bits, f, level, scale);
+                Ok(self
+                    .ev
+                    .factored_combinations_prepared(&inputs, &map, &g.weights)?)
+            })
+        };
+        let parts: Vec<Vec<Option<Ciphertext>>> = if groups.len() > 1 {
+            groups.par_iter().map(run).collect::<Result<_, _>>()?
+        } else {
+            groups.iter().map(run).collect::<Result<_, _>>()?
+        };
+        let out = parts.into_iter().flatten();
         // Outputs channel by channel, block positions row-major; those outside the map are
         // `None` and not elements of the tile.
         Ok(out.into_iter().filter(Option::is_some).collect())
+    }
+
+    /// Layer `l`'s Winograd weights in `n` groups of output channels, prepared (by `prepare`,
+    /// given a group's `u` and factors) on first use and kept for its other blocks.
+    fn winograd_groups(
+        &self,
+        l: u32,
+        wg: &Winograd,
+        n: usize,
+        prepare: impl Fn(&[f64], &[Option<f64>]) -> Result<FactoredWeights, beaa_ckks::Error>,
+    ) -> Result<Arc<Vec<WinogradGroup>>, ExecError> {
+        let mut slot = self.winograd_weights[l as usize]
+            .lock()
+            .expect("weights lock");
+        if let Some(groups) = slot.as_ref().filter(|g| g.len() == n) {
+            return Ok(Arc::clone(groups));
+        }
+        let [ci, _, _] = wg.input_shape;
+        let co = self.g.layers[l as usize].shape[0];
+        let t = wg.u.len() / (co * ci);
+        let m = winograd::BLOCK * winograd::BLOCK;
+        let groups = (0..n)
+            .map(|g| {
+                let channels = g * co / n..(g + 1) * co / n;
+                let u: Vec<f64> = (0..t)
+                    .flat_map(|k| {
+                        channels.clone().flat_map(move |o| {
+                            wg.u[(k * co + o) * ci..(k * co + o + 1) * ci]
+                                .iter()
+                                .copied()
+                        })
+                    })
+                    .collect();
+                // Only the shape of the factors matters for the weights.
+                let f = vec![Some(1.0); channels.len() * m];
+                let weights = prepare(&u, &f)?;
+                Ok(WinogradGroup {
+                    channels,
+                    u,
+                    weights,
+                })
+            })
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        Ok(Arc::clone(slot.insert(Arc::new(groups))))
     }
 
     /// A sum tile: plain additions and subtractions of its (equal-level) values.
@@ -549,6 +621,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         l: u32,
         elems: &[usize],
         chunks: Vec<Vec<TileRef>>,
+        parallel: bool,
     ) -> Result<Vec<Ciphertext>, ExecError> {
         let layer = &self.g.layers[l as usize];
         // Source tiles one at a time, each added into the sums and dropped: a pool of lazy
@@ -557,7 +630,7 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let mut acc: Vec<Option<Ciphertext>> = vec![None; elems.len()];
         let mut found = vec![0usize; elems.len()];
         for r in chunks.into_iter().flatten() {
-            let tile = self.source(cache, r)?;
+            let tile = self.source(cache, r, parallel)?;
             let channel: HashMap<u32, usize> = self
                 .source_elems(r)
                 .into_iter()
