@@ -358,9 +358,21 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 })
                 .collect();
             let mut out: Vec<Option<Ciphertext>> = vec![None; elems.len()];
-            let combined = self
-                .times
-                .time(Op::Gemm, || self.ev.linear_combinations(&inputs, &rows))?;
+            let gemm = |rows: &[LinearRow<'_>]| {
+                self.times
+                    .time(Op::Gemm, || self.ev.linear_combinations(&inputs, rows))
+            };
+            // Shared by the threads (a tile they share): the rows split between them.
+            let threads = rayon::current_num_threads().max(1);
+            let combined: Vec<Ciphertext> = if parallel && rows.len() >= 2 * threads {
+                let parts = rows
+                    .par_chunks(rows.len().div_ceil(threads))
+                    .map(gemm)
+                    .collect::<Result<Vec<_>, _>>()?;
+                parts.into_iter().flatten().collect()
+            } else {
+                gemm(&rows)?
+            };
             for (j, ct) in which.into_iter().zip(combined) {
                 out[j] = Some(ct);
             }
