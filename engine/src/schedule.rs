@@ -5,8 +5,9 @@
 //! dropped (conv1 into fire1.squeeze through the 2x2 pool, the expand layers into the next
 //! squeeze or pool, conv3 into the logits). Otherwise it is **stored**: computed once in its
 //! own *stage*, tile by tile in raster order, kept in the store position by position while
-//! later tiles may still read it, then deleted. Reads of overlapping windows (3x3 convolutions) then touch only a
-//! band of recent rows, so resident memory is bounded by a few rows of one layer.
+//! later tiles may still read it, then deleted. Reads of overlapping windows (3x3
+//! convolutions) then touch only a band of recent rows, so resident memory is bounded by a
+//! few rows of one layer.
 
 use crate::graph::{LayerKind, ValueGraph};
 use std::collections::HashMap;
@@ -242,16 +243,16 @@ impl Schedule {
         segments: &[Segment],
         value_bytes: impl Fn(u32, usize) -> u64,
     ) -> u64 {
-        let tile_bytes = |l: u32, t: u32| -> u64 {
+        let position_bytes = |l: u32, p: usize| -> u64 {
             g.layers[l as usize]
-                .tile_elems(t as usize)
+                .position_elems(p)
                 .map(|e| value_bytes(l, e))
                 .sum()
         };
-        let position_bytes = |l: u32, p: u32| -> u64 {
+        let tile_bytes = |l: u32, t: u32| -> u64 {
             g.layers[l as usize]
-                .position_elems(p as usize)
-                .map(|e| value_bytes(l, e))
+                .tile_positions(t as usize)
+                .map(|p| position_bytes(l, p))
                 .sum()
         };
         // Per stage: which stored positions each of its tiles is the last reader of.
@@ -278,7 +279,7 @@ impl Schedule {
                 held += tile_bytes(layer, t as u32);
                 peak = peak.max(held);
                 for &(l, p) in frees[*si].get(&(t as u32)).into_iter().flatten() {
-                    held -= position_bytes(l, p);
+                    held -= position_bytes(l, p as usize);
                 }
             }
         }
