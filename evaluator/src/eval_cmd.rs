@@ -120,11 +120,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "encrypted: {agree}/{n} predictions equal the plaintext ones; max |logit error| {max_err:.2e} (relative to the image's largest |logit|: {max_rel_err:.2e}); encrypt {:.1} s, evaluate {:.1} s",
             run.encrypt_s, run.eval_s
         );
+        // Where the encrypted time went, so a side-by-side of two plans (e.g. `--winograd`)
+        // can be read per stage and per kind of operation, as `bench inference` reports it.
+        let timing = serde_json::json!({
+            "encrypt_s": run.encrypt_s,
+            "eval_s": run.eval_s,
+            "per_stage_s": run.per_stage_s,
+            "thread_s_by_op": run.op_thread_s,
+            "work_dir_peak_bytes": run.work_dir_peak_bytes,
+        });
         encrypted = Some((
             agree as f64 / n.max(1) as f64,
             max_err,
             max_rel_err,
             params.is_secure(),
+            timing,
         ));
         pred
     } else {
@@ -186,11 +196,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     "log2": ranges.worst_ratio.log2(),
                 },
         });
-        if let Some((agreement, max_err, max_rel_err, secure)) = encrypted {
+        if let Some((agreement, max_err, max_rel_err, secure, timing)) = encrypted {
             out["agreement_with_plaintext"] = serde_json::json!(agreement);
             out["max_abs_logit_error"] = serde_json::json!(max_err);
             out["max_rel_logit_error"] = serde_json::json!(max_rel_err);
             out["params_128_bit"] = serde_json::json!(secure);
+            out["timing"] = timing;
         }
         println!("{out}");
     }

@@ -139,12 +139,23 @@ fn eval_encrypted_agrees_with_plaintext() {
     assert!(v["max_abs_logit_error"].as_f64().unwrap() < 1e-3);
     // relative to logits of size <= 1 (the tiny model's ~0.2) it is the absolute error
     assert_eq!(v["max_rel_logit_error"], v["max_abs_logit_error"], "{v}");
+    // Where the time went: the stages' seconds add up to the evaluation's, and the
+    // operations the engine times appear by name.
+    let timing = &v["timing"];
+    let stages = timing["per_stage_s"].as_array().unwrap();
+    assert!(!stages.is_empty(), "{v}");
+    let stage_sum: f64 = stages.iter().map(|s| s[1].as_f64().unwrap()).sum();
+    let eval_s = timing["eval_s"].as_f64().unwrap();
+    assert!(stage_sum > 0.0 && stage_sum <= eval_s * 1.01 + 0.05, "{v}");
+    let ops = timing["thread_s_by_op"].as_array().unwrap();
+    assert!(ops.iter().any(|o| o[0] == "gemm"), "{v}");
     // Without --encrypted the same command is the plaintext path and has no agreement field.
     let (ok, stdout, _) = beaa(&[&args[..5], &["--json"]].concat());
     assert!(ok);
     let p: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(p["accuracy"], v["accuracy"]);
     assert!(p.get("agreement_with_plaintext").is_none());
+    assert!(p.get("timing").is_none());
     // The range report: the largest |logit| bounds the per-image quantiles, and the images
     // flagged outside the calibrated range are counted.
     let max = p["max_abs_logit"].as_f64().unwrap();
