@@ -155,6 +155,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         ranges.worst_node,
         ranges.worst_ratio.log2()
     );
+    eprintln!(
+        "smallest gap between an image's two largest logits {:.3e}; images with a gap under 1e-4 / 1e-3 / 1e-2 (a logit error that large could change their prediction): {} / {} / {}",
+        ranges.min_margin, ranges.margins_below[0], ranges.margins_below[1], ranges.margins_below[2]
+    );
     if outside > 0 {
         eprintln!(
             "{outside} image(s) have logits beyond {}x the calibrated range (their predictions are unreliable; in an encrypted batch they can corrupt the others, see `beaa plan` headroom)",
@@ -195,6 +199,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     "ratio": ranges.worst_ratio,
                     "log2": ranges.worst_ratio.log2(),
                 },
+                "top2_margin": {
+                    "min": ranges.min_margin,
+                    "below_1e-4": ranges.margins_below[0],
+                    "below_1e-3": ranges.margins_below[1],
+                    "below_1e-2": ranges.margins_below[2],
+                },
         });
         if let Some((agreement, max_err, max_rel_err, secure, timing)) = encrypted {
             out["agreement_with_plaintext"] = serde_json::json!(agreement);
@@ -214,6 +224,9 @@ struct RangeReport {
     max_abs: std::collections::BTreeMap<String, f64>,
     /// Per image: its largest |logit|.
     per_image: Vec<f64>,
+    /// Per image: its largest logit minus its second largest, the logit error that could
+    /// change its prediction (how much encryption noise or weight rounding it tolerates).
+    margins: Vec<f64>,
 }
 
 /// How far the evaluated images went beyond the calibration ranges in the manifest, which
@@ -225,6 +238,26 @@ struct RangeSummary {
     /// Node whose observed max |value| is largest relative to its calibrated max |value|.
     worst_node: String,
     worst_ratio: f64,
+    /// The smallest top-two margin, and how many images have one below 1e-4, 1e-3, 1e-2.
+    min_margin: f64,
+    margins_below: [usize; 3],
+}
+
+/// Thresholds of `RangeSummary::margins_below`.
+const MARGIN_THRESHOLDS: [f64; 3] = [1e-4, 1e-3, 1e-2];
+
+/// Largest minus second largest logit (infinite with fewer than two classes).
+fn top2_margin(logits: &[f64]) -> f64 {
+    let (mut first, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &v in logits {
+        if v > first {
+            second = first;
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    first - second
 }
 
 impl RangeReport {
@@ -237,6 +270,7 @@ impl RangeReport {
     fn image(&mut self, logits: &[f64]) {
         self.per_image
             .push(logits.iter().fold(0.0f64, |m, v| m.max(v.abs())));
+        self.margins.push(top2_margin(logits));
     }
 
     fn against(&self, model: &beaa_model::Model) -> RangeSummary {
@@ -253,6 +287,9 @@ impl RangeReport {
             max_abs_logit: sorted.last().copied().unwrap_or(0.0),
             worst_node: String::new(),
             worst_ratio: 0.0,
+            min_margin: self.margins.iter().copied().fold(f64::INFINITY, f64::min),
+            margins_below: MARGIN_THRESHOLDS
+                .map(|t| self.margins.iter().filter(|&&m| m < t).count()),
         };
         for (node, &seen) in &self.max_abs {
             let Some(r) = model.manifest.ranges.get(node) else {
@@ -265,5 +302,19 @@ impl RangeReport {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top2_margin;
+
+    #[test]
+    fn top2_margin_is_the_gap_between_the_two_largest() {
+        assert_eq!(top2_margin(&[0.5, 3.0, -1.0, 2.75]), 0.25);
+        assert_eq!(top2_margin(&[3.0, 0.5, 2.0]), 1.0);
+        // a tie leaves no margin at all
+        assert_eq!(top2_margin(&[1.0, 4.0, 4.0]), 0.0);
+        assert_eq!(top2_margin(&[7.0]), f64::INFINITY);
     }
 }

@@ -161,6 +161,14 @@ fn eval_encrypted_agrees_with_plaintext() {
     let max = p["max_abs_logit"].as_f64().unwrap();
     assert!(max > 0.0 && max >= p["max_abs_logit_quantiles"]["p99"].as_f64().unwrap());
     assert!(p["outside_calibrated_range"].as_u64().unwrap() <= 6);
+    // The top-two margins: counts grow with the threshold and stay within the images.
+    let m = &p["top2_margin"];
+    assert!(m["min"].as_f64().unwrap() >= 0.0, "{p}");
+    let below = ["below_1e-4", "below_1e-3", "below_1e-2"].map(|k| m[k].as_u64().unwrap());
+    assert!(
+        below[0] <= below[1] && below[1] <= below[2] && below[2] <= 6,
+        "{p}"
+    );
 }
 
 /// The shipped CIFAR-10 model (real trained weights, full width), encrypted end to end at test
