@@ -35,7 +35,9 @@ fi
 # alike (the table's earlier runs: the same without --poly-channel-share). KD_FLAGS are added
 # for the distilled students only, e.g. KD_FLAGS="--feature-kd 1" (each activation's input
 # pulled toward the teacher's): 85.98%, but framed images overflow its encrypted batch
-# (models/README.md, "Feature distillation"), so it is not the default yet.
+# (models/README.md, "Feature distillation"), so it is not the default; the shipped
+# models/zoo/cifar10 (85.96%) is that run plus 2 epochs with the off-data penalty
+# ("Feature distillation made robust" there).
 default_flags="--epochs 8 --relu-blend-epochs 3 --freeze-bn --poly-fit-progressive"
 default_flags+=" --poly-channel-share"
 read -r -a student_flags <<< "${STUDENT_FLAGS:-$default_flags}"
