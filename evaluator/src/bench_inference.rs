@@ -68,6 +68,8 @@ struct Report {
     total_s: f64,
     amortized_ms: f64,
     peak_rss_bytes: u64,
+    /// Peak RSS while each stage ran (Linux; empty elsewhere): which stage sets the peak.
+    peak_rss_by_stage_bytes: Vec<(String, u64)>,
     /// The most bytes of intermediate ciphertexts the work directory held at once.
     work_dir_peak_bytes: u64,
     /// Seconds per stage (a stored layer with the layers computed inside it).
@@ -251,6 +253,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
                 .collect(),
             work_dir_peak_bytes: run.work_dir_peak_bytes,
             peak_rss_bytes: peak_rss_bytes(),
+            peak_rss_by_stage_bytes: run.peak_rss_by_stage.clone(),
         },
     };
     if args.resume {
@@ -262,7 +265,14 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     }
     let (encrypt_s, total_s) = (done.encrypt_s, done.eval_s);
     for (name, secs) in &done.per_stage_s {
-        eprintln!("  {name:<24} {secs:>9.2} s");
+        let peak = done
+            .peak_rss_by_stage_bytes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(String::new(), |(_, b)| {
+                format!(", peak RSS {:.2} GB", *b as f64 / 1e9)
+            });
+        eprintln!("  {name:<24} {secs:>9.2} s{peak}");
     }
     let per_layer = done.per_stage_s.clone();
     let busy: f64 = done.op_thread_s.iter().map(|(_, s)| s).sum();
@@ -322,6 +332,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         amortized_ms: total_s * 1e3 / batch as f64,
         peak_rss_bytes: done.peak_rss_bytes.max(peak_rss_bytes()),
         work_dir_peak_bytes: done.work_dir_peak_bytes,
+        peak_rss_by_stage_bytes: done.peak_rss_by_stage_bytes.clone(),
         per_layer_s: per_layer,
         thread_s_by_op: done.op_thread_s.clone(),
         inputs,

@@ -128,14 +128,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "per_stage_s": run.per_stage_s,
             "thread_s_by_op": run.op_thread_s,
             "work_dir_peak_bytes": run.work_dir_peak_bytes,
+            "peak_rss_by_stage_bytes": run.peak_rss_by_stage,
         });
-        encrypted = Some((
-            agree as f64 / n.max(1) as f64,
-            max_err,
-            max_rel_err,
-            params.is_secure(),
-            timing,
-        ));
+        // Added to the report as they are: how the encrypted predictions and logits compare
+        // with the plaintext ones, and where the time went.
+        encrypted = Some(serde_json::json!({
+            "agreement_with_plaintext": agree as f64 / n.max(1) as f64,
+            "max_abs_logit_error": max_err,
+            "max_rel_logit_error": max_rel_err,
+            "params_128_bit": params.is_secure(),
+            "timing": timing,
+        }));
         pred
     } else {
         plain.clone()
@@ -206,12 +209,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     "below_1e-2": ranges.margins_below[2],
                 },
         });
-        if let Some((agreement, max_err, max_rel_err, secure, timing)) = encrypted {
-            out["agreement_with_plaintext"] = serde_json::json!(agreement);
-            out["max_abs_logit_error"] = serde_json::json!(max_err);
-            out["max_rel_logit_error"] = serde_json::json!(max_rel_err);
-            out["params_128_bit"] = serde_json::json!(secure);
-            out["timing"] = timing;
+        if let Some(serde_json::Value::Object(fields)) = encrypted {
+            for (key, value) in fields {
+                out[key] = value;
+            }
         }
         println!("{out}");
     }
