@@ -70,6 +70,9 @@ struct Report {
     peak_rss_bytes: u64,
     /// Peak RSS while each stage ran (Linux; empty elsewhere): which stage sets the peak.
     peak_rss_by_stage_bytes: Vec<(String, u64)>,
+    /// The most bytes of polynomials (ciphertexts, keys, temporaries) alive at once per stage:
+    /// exact, and what grows with N (RSS also holds fixed costs and the allocator's free pages).
+    poly_bytes_peak_by_stage: Vec<(String, u64)>,
     /// The most bytes of intermediate ciphertexts the work directory held at once.
     work_dir_peak_bytes: u64,
     /// Seconds per stage (a stored layer with the layers computed inside it).
@@ -254,6 +257,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             work_dir_peak_bytes: run.work_dir_peak_bytes,
             peak_rss_bytes: peak_rss_bytes(),
             peak_rss_by_stage_bytes: run.peak_rss_by_stage.clone(),
+            poly_bytes_peak_by_stage: run.poly_bytes_peak_by_stage.clone(),
         },
     };
     if args.resume {
@@ -272,6 +276,14 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
             .map_or(String::new(), |(_, b)| {
                 format!(", peak RSS {:.2} GB", *b as f64 / 1e9)
             });
+        let poly = done
+            .poly_bytes_peak_by_stage
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(String::new(), |(_, b)| {
+                format!(", polynomials {:.2} GB", *b as f64 / 1e9)
+            });
+        let peak = peak + &poly;
         eprintln!("  {name:<24} {secs:>9.2} s{peak}");
     }
     let per_layer = done.per_stage_s.clone();
@@ -333,6 +345,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         peak_rss_bytes: done.peak_rss_bytes.max(peak_rss_bytes()),
         work_dir_peak_bytes: done.work_dir_peak_bytes,
         peak_rss_by_stage_bytes: done.peak_rss_by_stage_bytes.clone(),
+        poly_bytes_peak_by_stage: done.poly_bytes_peak_by_stage.clone(),
         per_layer_s: per_layer,
         thread_s_by_op: done.op_thread_s.clone(),
         inputs,

@@ -4,6 +4,7 @@
 //! `beaa bench inference` use it.
 
 use anyhow::{ensure, Context, Result};
+use beaa_ckks::ring::take_poly_bytes_peak;
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, Params, RelinKey, SecretKey};
 use beaa_engine::{run_job, FileInputs, OpTimes, Plan, RunControl};
 use beaa_model::packing::{feature_slots, image_logits};
@@ -30,6 +31,10 @@ pub struct LocalRun {
     /// reporting), the largest over jobs; empty where [`take_rss_peak`] is unavailable. Says
     /// which stage sets the process's peak, and so what a change to the schedule must shrink.
     pub peak_rss_by_stage: Vec<(String, u64)>,
+    /// The most bytes of polynomials (ciphertexts, keys, temporaries) alive at once while each
+    /// stage ran, attributed as `peak_rss_by_stage`: exact, and the part that grows with N,
+    /// where RSS also holds the allocator's retained pages and the fixed costs of a process.
+    pub poly_bytes_peak_by_stage: Vec<(String, u64)>,
 }
 
 /// The accounting of a resumable run ([`run_encrypted`] with a journal), summed over the
@@ -56,6 +61,9 @@ pub struct Journal {
     /// [`LocalRun::peak_rss_by_stage`], the largest over the runs.
     #[serde(default)]
     pub peak_rss_by_stage_bytes: Vec<(String, u64)>,
+    /// [`LocalRun::poly_bytes_peak_by_stage`], the largest over the runs.
+    #[serde(default)]
+    pub poly_bytes_peak_by_stage: Vec<(String, u64)>,
 }
 
 /// The largest `VmHWM` read by [`take_rss_peak`] before it reset the kernel's peak, which
@@ -200,6 +208,7 @@ pub fn run_encrypted(
         work_dir_peak_bytes: 0,
         op_thread_s: Vec::new(),
         peak_rss_by_stage: Vec::new(),
+        poly_bytes_peak_by_stage: Vec::new(),
     };
     let times = Arc::new(OpTimes::default());
     let slots = params.slots();
@@ -253,8 +262,9 @@ pub fn run_encrypted(
         let mut current: Option<String> = None;
         let mut stages: Vec<(String, f64)> = Vec::new();
         let mut save_error: Option<anyhow::Error> = None;
-        // The peak so far (keys, encryption) belongs to no stage.
+        // The peaks so far (keys, encryption) belong to no stage.
         take_rss_peak();
+        take_poly_bytes_peak();
         let logits = run_job(
             model,
             plan,
@@ -277,6 +287,10 @@ pub fn run_encrypted(
                     if let Some(peak) = take_rss_peak() {
                         max_named(&mut out.peak_rss_by_stage, [(p.stage.clone(), peak)]);
                     }
+                    max_named(
+                        &mut out.poly_bytes_peak_by_stage,
+                        [(p.stage.clone(), take_poly_bytes_peak())],
+                    );
                     out.work_dir_peak_bytes = out.work_dir_peak_bytes.max(p.stored_bytes);
                     if let (Some(j), Some((file, _))) = (prior.as_ref(), journal) {
                         if p.elapsed_s - last_save >= JOURNAL_EVERY_S && save_error.is_none() {
@@ -294,6 +308,7 @@ pub fn run_encrypted(
                                 work_dir_peak_bytes: out.work_dir_peak_bytes,
                                 op_thread_s: times.all_seconds(),
                                 peak_rss_by_stage: out.peak_rss_by_stage.clone(),
+                                poly_bytes_peak_by_stage: out.poly_bytes_peak_by_stage.clone(),
                             };
                             save_error = j.plus(&run, &so_far).save(file).err();
                         }
@@ -315,8 +330,12 @@ pub fn run_encrypted(
         if let Some(prev) = current.take() {
             stages.push((prev.clone(), eval_s - stage_start));
             if let Some(peak) = take_rss_peak() {
-                max_named(&mut out.peak_rss_by_stage, [(prev, peak)]);
+                max_named(&mut out.peak_rss_by_stage, [(prev.clone(), peak)]);
             }
+            max_named(
+                &mut out.poly_bytes_peak_by_stage,
+                [(prev, take_poly_bytes_peak())],
+            );
         }
         out.eval_s += eval_s;
         add_named(&mut out.per_stage_s, stages);
