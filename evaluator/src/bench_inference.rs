@@ -269,21 +269,17 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     }
     let (encrypt_s, total_s) = (done.encrypt_s, done.eval_s);
     for (name, secs) in &done.per_stage_s {
-        let peak = done
-            .peak_rss_by_stage_bytes
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(String::new(), |(_, b)| {
-                format!(", peak RSS {:.2} GB", *b as f64 / 1e9)
-            });
-        let poly = done
-            .poly_bytes_peak_by_stage
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(String::new(), |(_, b)| {
-                format!(", polynomials {:.2} GB", *b as f64 / 1e9)
-            });
-        let peak = peak + &poly;
+        // ", LABEL x.xx GB" for this stage, if `bytes` has it.
+        let gb = |bytes: &[(String, u64)], label: &str| {
+            bytes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(String::new(), |(_, b)| {
+                    format!(", {label} {:.2} GB", *b as f64 / 1e9)
+                })
+        };
+        let peak = gb(&done.peak_rss_by_stage_bytes, "peak RSS")
+            + &gb(&done.poly_bytes_peak_by_stage, "polynomials");
         eprintln!("  {name:<24} {secs:>9.2} s{peak}");
     }
     let per_layer = done.per_stage_s.clone();
