@@ -68,8 +68,6 @@ struct Report {
     total_s: f64,
     amortized_ms: f64,
     peak_rss_bytes: u64,
-    /// Peak RSS while each stage ran (Linux; empty elsewhere): which stage sets the peak.
-    peak_rss_by_stage_bytes: Vec<(String, u64)>,
     /// The most bytes of polynomials (ciphertexts, keys, temporaries) alive at once per stage:
     /// exact, and what grows with N (RSS also holds fixed costs and the allocator's free pages).
     poly_bytes_peak_by_stage: Vec<(String, u64)>,
@@ -256,7 +254,6 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
                 .collect(),
             work_dir_peak_bytes: run.work_dir_peak_bytes,
             peak_rss_bytes: peak_rss_bytes(),
-            peak_rss_by_stage_bytes: run.peak_rss_by_stage.clone(),
             poly_bytes_peak_by_stage: run.poly_bytes_peak_by_stage.clone(),
         },
     };
@@ -269,18 +266,14 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     }
     let (encrypt_s, total_s) = (done.encrypt_s, done.eval_s);
     for (name, secs) in &done.per_stage_s {
-        // ", LABEL x.xx GB" for this stage, if `bytes` has it.
-        let gb = |bytes: &[(String, u64)], label: &str| {
-            bytes
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(String::new(), |(_, b)| {
-                    format!(", {label} {:.2} GB", *b as f64 / 1e9)
-                })
-        };
-        let peak = gb(&done.peak_rss_by_stage_bytes, "peak RSS")
-            + &gb(&done.poly_bytes_peak_by_stage, "polynomials");
-        eprintln!("  {name:<24} {secs:>9.2} s{peak}");
+        let poly = done
+            .poly_bytes_peak_by_stage
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(String::new(), |(_, b)| {
+                format!(", polynomials alive at most {:.2} GB", *b as f64 / 1e9)
+            });
+        eprintln!("  {name:<24} {secs:>9.2} s{poly}");
     }
     let per_layer = done.per_stage_s.clone();
     let busy: f64 = done.op_thread_s.iter().map(|(_, s)| s).sum();
@@ -340,7 +333,6 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         amortized_ms: total_s * 1e3 / batch as f64,
         peak_rss_bytes: done.peak_rss_bytes.max(peak_rss_bytes()),
         work_dir_peak_bytes: done.work_dir_peak_bytes,
-        peak_rss_by_stage_bytes: done.peak_rss_by_stage_bytes.clone(),
         poly_bytes_peak_by_stage: done.poly_bytes_peak_by_stage.clone(),
         per_layer_s: per_layer,
         thread_s_by_op: done.op_thread_s.clone(),

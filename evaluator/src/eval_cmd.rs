@@ -128,7 +128,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "per_stage_s": run.per_stage_s,
             "thread_s_by_op": run.op_thread_s,
             "work_dir_peak_bytes": run.work_dir_peak_bytes,
-            "peak_rss_by_stage_bytes": run.peak_rss_by_stage,
+            "peak_rss_bytes": crate::local_job::peak_rss_bytes(),
             "poly_bytes_peak_by_stage": run.poly_bytes_peak_by_stage,
         });
         // Added to the report as they are: how the encrypted predictions and logits compare

@@ -12,7 +12,6 @@ use beaa_model::Model;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,13 +26,11 @@ pub struct LocalRun {
     pub work_dir_peak_bytes: u64,
     /// Thread-seconds per kind of operation ([`beaa_engine::Op`]), summed over jobs.
     pub op_thread_s: Vec<(&'static str, f64)>,
-    /// Peak RSS while each stage ran (the peak between two progress reports goes to the stage
-    /// reporting), the largest over jobs; empty where [`take_rss_peak`] is unavailable. Says
-    /// which stage sets the process's peak, and so what a change to the schedule must shrink.
-    pub peak_rss_by_stage: Vec<(String, u64)>,
     /// The most bytes of polynomials (ciphertexts, keys, temporaries) alive at once while each
-    /// stage ran, attributed as `peak_rss_by_stage`: exact, and the part that grows with N,
-    /// where RSS also holds the allocator's retained pages and the fixed costs of a process.
+    /// stage ran (the peak between two progress reports goes to the stage reporting), the
+    /// largest over jobs: which stage sets the peak, exactly, and the part of memory that
+    /// grows with N. (RSS also holds a process's fixed costs and the allocator's retained
+    /// pages, which at the test parameters hide what a schedule changes.)
     pub poly_bytes_peak_by_stage: Vec<(String, u64)>,
 }
 
@@ -58,50 +55,22 @@ pub struct Journal {
     pub work_dir_peak_bytes: u64,
     /// The largest peak RSS of the runs (each process's own `ru_maxrss`).
     pub peak_rss_bytes: u64,
-    /// [`LocalRun::peak_rss_by_stage`], the largest over the runs.
-    #[serde(default)]
-    pub peak_rss_by_stage_bytes: Vec<(String, u64)>,
     /// [`LocalRun::poly_bytes_peak_by_stage`], the largest over the runs.
     #[serde(default)]
     pub poly_bytes_peak_by_stage: Vec<(String, u64)>,
 }
 
-/// The largest `VmHWM` read by [`take_rss_peak`] before it reset the kernel's peak, which
-/// lowers `ru_maxrss` too: the process's own peak is the larger of the two.
-static RSS_PEAK_SEEN: AtomicU64 = AtomicU64::new(0);
-
-/// Peak resident set size since the previous call (Linux `VmHWM`, then reset by writing 5 to
-/// `/proc/self/clear_refs`), so that a job's peak can be split by stage. `None` where either
-/// is unavailable (other systems, a locked-down `/proc`); [`peak_rss_bytes`] still holds.
-pub fn take_rss_peak() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let peak = kb * 1024;
-    RSS_PEAK_SEEN.fetch_max(peak, Relaxed);
-    std::fs::write("/proc/self/clear_refs", "5").ok()?;
-    Some(peak)
-}
-
-/// Peak resident set size of this process (Linux `ru_maxrss`, or the largest peak
-/// [`take_rss_peak`] saw before resetting it), 0 elsewhere.
+/// Peak resident set size of this process (Linux `ru_maxrss`), 0 elsewhere.
 pub fn peak_rss_bytes() -> u64 {
-    let seen = RSS_PEAK_SEEN.load(Relaxed);
     #[cfg(target_os = "linux")]
     // SAFETY: getrusage writes into the zeroed struct we pass.
     unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
         if libc::getrusage(libc::RUSAGE_SELF, &mut u) == 0 {
-            return seen.max(u.ru_maxrss as u64 * 1024);
+            return u.ru_maxrss as u64 * 1024;
         }
     }
-    seen
+    0
 }
 
 /// Seconds between saves of a [`Journal`].
@@ -129,8 +98,8 @@ impl Journal {
         out.peak_rss_bytes = out.peak_rss_bytes.max(peak_rss_bytes());
         add_named(&mut out.per_stage_s, stages.iter().cloned());
         max_named(
-            &mut out.peak_rss_by_stage_bytes,
-            run.peak_rss_by_stage.iter().cloned(),
+            &mut out.poly_bytes_peak_by_stage,
+            run.poly_bytes_peak_by_stage.iter().cloned(),
         );
         add_named(
             &mut out.op_thread_s,
@@ -207,7 +176,6 @@ pub fn run_encrypted(
         per_stage_s: Vec::new(),
         work_dir_peak_bytes: 0,
         op_thread_s: Vec::new(),
-        peak_rss_by_stage: Vec::new(),
         poly_bytes_peak_by_stage: Vec::new(),
     };
     let times = Arc::new(OpTimes::default());
@@ -262,8 +230,7 @@ pub fn run_encrypted(
         let mut current: Option<String> = None;
         let mut stages: Vec<(String, f64)> = Vec::new();
         let mut save_error: Option<anyhow::Error> = None;
-        // The peaks so far (keys, encryption) belong to no stage.
-        take_rss_peak();
+        // The peak so far (keys, encryption) belongs to no stage.
         take_poly_bytes_peak();
         let logits = run_job(
             model,
@@ -284,9 +251,6 @@ pub fn run_encrypted(
                         current = Some(p.stage.clone());
                     }
                     last_report = p.elapsed_s;
-                    if let Some(peak) = take_rss_peak() {
-                        max_named(&mut out.peak_rss_by_stage, [(p.stage.clone(), peak)]);
-                    }
                     max_named(
                         &mut out.poly_bytes_peak_by_stage,
                         [(p.stage.clone(), take_poly_bytes_peak())],
@@ -307,7 +271,6 @@ pub fn run_encrypted(
                                 per_stage_s: Vec::new(),
                                 work_dir_peak_bytes: out.work_dir_peak_bytes,
                                 op_thread_s: times.all_seconds(),
-                                peak_rss_by_stage: out.peak_rss_by_stage.clone(),
                                 poly_bytes_peak_by_stage: out.poly_bytes_peak_by_stage.clone(),
                             };
                             save_error = j.plus(&run, &so_far).save(file).err();
@@ -329,9 +292,6 @@ pub fn run_encrypted(
         let eval_s = t.elapsed().as_secs_f64();
         if let Some(prev) = current.take() {
             stages.push((prev.clone(), eval_s - stage_start));
-            if let Some(peak) = take_rss_peak() {
-                max_named(&mut out.peak_rss_by_stage, [(prev.clone(), peak)]);
-            }
             max_named(
                 &mut out.poly_bytes_peak_by_stage,
                 [(prev, take_poly_bytes_peak())],
@@ -388,33 +348,5 @@ impl Drop for WorkDir {
         if self.remove {
             let _ = std::fs::remove_dir_all(&self.path);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The peak since the last take includes memory touched and freed in between, the next
-    /// take no longer does, and the process's peak remembers it.
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn rss_peak_is_taken_per_interval() {
-        const BIG: usize = 256 << 20;
-        let before = take_rss_peak().expect("VmHWM and clear_refs on Linux");
-        let mut v = vec![0u8; BIG];
-        for i in (0..BIG).step_by(4096) {
-            v[i] = 1;
-        }
-        std::hint::black_box(&v);
-        drop(v);
-        let with_big = take_rss_peak().unwrap();
-        assert!(with_big >= BIG as u64, "{with_big}");
-        let after = take_rss_peak().unwrap();
-        assert!(
-            after + (BIG as u64) / 2 < with_big,
-            "{before} {with_big} {after}"
-        );
-        assert!(peak_rss_bytes() >= with_big);
     }
 }
