@@ -109,24 +109,28 @@ impl Journal {
     }
 }
 
-/// Adds `(name, seconds)` pairs into `into`, by name, keeping first-seen order.
-fn add_named(into: &mut Vec<(String, f64)>, from: impl IntoIterator<Item = (String, f64)>) {
-    for (name, s) in from {
+/// Merges `(name, value)` pairs into `into` by name with `combine`, keeping first-seen order.
+fn merge_named<V>(
+    into: &mut Vec<(String, V)>,
+    from: impl IntoIterator<Item = (String, V)>,
+    combine: impl Fn(&mut V, V),
+) {
+    for (name, v) in from {
         match into.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 += s,
-            None => into.push((name, s)),
+            Some(entry) => combine(&mut entry.1, v),
+            None => into.push((name, v)),
         }
     }
 }
 
-/// Keeps the larger value per name of `(name, value)` pairs, in first-seen order.
+/// Adds `(name, seconds)` pairs into `into`, by name.
+fn add_named(into: &mut Vec<(String, f64)>, from: impl IntoIterator<Item = (String, f64)>) {
+    merge_named(into, from, |a, b| *a += b);
+}
+
+/// Keeps the larger value per name of `(name, value)` pairs.
 fn max_named(into: &mut Vec<(String, u64)>, from: impl IntoIterator<Item = (String, u64)>) {
-    for (name, v) in from {
-        match into.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 = entry.1.max(v),
-            None => into.push((name, v)),
-        }
-    }
+    merge_named(into, from, |a, b| *a = (*a).max(b));
 }
 
 /// Runs `images` (`n` preprocessed images, `[C, H, W]` each, flattened) through the encrypted
