@@ -56,6 +56,111 @@ pub fn export(
     )
 }
 
+/// The settings two runs must share for their weights to be averaged: the network, its
+/// input, the data and the split (a mean of runs validated on different images would be
+/// scored on images some of them trained on).
+fn averaging_key(cfg: &TrainConfig) -> Result<String> {
+    Ok(json!({
+        "arch": cfg.arch, "act": cfg.act, "input": cfg.input, "data": cfg.data,
+        "split": cfg.split, "val_per_class": cfg.val_per_class, "val_fraction": cfg.val_fraction,
+        "seed": cfg.seed, "fold": cfg.fold, "poly_channel_share": cfg.poly_channel_share,
+    })
+    .to_string())
+}
+
+/// Weight averaging (as in stochastic weight averaging): the mean of the final weights of
+/// runs that trained the same network on the same split, usually successive fine-tunings
+/// of one model, which sit close together in weight space; their mean often generalizes
+/// better than any of them. Batch norm is re-estimated as at an epoch's end, the result is
+/// validated, and `out` becomes a finished run directory (config of the last run with
+/// `averaged_from`, state, weights; no momentum) that `export`, `table`, `compare` (once
+/// exported) and `--init-from` read like any other. Returns a summary.
+pub fn average(runs: &[PathBuf], out: &Path) -> Result<serde_json::Value> {
+    if runs.len() < 2 {
+        bail!("averaging needs at least two runs, got {}", runs.len());
+    }
+    if out.join("checkpoint.safetensors").exists() {
+        bail!(
+            "{} already holds a checkpoint; choose a new directory",
+            out.display()
+        );
+    }
+    let dev = Device::Cpu;
+    let mut sum: std::collections::BTreeMap<String, candle_core::Tensor> = Default::default();
+    let mut first_key: Option<String> = None;
+    let mut last: Option<(TrainConfig, crate::net::Net, TrainState)> = None;
+    for r in runs {
+        let (cfg, net) = load_run(r, &dev)?;
+        let key = averaging_key(&cfg)?;
+        match &first_key {
+            None => first_key = Some(key),
+            Some(k) if *k != key => bail!(
+                "{} trained another network, input, data or split than {}",
+                r.display(),
+                runs[0].display()
+            ),
+            _ => {}
+        }
+        let tensors = net.tensors();
+        if !sum.is_empty() && !tensors.keys().eq(sum.keys()) {
+            bail!(
+                "{} holds other tensors than {}",
+                r.display(),
+                runs[0].display()
+            );
+        }
+        for (k, t) in tensors {
+            let t = t.to_dtype(candle_core::DType::F64)?;
+            let acc = match sum.remove(&k) {
+                Some(a) => (a + t)?,
+                None => t,
+            };
+            sum.insert(k, acc);
+        }
+        let state: TrainState = serde_json::from_str(
+            &std::fs::read_to_string(r.join("state.json"))
+                .with_context(|| format!("{}/state.json", r.display()))?,
+        )?;
+        last = Some((cfg, net, state));
+    }
+    let (mut cfg, mut net, last_state) = last.expect("at least two runs");
+    let n = runs.len() as f64;
+    let mean: std::collections::HashMap<String, candle_core::Tensor> = sum
+        .into_iter()
+        .map(|(k, t)| Ok((k, (t / n)?.to_dtype(candle_core::DType::F32)?)))
+        .collect::<Result<_>>()?;
+    net.load_from(&mean)?;
+    let (train, val) = load_data(&mut cfg)?;
+    crate::train::calibrate(
+        &mut net,
+        &train,
+        &cfg.input,
+        cfg.bn_calibration_images,
+        &dev,
+    )?;
+    let v = crate::train::evaluate(&mut net, &val, &cfg.input, &dev)?;
+    cfg.averaged_from = runs.to_vec();
+    let state = TrainState {
+        epoch: cfg.epochs,
+        step: 0,
+        last_val: Some(v.clone()),
+        seconds: 0.0,
+        range_bounds: last_state.range_bounds,
+    };
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    let weights: std::collections::HashMap<String, candle_core::Tensor> =
+        net.tensors().into_iter().collect();
+    candle_core::safetensors::save(&weights, out.join("checkpoint.safetensors"))?;
+    std::fs::write(
+        out.join("state.json"),
+        serde_json::to_string_pretty(&state)?,
+    )?;
+    let summary = json!({"event": "average", "runs": runs, "val": v});
+    std::fs::write(out.join("log.jsonl"), format!("{summary}\n"))?;
+    Ok(summary)
+}
+
 /// The validation split a model's manifest records, decoded with the defaults of manifests
 /// that predate a field (`fold` absent or `null`: no fold). Two models validate on the same
 /// images exactly when these are equal.
@@ -329,6 +434,12 @@ fn variant(cfg: &TrainConfig) -> String {
     if cfg.act == ActKind::Element && cfg.poly_spread_decay > 0.0 {
         how.push(format!("spread decay {}", cfg.poly_spread_decay));
     }
+    if !cfg.averaged_from.is_empty() {
+        how.push(format!(
+            "weights of {} runs averaged",
+            cfg.averaged_from.len()
+        ));
+    }
     if how.is_empty() {
         format!("{base}{kd}")
     } else {
@@ -340,6 +451,19 @@ fn variant(cfg: &TrainConfig) -> String {
 /// student's teacher, or another task's run marked `(pretrained)`); for folds the fold suffix `f<i>` becomes `f*` (each fold starts from
 /// its own fold's teacher).
 fn starts_from(cfg: &TrainConfig) -> String {
+    if !cfg.averaged_from.is_empty() {
+        let names: Vec<String> = cfg
+            .averaged_from
+            .iter()
+            .map(|r| {
+                r.file_name().map_or_else(
+                    || r.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        return format!("mean of {}", names.join(" + "));
+    }
     let Some(init) = cfg.init_from.as_ref().or(cfg.pretrained.as_ref()) else {
         return "scratch".into();
     };
@@ -543,7 +667,10 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::{summarize, tests::tiny_config};
+    use crate::train::{
+        summarize,
+        tests::{fresh_tiny_data, tiny_config},
+    };
 
     fn write_run(dir: &Path, cfg: &TrainConfig, epoch: usize, conf: Vec<Vec<usize>>) -> Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -608,6 +735,73 @@ mod tests {
     }
 
     /// The shipped model against itself on images the test makes: all agreement, p = 1.
+    #[test]
+    fn average_is_the_mean_of_the_runs_weights_and_a_finished_run() -> Result<()> {
+        let (root, data) = fresh_tiny_data("beaa-average")?;
+        let cfg = TrainConfig {
+            epochs: 1,
+            ..tiny_config(data)
+        };
+        crate::train::run(&root.join("a"), cfg.clone())?;
+        // same network and split, another rate: other weights
+        crate::train::run(
+            &root.join("b"),
+            TrainConfig {
+                lr: 0.01,
+                ..cfg.clone()
+            },
+        )?;
+        let runs = [root.join("a"), root.join("b")];
+        let r = average(&runs, &root.join("mean"))?;
+        assert!(r["val"]["accuracy"].as_f64().is_some());
+        let dev = Device::Cpu;
+        let (_, a) = load_run(&runs[0], &dev)?;
+        let (_, b) = load_run(&runs[1], &dev)?;
+        let (mean_cfg, m) = load_run(&root.join("mean"), &dev)?;
+        let (ta, tb, tm) = (a.tensors(), b.tensors(), m.tensors());
+        let mut differed = 0;
+        for (k, t) in &tm {
+            if k.ends_with(".bn.mean") || k.ends_with(".bn.var") {
+                continue; // batch-norm statistics: re-estimated, not averaged
+            }
+            let want = ((&ta[k] + &tb[k])? * 0.5)?;
+            let err = (t - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-6, "{k}: {err}");
+            let gap = (&ta[k] - &tb[k])?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            differed += usize::from(gap > 1e-4);
+        }
+        assert!(differed > 0, "the two runs should differ");
+        assert_eq!(mean_cfg.averaged_from, runs.to_vec());
+        let state: TrainState =
+            serde_json::from_str(&std::fs::read_to_string(root.join("mean/state.json"))?)?;
+        assert_eq!(state.epoch, 1);
+        let md = table(&[root.join("mean")], &root.join("t"), None)?;
+        assert!(md.contains("weights of 2 runs averaged"), "{md}");
+        assert!(md.contains("| mean of a + b |"), "{md}");
+        // never over an existing run, never across networks
+        assert!(average(&runs, &root.join("mean")).is_err());
+        crate::train::run(
+            &root.join("c"),
+            TrainConfig {
+                act: ActKind::Channel,
+                ..cfg
+            },
+        )?;
+        let e = average(&[root.join("a"), root.join("c")], &root.join("m2"))
+            .expect_err("element-wise and channel-wise runs must not average");
+        assert!(e.to_string().contains("another network"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
     #[test]
     fn compare_a_model_with_itself() -> Result<()> {
         let root = std::env::temp_dir().join(format!("beaa-compare-{}", std::process::id()));

@@ -57,6 +57,16 @@ enum Cmd {
         #[command(flatten)]
         images: Images,
     },
+    /// Average the final weights of runs of one network and split (weight averaging), into
+    /// a new run directory; batch norm re-estimated, validated.
+    Average {
+        /// Run directories to average (at least two).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The new run directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Regenerate the accuracy table (markdown + JSON) from run directories.
     Table {
         /// Run directories (each with config.json and state.json).
@@ -319,6 +329,7 @@ fn config(a: &TrainArgs, distill: bool) -> Result<TrainConfig> {
             a.bn_calibration_images
         },
         fold,
+        averaged_from: Vec::new(),
     })
 }
 
@@ -365,6 +376,10 @@ fn main() -> Result<()> {
         }
         Cmd::Compare { a, b, images } => {
             let r = models::cli::compare(&a, &b, &images.data, &images.split, images.limit)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        Cmd::Average { runs, out } => {
+            let r = models::cli::average(&runs, &out)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::Table { runs, out, keep } => {

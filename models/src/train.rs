@@ -153,6 +153,10 @@ pub struct TrainConfig {
     /// quadratics on the value range they were fitted on (FitNets-style hints, all layers).
     #[serde(default)]
     pub feature_kd: f64,
+    /// Set by `beaa-train average`: this run's weights are the mean of these runs' final
+    /// weights (no training of its own; empty for a trained run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub averaged_from: Vec<PathBuf>,
 }
 
 /// A kind of image in the off-data probe ([`off_data_batch`]).
@@ -1536,7 +1540,7 @@ pub(crate) mod tests {
 
     /// A fresh temporary directory for one test (`tag` and the process id) with ten tiny
     /// images per class under `data`: returns (root, data).
-    fn fresh_tiny_data(tag: &str) -> Result<(PathBuf, PathBuf)> {
+    pub(crate) fn fresh_tiny_data(tag: &str) -> Result<(PathBuf, PathBuf)> {
         let root = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let data = root.join("data");
@@ -2227,6 +2231,7 @@ pub(crate) mod tests {
             fold: None,
             mixup: 0.0,
             feature_kd: 0.0,
+            averaged_from: Vec::new(),
         }
     }
 
