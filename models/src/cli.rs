@@ -389,7 +389,8 @@ fn variant(cfg: &TrainConfig) -> String {
             cfg.relu_blend_epochs
         ));
     }
-    if poly && cfg.lr != STUDENT_LR {
+    // an average's runs may have trained at different rates: its config is only the last one's
+    if poly && cfg.lr != STUDENT_LR && cfg.averaged_from.is_empty() {
         how.push(format!("peak rate {}", cfg.lr));
     }
     if cfg.clip_norm != CLIP_NORM {
@@ -654,7 +655,7 @@ pub fn table(runs: &[PathBuf], out: &Path, keep: Option<&Path>) -> Result<String
          Per-class recall in class order (CIFAR-10: airplane ... truck; OCT: ERM / NO). \
          Starts from: the run whose weights a run started from (a student's teacher; `f*`: each fold its own fold's), or scratch. \
          Activation parameters count the trainable (a, b, c) triples: 3 per layer, channel or element. \
-         Epochs done / planned: fewer done = partially trained. Regenerate with `beaa-train table RUN_DIR... --out PREFIX` (`--keep PREFIX.json` keeps earlier rows whose runs are not on this machine).\n",
+         Epochs done / planned: fewer done = partially trained (an average of runs: the last run's). Regenerate with `beaa-train table RUN_DIR... --out PREFIX` (`--keep PREFIX.json` keeps earlier rows whose runs are not on this machine).\n",
     );
     std::fs::write(out.with_extension("md"), &md)?;
     std::fs::write(
