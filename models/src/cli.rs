@@ -69,9 +69,10 @@ fn averaging_key(cfg: &TrainConfig) -> Result<String> {
 }
 
 /// Weight averaging (as in stochastic weight averaging): the mean of the final weights of
-/// runs that trained the same network on the same split, usually successive fine-tunings
-/// of one model, which sit close together in weight space; their mean often generalizes
-/// better than any of them. Batch norm is re-estimated as at an epoch's end, the result is
+/// runs that trained the same network on the same split, e.g. snapshots at the ends of
+/// learning-rate cycles from one model, which sit close together in weight space; such a
+/// mean often generalizes better than its members (it did not for our CIFAR-10 fine-tunings:
+/// models/README.md, "One more cosine cycle, and weight averaging"). Batch norm is re-estimated as at an epoch's end, the result is
 /// validated, and `out` becomes a finished run directory (config of the last run with
 /// `averaged_from`, state, weights; no momentum) that `export`, `table`, `compare` (once
 /// exported) and `--init-from` read like any other. Returns a summary.
