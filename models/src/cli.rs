@@ -25,16 +25,9 @@ pub fn export(
     let state: TrainState = serde_json::from_str(
         &std::fs::read_to_string(run.join("state.json")).context("state.json")?,
     )?;
-    let (train, val) = load_data(&mut cfg)?;
-    // same re-estimation as at the end of an epoch (no change for a finished epoch; needed when
-    // exporting a mid-epoch checkpoint of a polynomial net)
-    crate::train::calibrate(
-        &mut net,
-        &train,
-        &cfg.input,
-        cfg.bn_calibration_images,
-        &dev,
-    )?;
+    // no change for a finished epoch; needed when exporting a mid-epoch checkpoint of a
+    // polynomial net
+    let (train, last_val) = recalibrate_and_validate(&mut cfg, &mut net, &dev)?;
     let name = name.unwrap_or_else(|| {
         run.file_name()
             .and_then(|n| n.to_str())
@@ -43,7 +36,7 @@ pub fn export(
     });
     // validation of exactly the exported weights and batch-norm statistics
     let mut state = state;
-    state.last_val = Some(crate::train::evaluate(&mut net, &val, &cfg.input, &dev)?);
+    state.last_val = Some(last_val);
     let mut model = export_run(&net, &cfg, &state, &train, &name, range_images)?;
     if let Some(m) = model.manifest.metrics.as_object_mut() {
         m.insert("note".into(), json!("validation measured at export by beaa-train (candle, eval mode) on the exported weights"));
@@ -54,6 +47,20 @@ pub fn export(
         json!({"name": name, "epochs": state.epoch, "planned_epochs": cfg.epochs, "validation": state.last_val,
         "activation_parameters": model.manifest.activation_parameters, "activation_evaluations": model.manifest.activation_evaluations}),
     )
+}
+
+/// Loads the run's data, re-estimates batch norm as at the end of an epoch and validates:
+/// the validation of exactly the weights and statistics that will be written. Returns the
+/// training split (for value ranges) and the result.
+fn recalibrate_and_validate(
+    cfg: &mut TrainConfig,
+    net: &mut crate::net::Net,
+    dev: &Device,
+) -> Result<(Dataset, crate::train::EvalResult)> {
+    let (train, val) = load_data(cfg)?;
+    crate::train::calibrate(net, &train, &cfg.input, cfg.bn_calibration_images, dev)?;
+    let v = crate::train::evaluate(net, &val, &cfg.input, dev)?;
+    Ok((train, v))
 }
 
 /// The settings two runs must share for their weights to be averaged: the network, its
@@ -131,15 +138,7 @@ pub fn average(runs: &[PathBuf], out: &Path) -> Result<serde_json::Value> {
         .map(|(k, t)| Ok((k, (t / n)?.to_dtype(candle_core::DType::F32)?)))
         .collect::<Result<_>>()?;
     net.load_from(&mean)?;
-    let (train, val) = load_data(&mut cfg)?;
-    crate::train::calibrate(
-        &mut net,
-        &train,
-        &cfg.input,
-        cfg.bn_calibration_images,
-        &dev,
-    )?;
-    let v = crate::train::evaluate(&mut net, &val, &cfg.input, &dev)?;
+    let (_, v) = recalibrate_and_validate(&mut cfg, &mut net, &dev)?;
     cfg.averaged_from = runs.to_vec();
     let state = TrainState {
         epoch: cfg.epochs,
