@@ -96,7 +96,7 @@ pub fn average(runs: &[PathBuf], out: &Path) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let mut sum: std::collections::BTreeMap<String, candle_core::Tensor> = Default::default();
     let mut first_key: Option<String> = None;
-    let mut last: Option<(TrainConfig, crate::net::Net, TrainState)> = None;
+    let mut last: Option<(TrainConfig, crate::net::Net)> = None;
     for r in runs {
         let (cfg, net) = load_run(r, &dev)?;
         let key = averaging_key(&cfg)?;
@@ -125,13 +125,14 @@ pub fn average(runs: &[PathBuf], out: &Path) -> Result<serde_json::Value> {
             };
             sum.insert(k, acc);
         }
-        let state: TrainState = serde_json::from_str(
-            &std::fs::read_to_string(r.join("state.json"))
-                .with_context(|| format!("{}/state.json", r.display()))?,
-        )?;
-        last = Some((cfg, net, state));
+        last = Some((cfg, net));
     }
-    let (mut cfg, mut net, last_state) = last.expect("at least two runs");
+    let (mut cfg, mut net) = last.expect("at least two runs");
+    let last_run = &runs[runs.len() - 1];
+    let last_state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(last_run.join("state.json"))
+            .with_context(|| format!("{}/state.json", last_run.display()))?,
+    )?;
     let n = runs.len() as f64;
     let mean: std::collections::HashMap<String, candle_core::Tensor> = sum
         .into_iter()
@@ -448,21 +449,20 @@ fn variant(cfg: &TrainConfig) -> String {
     }
 }
 
+/// A run directory's name (its last path component), as the table shows it.
+fn run_name(run: &Path) -> String {
+    run.file_name().map_or_else(
+        || run.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// What a run started from: `scratch`, or the run directory name of its starting weights (a
 /// student's teacher, or another task's run marked `(pretrained)`); for folds the fold suffix `f<i>` becomes `f*` (each fold starts from
 /// its own fold's teacher).
 fn starts_from(cfg: &TrainConfig) -> String {
     if !cfg.averaged_from.is_empty() {
-        let names: Vec<String> = cfg
-            .averaged_from
-            .iter()
-            .map(|r| {
-                r.file_name().map_or_else(
-                    || r.display().to_string(),
-                    |n| n.to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
+        let names: Vec<String> = cfg.averaged_from.iter().map(|r| run_name(r)).collect();
         return format!("mean of {}", names.join(" + "));
     }
     let Some(init) = cfg.init_from.as_ref().or(cfg.pretrained.as_ref()) else {
@@ -473,10 +473,7 @@ fn starts_from(cfg: &TrainConfig) -> String {
     } else {
         ""
     };
-    let name = init.file_name().map_or_else(
-        || init.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = run_name(init);
     let name = match cfg.fold {
         Some(f) => name
             .strip_suffix(&format!("f{}", f.index))
