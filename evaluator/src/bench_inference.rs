@@ -32,9 +32,11 @@ pub struct InferenceBenchArgs {
     /// (the time does not depend on the values; the agreement check does).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
-    /// Compute the 3x3 convolutions in Winograd's F(2x2, 3x3) form (`beaa_engine::Plan::with_winograd`).
-    #[arg(long)]
-    pub winograd: bool,
+    /// Compute the 3x3 convolutions over at least MIN_CHANNELS input channels (default
+    /// `beaa_engine::WINOGRAD_MIN_CHANNELS`) in Winograd's F(2x2, 3x3) form
+    /// (`beaa_engine::Plan::with_winograd`).
+    #[arg(long, value_name = "MIN_CHANNELS", num_args = 0..=1)]
+    pub winograd: Option<Option<usize>>,
     /// Keep the job resumable in --work-dir: its keys (the secret key mode 0600, removed when
     /// the job ends), inputs, finished tiles and a journal of the time spent stay there, and
     /// the same command run again continues the job instead of starting over. For jobs that
@@ -103,7 +105,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     let t = Instant::now();
     let (params, plan) = Plan::choose_with(
         &model,
-        args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+        crate::plan_cmd::winograd_min_channels(args.winograd),
     )
     .context("planning")?;
     let plan_s = t.elapsed().as_secs_f64();
@@ -126,9 +128,9 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
     let journal_path = work.path.join(JOURNAL_FILE);
     let keys_dir = work.path.join(KEYS_DIR);
     let job = format!(
-        "model {}, winograd {}, batch {batch}, data {:?}, params {}",
+        "model {}, winograd {:?}, batch {batch}, data {:?}, params {}",
         dir.display(),
-        args.winograd,
+        crate::plan_cmd::winograd_min_channels(args.winograd),
         args.data,
         crate::serve::util::hex(params.fingerprint())
     );

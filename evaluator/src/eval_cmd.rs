@@ -35,10 +35,11 @@ pub struct EvalArgs {
     /// With --encrypted: where inputs and intermediate tiles go (default: a temp directory).
     #[arg(long, requires = "encrypted")]
     pub work_dir: Option<PathBuf>,
-    /// With --encrypted: compute the 3x3 convolutions in Winograd's F(2x2, 3x3) form (about
+    /// With --encrypted: compute the 3x3 convolutions over at least MIN_CHANNELS input channels
+    /// (default `beaa_engine::WINOGRAD_MIN_CHANNELS`) in Winograd's F(2x2, 3x3) form (about
     /// half their GEMM work; each weight's precision shared with the activation's factor).
-    #[arg(long, requires = "encrypted")]
-    pub winograd: bool,
+    #[arg(long, requires = "encrypted", value_name = "MIN_CHANNELS", num_args = 0..=1)]
+    pub winograd: Option<Option<usize>>,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -69,12 +70,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let (params, plan) = if args.insecure_test_params {
             Plan::choose_insecure_for_tests_with(
                 &model,
-                args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+                crate::plan_cmd::winograd_min_channels(args.winograd),
             )
         } else {
             Plan::choose_with(
                 &model,
-                args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+                crate::plan_cmd::winograd_min_channels(args.winograd),
             )
         }
         .context("planning")?;

@@ -17,10 +17,17 @@ pub struct PlanArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Plan the 3x3 convolutions in Winograd's F(2x2, 3x3) form (as `eval --encrypted
-    /// --winograd` and `bench inference --winograd` run them).
-    #[arg(long)]
-    pub winograd: bool,
+    /// Plan the 3x3 convolutions over at least MIN_CHANNELS input channels (default
+    /// `beaa_engine::WINOGRAD_MIN_CHANNELS`) in Winograd's F(2x2, 3x3) form (as `eval
+    /// --encrypted --winograd` and `bench inference --winograd` run them).
+    #[arg(long, value_name = "MIN_CHANNELS", num_args = 0..=1)]
+    pub winograd: Option<Option<usize>>,
+}
+
+/// The `--winograd [MIN_CHANNELS]` option as the planner takes it: absent, none; bare, the
+/// default threshold.
+pub fn winograd_min_channels(arg: Option<Option<usize>>) -> Option<usize> {
+    arg.map(|m| m.unwrap_or(beaa_engine::WINOGRAD_MIN_CHANNELS))
 }
 
 #[derive(Serialize)]
@@ -81,7 +88,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let (dir, model) = crate::models::load(&args.model)?;
     let (params, plan) = Plan::choose_with(
         &model,
-        args.winograd.then_some(beaa_engine::WINOGRAD_MIN_CHANNELS),
+        crate::plan_cmd::winograd_min_channels(args.winograd),
     )
     .context("planning")?;
     let slots = params.slots();

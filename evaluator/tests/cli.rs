@@ -55,6 +55,13 @@ fn plan_with_winograd_does_less_gemm_on_the_shipped_model() {
     let work = |v: &serde_json::Value| v["multiply_adds_per_job"].as_u64().unwrap() as f64;
     let ratio = work(&direct) / work(&wino);
     assert!(ratio > 1.5, "{ratio}");
+    // A threshold above the fire modules' 32 squeeze channels leaves them direct.
+    let wide = plan(&["--winograd", "64"]);
+    assert_eq!(
+        wide["winograd"],
+        serde_json::json!(["conv2.act", "conv3.act"])
+    );
+    assert!(work(&direct) > work(&wide) && work(&wide) > work(&wino));
 }
 
 #[test]
