@@ -6,7 +6,7 @@ use crate::optime::OpTimes;
 use crate::plan::Plan;
 use crate::store::{DirStore, MemStore, Store};
 use crate::stream::Runner;
-use beaa_ckks::{Ciphertext, Evaluator, RelinKey};
+use beaa_ckks::{Ciphertext, Evaluator, Params, RelinKey};
 use beaa_model::Model;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,15 +153,7 @@ pub fn run_job(
     let dir;
     let store: &dyn Store = match &control.work_dir {
         Some(path) => {
-            // "by position": stored layers are kept per position (before, a Winograd plan's
-            // were kept per 2x2 block under the same file names), so older tiles are dropped.
-            let identity = format!(
-                "model {} | params {} | layers {} | stages {} | by position",
-                model.manifest.name,
-                hex(ev.params().fingerprint()),
-                plan.graph.layers.len(),
-                plan.schedule.stages.len()
-            );
+            let identity = work_dir_identity(model, plan, ev.params());
             dir = DirStore::open(path, ev.params(), &identity)?;
             &dir
         }
@@ -214,6 +206,19 @@ pub fn run_job(
             stored_bytes: store.bytes_held(),
         });
     })
+}
+
+/// The stamp of a job's work directory: tiles made under another model, parameter set or
+/// plan are discarded, not read (a server restarted with another `--winograd` recomputes its
+/// running job). "by position": stored layers are kept per position (before, a Winograd
+/// plan's were kept per 2x2 block under the same file names), so older tiles are dropped.
+pub fn work_dir_identity(model: &Model, plan: &Plan, params: &Params) -> String {
+    format!(
+        "model {} | params {} | {} | by position",
+        model.manifest.name,
+        hex(params.fingerprint()),
+        plan.work_identity()
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -27,6 +27,6 @@ pub mod store;
 pub mod stream;
 
 pub use exec::{run, ExecError};
-pub use job::{run_job, FileInputs, InputSource, Progress, RunControl};
+pub use job::{run_job, work_dir_identity, FileInputs, InputSource, Progress, RunControl};
 pub use optime::{Op, OpTimes};
 pub use plan::{Headroom, Plan, PlanError, WINOGRAD_MIN_CHANNELS};

@@ -23,8 +23,11 @@ pub enum PlanError {
 /// Fewest input channels for which Winograd's form pays: its GEMM rows have `C_in` terms
 /// instead of `9 C_in`, and below a few dozen the kernels' per-row reductions and the
 /// transforms outweigh the saved multiply-adds (the width/16 CIFAR-10 model, 2 to 24 input
-/// channels: 1.82x fewer multiply-adds, 1.5x more GEMM time; BENCHMARKS.md).
-pub const WINOGRAD_MIN_CHANNELS: usize = 32;
+/// channels: 1.82x fewer multiply-adds, 1.5x more GEMM time). At 32 (the fire modules'
+/// expand3 layers) whole N = 32768 jobs gained nothing measurable in those stages and held
+/// 2.3 GB more; at 64 (conv2 and conv3 of the shipped models) a whole CIFAR-10 job ran 1.46x
+/// faster than direct (BENCHMARKS.md, sessions 28-29).
+pub const WINOGRAD_MIN_CHANNELS: usize = 64;
 
 /// What a model needs from a parameter set, and how it will be evaluated.
 #[derive(Debug, Clone)]
@@ -128,6 +131,30 @@ impl Plan {
             segments,
             work_dir_peak: (peak, seq_peak),
         })
+    }
+
+    /// What the tiles a job keeps in its work directory depend on besides the model and the
+    /// parameters: a directory stamped with another identity is emptied before a job runs
+    /// (`store::DirStore`), so a job resumed under another plan recomputes rather than reads
+    /// values of another form.
+    pub fn work_identity(&self) -> String {
+        let stored: Vec<String> = self
+            .schedule
+            .stages
+            .iter()
+            .map(|s| {
+                let l = &self.graph.layers[s.layer as usize];
+                let (level, scale) = l.meta.first().map_or((0, 0.0), |m| (m.level, m.scale));
+                format!("{}@{level}:{:x}", l.name, scale.to_bits())
+            })
+            .collect();
+        format!(
+            "layers {} | stages {} | stored {} | winograd {}",
+            self.graph.layers.len(),
+            self.schedule.stages.len(),
+            stored.join(","),
+            self.winograd_layers().join(",")
+        )
     }
 
     /// Activation layers whose convolution is computed in Winograd's form.

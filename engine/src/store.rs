@@ -74,6 +74,10 @@ impl Store for MemStore {
     }
 }
 
+/// The file in a work directory naming the plan its tiles belong to
+/// ([`crate::job::work_dir_identity`]).
+pub const IDENTITY_FILE: &str = "plan-identity";
+
 /// Tiles as files `L<layer>/<tile>.tile` under a directory: a u32 count, then per ciphertext
 /// a u64 length and its `beaa-ckks` bytes (bit-packed, fingerprinted, validated on read).
 /// Written to a temporary name and renamed, so a tile file is complete or absent. A consumed
@@ -91,7 +95,7 @@ impl DirStore {
     pub fn open(dir: &Path, params: &Params, identity: &str) -> Result<Self, ExecError> {
         let io = |e: std::io::Error| ExecError::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let stamp = dir.join("plan-identity");
+        let stamp = dir.join(IDENTITY_FILE);
         let same = std::fs::read_to_string(&stamp).is_ok_and(|s| s == identity);
         if !same {
             for entry in std::fs::read_dir(dir).map_err(io)? {

@@ -730,3 +730,78 @@ fn one_outlier_image_leaves_its_batch_intact() {
     eprintln!("outlier |logits| {beyond:.3e}: others' max error {others:.2e}");
     assert!(others > 1.0, "a wrap was expected to show: {others}");
 }
+
+/// A work directory keeps the tiles of one plan: a job cancelled under Winograd's form and run
+/// again under the direct form (a server restarted with another `--winograd`) discards the
+/// other plan's tiles - same model, parameters, layers and stages - and gives exactly the
+/// direct form's in-memory result.
+#[test]
+fn work_directory_tiles_of_another_plan_are_not_reused() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let spec = SqueezeNetSpec::tiny(3, 16, 4);
+    let model = random_model(8, &spec, Activation::PolyElement);
+    let (params, direct) = Plan::choose_insecure_for_tests(&model).unwrap();
+    let (_, wino) = Plan::choose_insecure_for_tests_with(&model, Some(1)).unwrap();
+    assert_eq!(
+        direct.schedule.stored_layers(&direct.graph),
+        wino.schedule.stored_layers(&wino.graph),
+        "the test wants two plans that differ only in how they compute"
+    );
+    assert_ne!(direct.work_identity(), wino.work_identity());
+    let mut kg = KeyGenerator::new(&params);
+    let sk = kg.secret_key();
+    let rlk = kg.relin_key(&sk);
+    let x = images(2, model.input_len(), 6);
+    let inputs = pack_and_encrypt(&params, &sk, &x, 2);
+    let ev = Evaluator::new(&params);
+    let want = run_job(
+        &model,
+        &direct,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new(),
+    )
+    .unwrap();
+
+    let dir = std::env::temp_dir().join(format!("beaa-engine-replan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&flag);
+    let err = run_job(
+        &model,
+        &wino,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new()
+            .work_dir(&dir)
+            .cancel_flag(Arc::clone(&flag))
+            .on_progress(|p| {
+                if p.fraction > 0.7 {
+                    f2.store(true, Ordering::Relaxed);
+                }
+            }),
+    )
+    .unwrap_err();
+    assert_eq!(err, beaa_engine::ExecError::Cancelled);
+    assert!(walk(&dir).len() > 1, "the cancelled job left no tiles");
+    let mut first = None;
+    let got = run_job(
+        &model,
+        &direct,
+        &ev,
+        &rlk,
+        inputs.as_slice(),
+        RunControl::new().work_dir(&dir).on_progress(|p| {
+            first.get_or_insert(p.fraction);
+        }),
+    )
+    .unwrap();
+    assert!(first.unwrap() < 0.5, "it resumed: {first:?}");
+    for (c, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(a.to_bytes() == b.to_bytes(), "logit {c} differs");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

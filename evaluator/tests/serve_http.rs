@@ -1245,3 +1245,71 @@ fn cli_predict_resumes_its_job_after_an_interruption() {
     }
     assert!(!pending.exists(), "the finished job is still remembered");
 }
+
+/// `--winograd`: the server plans the 3x3 convolutions in Winograd's form, says so in the
+/// model's info, and its jobs match the plaintext model. A job killed mid-run and resumed by a
+/// server started without the flag recomputes under the direct plan (the operator's log says
+/// why) and still matches: tiles of one plan are never read by another.
+#[test]
+fn winograd_jobs_match_plaintext_and_survive_a_restart_under_the_other_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (zoo, model) = make_zoo(tmp.path());
+    let data = tmp.path().join("data");
+    // Every 3x3 layer of the tiny model (3 to 8 input channels).
+    let mut server = Server::start(&zoo, &data, true, &["--winograd", "1"]);
+    let info = model_info(&server);
+    let layers = info["winograd"].as_array().unwrap().clone();
+    assert!(
+        layers.iter().any(|l| l == "conv1.act"),
+        "conv1 in Winograd's form: {layers:?}"
+    );
+    let keys = client_keys(&info);
+    let key_id = upload_key(&server, &keys);
+    let batch = 5;
+    let imgs = images(batch, model.input_len(), 7);
+    let job = create_job(&server, &key_id, batch);
+    upload_inputs(&server, &job, &encrypt_inputs(&keys, &imgs), 0);
+    start(&server, &job);
+    wait_done(&server, &job, Duration::from_secs(120));
+    check_against_plaintext(&model, &imgs, &result(&server, &job, &keys, batch));
+
+    // Killed once its first tiles are on disk ...
+    let imgs2 = images(batch, model.input_len(), 8);
+    let job2 = create_job(&server, &key_id, batch);
+    upload_inputs(&server, &job2, &encrypt_inputs(&keys, &imgs2), 0);
+    start(&server, &job2);
+    let t = Instant::now();
+    loop {
+        let st = status(&server, &job2);
+        if st["state"] == "running" && st["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert_ne!(
+            st["state"], "done",
+            "the job finished before it could be killed"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "job never ran: {st}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    server.kill9();
+    // ... and resumed by a server planning every convolution directly.
+    let server = Server::start(&zoo, &data, true, &[]);
+    let info = model_info(&server);
+    assert_eq!(info["winograd"], json!([]));
+    assert_eq!(info["params_fingerprint"], keys_fingerprint(&keys));
+    wait_done(&server, &job2, Duration::from_secs(120));
+    check_against_plaintext(&model, &imgs2, &result(&server, &job2, &keys, batch));
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(
+        log.contains("belong to another plan"),
+        "no line about the discarded tiles in:\n{log}"
+    );
+}
+
+fn keys_fingerprint(keys: &ClientKeys) -> String {
+    keys.params
+        .fingerprint()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

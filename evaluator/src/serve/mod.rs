@@ -52,6 +52,14 @@ pub struct ServeArgs {
     /// Serve small NOT SECURE parameter sets (tests and CI only).
     #[arg(long)]
     pub insecure_test_params: bool,
+    /// Run the 3x3 convolutions over at least MIN_CHANNELS input channels (default
+    /// `beaa_engine::WINOGRAD_MIN_CHANNELS`: conv2 and conv3 of the shipped models) in
+    /// Winograd's F(2x2, 3x3) form, as `eval --encrypted --winograd` does: 1.46x faster whole
+    /// CIFAR-10 jobs, ~1 GB more peak memory, larger `work_dir_bytes` (BENCHMARKS.md). Clients
+    /// need nothing different. A job resumed after a restart under another setting recomputes
+    /// from its inputs (its intermediate tiles belong to the other plan).
+    #[arg(long, value_name = "MIN_CHANNELS", num_args = 0..=1)]
+    pub winograd: Option<Option<usize>>,
     /// Jobs run at the same time (each on all cores); 0 accepts jobs but runs none
     /// (upload benchmarks).
     #[arg(long, default_value_t = 1)]
@@ -273,6 +281,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         zoo = ?zoo,
         web_dir = ?web_dir,
         insecure_test_params = args.insecure_test_params,
+        winograd_min_channels = ?crate::plan_cmd::winograd_min_channels(args.winograd),
         requeued,
         kernels = beaa_ckks::arith::kernels::kernel_path(),
         "starting"
@@ -301,13 +310,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     {
         let st = st.clone();
         let insecure = args.insecure_test_params;
+        let winograd = crate::plan_cmd::winograd_min_channels(args.winograd);
         let delay = std::time::Duration::from_millis(args.plan_delay_ms);
         std::thread::Builder::new()
             .name("planner".into())
             .spawn(move || {
                 std::thread::sleep(delay);
                 let notify = || st.queue.notify_waiters();
-                st.registry.plan_all(insecure, &notify)
+                st.registry.plan_all(insecure, winograd, &notify)
             })?;
     }
 

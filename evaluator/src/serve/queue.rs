@@ -155,13 +155,25 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
         dir: st.job_dir(job_id).join("inputs"),
         n: m.model.input_len(),
     };
+    let work_dir = st.job_dir(job_id).join(super::util::WORK_DIR);
+    let identity = beaa_engine::work_dir_identity(&m.model, &m.plan, &m.params);
+    if std::fs::read_to_string(work_dir.join(beaa_engine::store::IDENTITY_FILE))
+        .is_ok_and(|stamp| stamp != identity)
+    {
+        // The engine empties the directory: say why this resumed job starts over.
+        tracing::warn!(
+            job_id = %job_id,
+            "the job's intermediate tiles belong to another plan (was the server restarted \
+             with another --winograd?): computing again from its inputs"
+        );
+    }
     let mut last: Option<Instant> = None;
     let db = &st.db;
     let times = Arc::new(beaa_engine::OpTimes::default());
     let control =
         // Finished tiles are checkpoints: a restarted job skips them.
         RunControl::new()
-            .work_dir(st.job_dir(job_id).join(super::util::WORK_DIR))
+            .work_dir(work_dir)
             .cancel_flag(flag)
             .op_times(Arc::clone(&times))
             .on_progress(move |p: &beaa_engine::Progress| {

@@ -134,9 +134,10 @@ impl Registry {
         *self.pending.write().unwrap_or_else(|p| p.into_inner()) = found;
     }
 
-    /// Plans the discovered models one after another; `on_ready` runs after each (the queue
-    /// may be waiting for it).
-    pub fn plan_all(&self, insecure: bool, on_ready: &dyn Fn()) {
+    /// Plans the discovered models one after another (3x3 convolutions over at least
+    /// `winograd = Some(c)` input channels in Winograd's form); `on_ready` runs after each
+    /// (the queue may be waiting for it).
+    pub fn plan_all(&self, insecure: bool, winograd: Option<usize>, on_ready: &dyn Fn()) {
         let found = self
             .pending
             .read()
@@ -144,12 +145,13 @@ impl Registry {
             .clone();
         for (name, dir) in found {
             let t = std::time::Instant::now();
-            match prepare(&name, &dir, insecure) {
+            match prepare(&name, &dir, insecure, winograd) {
                 Ok(ready) => {
                     tracing::info!(
                         model = %name,
                         log_n = ready.params.spec().log_n,
                         depth = ready.plan.depth,
+                        winograd = %ready.plan.winograd_layers().join(","),
                         insecure_test_params = insecure,
                         seconds = t.elapsed().as_secs_f64(),
                         "model ready"
@@ -168,12 +170,17 @@ impl Registry {
     }
 }
 
-fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel> {
+fn prepare(
+    name: &str,
+    dir: &Path,
+    insecure: bool,
+    winograd: Option<usize>,
+) -> anyhow::Result<ReadyModel> {
     let model = Model::load(dir)?;
     let (params, plan) = if insecure {
-        Plan::choose_insecure_for_tests(&model)?
+        Plan::choose_insecure_for_tests_with(&model, winograd)?
     } else {
-        let (params, plan) = Plan::choose(&model)?;
+        let (params, plan) = Plan::choose_with(&model, winograd)?;
         // Never serve a set below 128 bits without the flag.
         anyhow::ensure!(
             params.is_secure(),
@@ -193,6 +200,7 @@ fn prepare(name: &str, dir: &Path, insecure: bool) -> anyhow::Result<ReadyModel>
         "insecure_test_params": insecure,
         "params_fingerprint": fingerprint,
         "depth": plan.depth,
+        "winograd": plan.winograd_layers(),
         "input_ciphertexts": model.input_len(),
         "output_ciphertexts": model.manifest.classes.len(),
         "max_batch": params.slots(),
