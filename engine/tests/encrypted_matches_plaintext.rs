@@ -433,9 +433,6 @@ fn run_job_reports_progress_and_can_be_cancelled() {
 /// (including tiles already consumed and deleted) and gives the same bits as an in-memory run.
 #[test]
 fn work_directory_jobs_resume_after_cancellation() {
-    use beaa_engine::{run_job, RunControl};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let spec = SqueezeNetSpec::tiny(3, 8, 4);
     let model = random_model(5, &spec, Activation::PolyElement);
     let (params, plan) = Plan::choose_insecure_for_tests(&model).unwrap();
@@ -451,45 +448,10 @@ fn work_directory_jobs_resume_after_cancellation() {
             "logits"
         ]
     );
-    let mut kg = KeyGenerator::new(&params);
-    let sk = kg.secret_key();
-    let rlk = kg.relin_key(&sk);
-    let x = images(4, model.input_len(), 2);
-    let inputs = pack_and_encrypt(&params, &sk, &x, 4);
-    let ev = Evaluator::new(&params);
-    let want = run_job(
-        &model,
-        &plan,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
-        RunControl::new(),
-    )
-    .unwrap();
-
+    let job = JobSetup::new(&model, &params, &plan, 4, 2);
     let dir = std::env::temp_dir().join(format!("beaa-engine-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let flag = Arc::new(AtomicBool::new(false));
-    let f2 = Arc::clone(&flag);
-    let mut stopped_at = 0.0;
-    let err = run_job(
-        &model,
-        &plan,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
-        RunControl::new()
-            .work_dir(&dir)
-            .cancel_flag(Arc::clone(&flag))
-            .on_progress(|p| {
-                if p.fraction > 0.8 && stopped_at == 0.0 {
-                    stopped_at = p.fraction;
-                    f2.store(true, Ordering::Relaxed);
-                }
-            }),
-    )
-    .unwrap_err();
-    assert_eq!(err, beaa_engine::ExecError::Cancelled);
+    let stopped_at = job.cancel_after(&model, &plan, &dir, 0.8);
     assert!(stopped_at > 0.8 && stopped_at < 1.0, "{stopped_at}");
     // Stages whose every tile is done (held, or consumed and deleted) at the cancel.
     let layer_dir = |name: &str| {
@@ -534,9 +496,9 @@ fn work_directory_jobs_resume_after_cancellation() {
     let got = run_job(
         &model,
         &plan,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
+        &job.ev,
+        &job.rlk,
+        job.inputs.as_slice(),
         RunControl::new().work_dir(&dir).on_progress(|p| {
             first.get_or_insert(p.fraction);
             computed.insert(p.stage.clone());
@@ -553,7 +515,7 @@ fn work_directory_jobs_resume_after_cancellation() {
         );
     }
     // ... and produced exactly the in-memory result.
-    for (a, b) in got.iter().zip(&want) {
+    for (a, b) in got.iter().zip(&job.want) {
         assert_eq!(a.to_bytes(), b.to_bytes());
     }
     // Intermediate tiles were deleted once read for the last time; the logits remain.
@@ -625,6 +587,73 @@ fn wavefront_holds_what_the_plan_predicts_with(winograd: bool) {
     // Stages interleave: the first stage reports again after a later one has.
     let first = &order[0];
     assert!(order[1..].contains(first), "{order:?}");
+}
+
+/// Keys, `batch` encrypted random images and the in-memory result of `plan` on them.
+struct JobSetup {
+    ev: Evaluator,
+    rlk: beaa_ckks::RelinKey,
+    inputs: Vec<beaa_ckks::Ciphertext>,
+    want: Vec<beaa_ckks::Ciphertext>,
+}
+
+impl JobSetup {
+    fn new(
+        model: &beaa_model::Model,
+        params: &Params,
+        plan: &Plan,
+        batch: usize,
+        seed: u64,
+    ) -> Self {
+        let mut kg = KeyGenerator::new(params);
+        let sk = kg.secret_key();
+        let rlk = kg.relin_key(&sk);
+        let x = images(batch, model.input_len(), seed);
+        let inputs = pack_and_encrypt(params, &sk, &x, batch);
+        let ev = Evaluator::new(params);
+        let want = run_job(model, plan, &ev, &rlk, inputs.as_slice(), RunControl::new()).unwrap();
+        JobSetup {
+            ev,
+            rlk,
+            inputs,
+            want,
+        }
+    }
+
+    /// Runs `plan` in `dir` and cancels it once progress passes `fraction`; returns the
+    /// progress of the cancel.
+    fn cancel_after(
+        &self,
+        model: &beaa_model::Model,
+        plan: &Plan,
+        dir: &std::path::Path,
+        fraction: f64,
+    ) -> f64 {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let flag = Arc::new(AtomicBool::new(false));
+        let f2 = Arc::clone(&flag);
+        let mut stopped_at = 0.0;
+        let err = run_job(
+            model,
+            plan,
+            &self.ev,
+            &self.rlk,
+            self.inputs.as_slice(),
+            RunControl::new()
+                .work_dir(dir)
+                .cancel_flag(flag)
+                .on_progress(|p| {
+                    if p.fraction > fraction && stopped_at == 0.0 {
+                        stopped_at = p.fraction;
+                        f2.store(true, Ordering::Relaxed);
+                    }
+                }),
+        )
+        .unwrap_err();
+        assert_eq!(err, beaa_engine::ExecError::Cancelled);
+        stopped_at
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -737,8 +766,6 @@ fn one_outlier_image_leaves_its_batch_intact() {
 /// direct form's in-memory result.
 #[test]
 fn work_directory_tiles_of_another_plan_are_not_reused() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let spec = SqueezeNetSpec::tiny(3, 16, 4);
     let model = random_model(8, &spec, Activation::PolyElement);
     let (params, direct) = Plan::choose_insecure_for_tests(&model).unwrap();
@@ -749,58 +776,25 @@ fn work_directory_tiles_of_another_plan_are_not_reused() {
         "the test wants two plans that differ only in how they compute"
     );
     assert_ne!(direct.work_identity(), wino.work_identity());
-    let mut kg = KeyGenerator::new(&params);
-    let sk = kg.secret_key();
-    let rlk = kg.relin_key(&sk);
-    let x = images(2, model.input_len(), 6);
-    let inputs = pack_and_encrypt(&params, &sk, &x, 2);
-    let ev = Evaluator::new(&params);
-    let want = run_job(
-        &model,
-        &direct,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
-        RunControl::new(),
-    )
-    .unwrap();
-
+    let job = JobSetup::new(&model, &params, &direct, 2, 6);
     let dir = std::env::temp_dir().join(format!("beaa-engine-replan-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let flag = Arc::new(AtomicBool::new(false));
-    let f2 = Arc::clone(&flag);
-    let err = run_job(
-        &model,
-        &wino,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
-        RunControl::new()
-            .work_dir(&dir)
-            .cancel_flag(Arc::clone(&flag))
-            .on_progress(|p| {
-                if p.fraction > 0.7 {
-                    f2.store(true, Ordering::Relaxed);
-                }
-            }),
-    )
-    .unwrap_err();
-    assert_eq!(err, beaa_engine::ExecError::Cancelled);
+    job.cancel_after(&model, &wino, &dir, 0.7);
     assert!(walk(&dir).len() > 1, "the cancelled job left no tiles");
     let mut first = None;
     let got = run_job(
         &model,
         &direct,
-        &ev,
-        &rlk,
-        inputs.as_slice(),
+        &job.ev,
+        &job.rlk,
+        job.inputs.as_slice(),
         RunControl::new().work_dir(&dir).on_progress(|p| {
             first.get_or_insert(p.fraction);
         }),
     )
     .unwrap();
     assert!(first.unwrap() < 0.5, "it resumed: {first:?}");
-    for (c, (a, b)) in got.iter().zip(&want).enumerate() {
+    for (c, (a, b)) in got.iter().zip(&job.want).enumerate() {
         assert!(a.to_bytes() == b.to_bytes(), "logit {c} differs");
     }
     std::fs::remove_dir_all(&dir).unwrap();

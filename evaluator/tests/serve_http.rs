@@ -301,6 +301,25 @@ fn wait_done(server: &Server, job: &Job, limit: Duration) -> Value {
     }
 }
 
+/// Waits until the job runs (and, with `past = Some(f)`, has reported progress beyond `f`:
+/// its first tiles are on disk); fails if it finishes first.
+fn wait_running(server: &Server, job: &Job, past: Option<f64>) {
+    let t = Instant::now();
+    loop {
+        let st = status(server, job);
+        let progress = st["progress"].as_f64().unwrap_or(0.0);
+        if st["state"] == "running" && past.is_none_or(|f| progress > f) {
+            return;
+        }
+        assert_ne!(
+            st["state"], "done",
+            "the job finished before it could be killed"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "job never ran: {st}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Downloads and decrypts the result: logits[b][c].
 fn result(server: &Server, job: &Job, keys: &ClientKeys, batch: usize) -> Vec<Vec<f64>> {
     let (s, b) = call(
@@ -445,19 +464,7 @@ fn full_job_matches_plaintext_and_survives_kill9() {
     let job2 = create_job(&server, &key_id, batch);
     upload_inputs(&server, &job2, &cts2, 0);
     start(&server, &job2);
-    let t = Instant::now();
-    loop {
-        let st = status(&server, &job2);
-        if st["state"] == "running" {
-            break;
-        }
-        assert_ne!(
-            st["state"], "done",
-            "the job finished before it could be killed"
-        );
-        assert!(t.elapsed() < Duration::from_secs(30), "job never ran: {st}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_running(&server, &job2, None);
     server.kill9();
     let server = Server::start(&zoo, &data, true, &[]);
     // The finished job and its result survive too.
@@ -1278,19 +1285,7 @@ fn winograd_jobs_match_plaintext_and_survive_a_restart_under_the_other_plan() {
     let job2 = create_job(&server, &key_id, batch);
     upload_inputs(&server, &job2, &encrypt_inputs(&keys, &imgs2), 0);
     start(&server, &job2);
-    let t = Instant::now();
-    loop {
-        let st = status(&server, &job2);
-        if st["state"] == "running" && st["progress"].as_f64().unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        assert_ne!(
-            st["state"], "done",
-            "the job finished before it could be killed"
-        );
-        assert!(t.elapsed() < Duration::from_secs(30), "job never ran: {st}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_running(&server, &job2, Some(0.0));
     server.kill9();
     // ... and resumed by a server planning every convolution directly.
     let server = Server::start(&zoo, &data, true, &[]);
