@@ -76,7 +76,13 @@ impl Store for MemStore {
 
 /// The file in a work directory naming the plan its tiles belong to
 /// ([`crate::job::work_dir_identity`]).
-pub const IDENTITY_FILE: &str = "plan-identity";
+const IDENTITY_FILE: &str = "plan-identity";
+
+/// The identity of the plan whose tiles `dir` holds, if it holds any stamp; a server compares
+/// it with its own plan's to say why a resumed job starts over.
+pub fn work_dir_stamp(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(IDENTITY_FILE)).ok()
+}
 
 /// Tiles as files `L<layer>/<tile>.tile` under a directory: a u32 count, then per ciphertext
 /// a u64 length and its `beaa-ckks` bytes (bit-packed, fingerprinted, validated on read).
@@ -95,8 +101,7 @@ impl DirStore {
     pub fn open(dir: &Path, params: &Params, identity: &str) -> Result<Self, ExecError> {
         let io = |e: std::io::Error| ExecError::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let stamp = dir.join(IDENTITY_FILE);
-        let same = std::fs::read_to_string(&stamp).is_ok_and(|s| s == identity);
+        let same = work_dir_stamp(dir).is_some_and(|s| s == identity);
         if !same {
             for entry in std::fs::read_dir(dir).map_err(io)? {
                 let path = entry.map_err(io)?.path();
@@ -104,7 +109,7 @@ impl DirStore {
                     std::fs::remove_dir_all(&path).map_err(io)?;
                 }
             }
-            std::fs::write(&stamp, identity).map_err(io)?;
+            std::fs::write(dir.join(IDENTITY_FILE), identity).map_err(io)?;
         }
         let held = tile_bytes(dir).map_err(io)?;
         Ok(DirStore {

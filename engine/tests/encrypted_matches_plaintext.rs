@@ -729,11 +729,16 @@ fn one_outlier_image_leaves_its_batch_intact() {
             .collect();
         let want = model.forward(&x, batch).unwrap();
         let (mut others, mut own) = (0.0f64, 0.0f64);
+        // The outlier's error relative to its largest logit: one of its logits may lie near
+        // zero, where a per-logit relative error says nothing about the wrap.
+        let own_scale = (0..classes)
+            .map(|c| want[slot * classes + c].abs())
+            .fold(1.0f64, f64::max);
         for b in 0..batch {
             for c in 0..classes {
                 let (g, w) = (got[c][b], want[b * classes + c]);
                 if b == slot {
-                    own = own.max((g - w).abs() / w.abs().max(1.0));
+                    own = own.max((g - w).abs() / own_scale);
                 } else {
                     others = others.max((g - w).abs());
                 }
@@ -752,7 +757,9 @@ fn one_outlier_image_leaves_its_batch_intact() {
         others < 1e-4,
         "an outlier within the one-image bound corrupted its batch: {others}"
     );
-    assert!(own < 1e-6, "{own}");
+    // Its own logits are right too (no wrap). Noise amplified through the squares of its
+    // huge values reached 9.6e-7 relative in 1 of 40 runs here; a wrap would be of order 1.
+    assert!(own < 1e-4, "{own}");
 
     let beyond = one_image * 8.0;
     let (others, _) = job(&outlier(beyond));

@@ -276,12 +276,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let requeued = db.requeue_running()?;
     let web_dir = registry::find_web(args.web_dir.as_deref());
     let zoo = registry::find_zoo(args.zoo.as_deref());
+    let winograd = crate::plan_cmd::winograd_min_channels(args.winograd);
     tracing::info!(
         data_dir = %args.data_dir.display(),
         zoo = ?zoo,
         web_dir = ?web_dir,
         insecure_test_params = args.insecure_test_params,
-        winograd_min_channels = ?crate::plan_cmd::winograd_min_channels(args.winograd),
+        winograd_min_channels = ?winograd,
         requeued,
         kernels = beaa_ckks::arith::kernels::kernel_path(),
         "starting"
@@ -310,7 +311,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     {
         let st = st.clone();
         let insecure = args.insecure_test_params;
-        let winograd = crate::plan_cmd::winograd_min_channels(args.winograd);
         let delay = std::time::Duration::from_millis(args.plan_delay_ms);
         std::thread::Builder::new()
             .name("planner".into())

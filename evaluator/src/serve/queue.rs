@@ -157,9 +157,7 @@ fn execute(st: &AppState, job_id: &str, m: &ReadyModel) -> Result<(), ExecError>
     };
     let work_dir = st.job_dir(job_id).join(super::util::WORK_DIR);
     let identity = beaa_engine::work_dir_identity(&m.model, &m.plan, &m.params);
-    if std::fs::read_to_string(work_dir.join(beaa_engine::store::IDENTITY_FILE))
-        .is_ok_and(|stamp| stamp != identity)
-    {
+    if beaa_engine::store::work_dir_stamp(&work_dir).is_some_and(|stamp| stamp != identity) {
         // The engine empties the directory: say why this resumed job starts over.
         tracing::warn!(
             job_id = %job_id,
