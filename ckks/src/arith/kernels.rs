@@ -62,20 +62,6 @@ pub fn kernel_path() -> &'static str {
     "scalar"
 }
 
-/// Whether the GEMM should copy each block of its input rows into one contiguous buffer
-/// before the row kernel reads it: on CPUs without IFMA (AVX2 and scalar paths; the IFMA
-/// path was tuned without it and is left as measured).
-pub fn gemm_packs_inputs() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        !has_ifma()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        true
-    }
-}
-
 /// AVX2 with FMA (x86-64 since 2013-2015): the row kernels' path (module `avx2`) where IFMA
 /// is missing, 64-bit multiply-adds being scalar otherwise.
 #[cfg(target_arch = "x86_64")]
@@ -382,6 +368,13 @@ fn tensor_portable(
 /// Largest number of products `dot2` may sum before reducing.
 pub const DOT_MAX_TERMS: usize = 16;
 
+/// Terms the IFMA rows kernel (the GEMM's) sums lazily between folds: with inputs and
+/// constants below 2^50, `n` terms leave the low halves below `n 2^52` and the high halves
+/// below `n 2^48` (2^60 and 2^56 here), which a fold of three reductions handles. Folding
+/// every 16 terms, as `dot_const` does, spent about a fifth of the kernel's instructions on
+/// folds.
+const ROWS_FOLD_TERMS: usize = 256;
+
 /// Two inner products at once, reduced once at the end:
 /// `out0[k] = sum_j x_j[k] * b_j[k] mod t`, `out1[k] = sum_j x_j[k] * a_j[k] mod t`.
 ///
@@ -503,6 +496,49 @@ mod ifma {
         );
         let s = _mm512_add_epi64(a, b);
         _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
+    /// `hi * 2^52 + lo mod t` for the rows kernel's longer lazy sums (`hi < 2^56`,
+    /// `lo < 2^60`): the part of `hi` above 52 bits is reduced as a multiple of 2^104.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    fn lanes_fold_wide(lo: __m512i, hi: __m512i, k: &WideFold, t: __m512i) -> __m512i {
+        let mask = _mm512_set1_epi64(MASK52 as i64);
+        let hi = _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52));
+        let lo = _mm512_and_si512(lo, mask);
+        let top = _mm512_srli_epi64(hi, 52);
+        let hi = _mm512_and_si512(hi, mask);
+        let part = |x: __m512i, c: &ShoupConst| {
+            lanes_mul(
+                x,
+                _mm512_set1_epi64(c.w as i64),
+                _mm512_set1_epi64(c.w52 as i64),
+                t,
+            )
+        };
+        let s = _mm512_add_epi64(part(hi, &k.k52), part(lo, &k.one));
+        let s = _mm512_min_epu64(s, _mm512_sub_epi64(s, t));
+        let s = _mm512_add_epi64(s, part(top, &k.k104));
+        _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
+    /// The constants of [`lanes_fold_wide`]: 2^52, 1 and 2^104 modulo `t`.
+    struct WideFold {
+        k52: ShoupConst,
+        one: ShoupConst,
+        k104: ShoupConst,
+    }
+
+    impl WideFold {
+        fn new(t: &crate::arith::Modulus) -> Self {
+            let tv = t.value() as u128;
+            let k52 = (1u128 << 52) % tv;
+            Self {
+                k52: ShoupConst::new(k52 as u64, t),
+                one: ShoupConst::new(1, t),
+                k104: ShoupConst::new((k52 * k52 % tv) as u64, t),
+            }
+        }
     }
 
     /// # Safety
@@ -657,7 +693,7 @@ mod ifma {
 
     /// `out_r[k..k + 8U]` of [`dot_const_rows`] for `R` outputs: each input vector is loaded
     /// once and multiplied by `R` broadcast constants; lazy sums folded every
-    /// `DOT_MAX_TERMS` terms, as in [`dot_vectors`].
+    /// `ROWS_FOLD_TERMS` terms.
     ///
     /// # Safety
     /// Needs avx512f and avx512ifma; every `outs[r]` and every row at least `k + 8U` long.
@@ -668,15 +704,14 @@ mod ifma {
         x: &[&[u64]],
         ws: &[u64],
         k: usize,
-        k52: &ShoupConst,
-        one: &ShoupConst,
+        fold: &WideFold,
         tt: __m512i,
     ) {
         let zero = _mm512_setzero_si512();
         let mut acc = [[zero; U]; R];
         for (rows, wc) in x
-            .chunks(super::DOT_MAX_TERMS)
-            .zip(ws.chunks(super::DOT_MAX_TERMS * R))
+            .chunks(super::ROWS_FOLD_TERMS)
+            .zip(ws.chunks(super::ROWS_FOLD_TERMS * R))
         {
             let mut lo = [[zero; U]; R];
             let mut hi = [[zero; U]; R];
@@ -697,7 +732,7 @@ mod ifma {
             for r in 0..R {
                 for u in 0..U {
                     let s =
-                        _mm512_add_epi64(acc[r][u], lanes_fold(lo[r][u], hi[r][u], k52, one, tt));
+                        _mm512_add_epi64(acc[r][u], lanes_fold_wide(lo[r][u], hi[r][u], fold, tt));
                     acc[r][u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
                 }
             }
@@ -744,20 +779,19 @@ mod ifma {
         }
         assert_eq!(c.len(), x.len() * R);
         let tv = t.value();
-        let k52 = ShoupConst::new(((1u128 << 52) % tv as u128) as u64, t);
-        let one = ShoupConst::new(1, t);
+        let fold = WideFold::new(t);
         let tt = _mm512_set1_epi64(tv as i64);
         let ws: Vec<u64> = c.iter().map(|ci| ci.w).collect();
         let ptrs: [*mut u64; R] = std::array::from_fn(|r| outs[r].as_mut_ptr());
         let mut k = 0;
         while k + 8 * ROWS_UNROLL <= n {
             // SAFETY: k + 8 ROWS_UNROLL <= n <= every row's and output's length (asserted).
-            unsafe { dot_rows_vectors::<R, ROWS_UNROLL>(&ptrs, x, &ws, k, &k52, &one, tt) };
+            unsafe { dot_rows_vectors::<R, ROWS_UNROLL>(&ptrs, x, &ws, k, &fold, tt) };
             k += 8 * ROWS_UNROLL;
         }
         while k + 8 <= n {
             // SAFETY: as above.
-            unsafe { dot_rows_vectors::<R, 1>(&ptrs, x, &ws, k, &k52, &one, tt) };
+            unsafe { dot_rows_vectors::<R, 1>(&ptrs, x, &ws, k, &fold, tt) };
             k += 8;
         }
         for kk in k..n {
@@ -1639,13 +1673,36 @@ mod tests {
         }
     }
 
+    /// The lazy sums' worst case: every input 2^50 - 1 and every constant t - 1 for the
+    /// largest prime below 2^50, over several folds and a partial one (the fold bounds).
+    #[test]
+    fn dot_const_rows_largest_terms() {
+        let t = Modulus::new(ntt_primes_below(50, 16, 1, &[]).unwrap()[0]).unwrap();
+        let tv = t.value() as u128;
+        let terms = 3 * ROWS_FOLD_TERMS + 5;
+        let len = 37;
+        let x = vec![(1u64 << 50) - 1; len];
+        let rows: Vec<&[u64]> = (0..terms).map(|_| x.as_slice()).collect();
+        for outputs in [1, DOT_ROWS] {
+            let c = vec![ShoupConst::new(t.value() - 1, &t); terms * outputs];
+            let mut outs = vec![vec![0u64; len]; outputs];
+            let mut refs: Vec<&mut [u64]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            dot_const_rows(&mut refs, &rows, &c, &t);
+            let one = x[0] as u128 % tv * (tv - 1) % tv;
+            let want = (one * terms as u128 % tv) as u64;
+            for o in &outs {
+                assert!(o.iter().all(|&v| v == want), "{:?} vs {want}", &o[..4]);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Every output count (several passes of DOT_ROWS and a remainder), term counts across
-        /// the lazy-fold boundary, lengths covering the 16- and 8-wide bodies and the tail,
+        /// the lazy-fold boundaries, lengths covering the 16- and 8-wide bodies and the tail,
         /// inputs up to 2^50 (the lazy sums' worst case).
         #[test]
-        fn dot_const_rows_matches_u128(bits in 20u32..=50, outputs in 1usize..=2 * DOT_ROWS + 1, terms in 1usize..=2 * DOT_MAX_TERMS + 3, len in 1usize..60, seed in any::<u64>()) {
+        fn dot_const_rows_matches_u128(bits in 20u32..=50, outputs in 1usize..=2 * DOT_ROWS + 1, terms in 1usize..=2 * ROWS_FOLD_TERMS + 3, len in 1usize..60, seed in any::<u64>()) {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let tv = t.value() as u128;
             let mut state = seed;

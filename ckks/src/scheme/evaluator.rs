@@ -367,7 +367,6 @@ impl Evaluator {
         let mut consts: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
         let mut consts2: Vec<Vec<ShoupConst>> = vec![Vec::new(); groups.len()];
         let mut slices: Vec<&[u64]> = Vec::with_capacity(widest);
-        let pack = kernels::gemm_packs_inputs();
         let mut scratch: Vec<u64> = Vec::new();
         let mut packed_key: Option<(usize, usize, usize)> = None;
         let mut packed_inputs: Vec<u32> = Vec::new();
@@ -425,16 +424,16 @@ impl Evaluator {
                         // One contiguous copy of the block's input rows, shared by every
                         // group over the same inputs: rows of separate ciphertexts sit at the
                         // same offsets modulo the cache's set size and evict one another
-                        // (AVX2 Zen 2: `profile_ops gemm` 17.4 s -> 7.7 s per call).
+                        // (`profile_ops gemm`: AVX2 Zen 2 17.4 s -> 7.7 s per call; AVX-512
+                        // IFMA Zen 4 2.44-2.80 s -> 1.93-2.25 s).
                         let len = end - start;
                         let stride = len + PACK_PAD;
                         let key = (i, start, p);
-                        if pack
-                            && (packed_key != Some(key)
-                                || !packed_inputs
-                                    .iter()
-                                    .copied()
-                                    .eq(lead.terms.iter().map(|t| t.0)))
+                        if packed_key != Some(key)
+                            || !packed_inputs
+                                .iter()
+                                .copied()
+                                .eq(lead.terms.iter().map(|t| t.0))
                         {
                             scratch.resize(slices.len() * stride, 0);
                             for (j, row) in slices.iter().enumerate() {
@@ -444,15 +443,9 @@ impl Evaluator {
                             packed_inputs.clear();
                             packed_inputs.extend(lead.terms.iter().map(|t| t.0));
                         }
-                        let packed: Vec<&[u64]>;
-                        let xs: &[&[u64]] = if pack {
-                            packed = (0..slices.len())
-                                .map(|j| &scratch[j * stride..j * stride + len])
-                                .collect();
-                            &packed
-                        } else {
-                            &slices
-                        };
+                        let xs: Vec<&[u64]> = (0..slices.len())
+                            .map(|j| &scratch[j * stride..j * stride + len])
+                            .collect();
                         let mut outs: Vec<&mut [u64]> = out[g.clone()]
                             .iter_mut()
                             .map(|o| &mut o[p].limb_mut(i)[start..end])
@@ -460,7 +453,7 @@ impl Evaluator {
                         let k = prep[usize::from(p == 2)]
                             .as_ref()
                             .expect("constants for every polynomial a group has");
-                        kernels::dot_const_rows_prepared(&mut outs, xs, k, m);
+                        kernels::dot_const_rows_prepared(&mut outs, &xs, k, m);
                     }
                 }
                 start = end;
