@@ -505,20 +505,21 @@ mod ifma {
     fn lanes_fold_wide(lo: __m512i, hi: __m512i, k: &WideFold, t: __m512i) -> __m512i {
         let mask = _mm512_set1_epi64(MASK52 as i64);
         let hi = _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52));
-        let lo = _mm512_and_si512(lo, mask);
         let top = _mm512_srli_epi64(hi, 52);
-        let hi = _mm512_and_si512(hi, mask);
-        let part = |x: __m512i, c: &ShoupConst| {
-            lanes_mul(
-                x,
-                _mm512_set1_epi64(c.w as i64),
-                _mm512_set1_epi64(c.w52 as i64),
-                t,
-            )
-        };
-        let s = _mm512_add_epi64(part(hi, &k.k52), part(lo, &k.one));
-        let s = _mm512_min_epu64(s, _mm512_sub_epi64(s, t));
-        let s = _mm512_add_epi64(s, part(top, &k.k104));
+        let below = lanes_fold(
+            _mm512_and_si512(lo, mask),
+            _mm512_and_si512(hi, mask),
+            &k.k52,
+            &k.one,
+            t,
+        );
+        let above = lanes_mul(
+            top,
+            _mm512_set1_epi64(k.k104.w as i64),
+            _mm512_set1_epi64(k.k104.w52 as i64),
+            t,
+        );
+        let s = _mm512_add_epi64(below, above);
         _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
     }
 
