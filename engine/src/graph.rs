@@ -121,7 +121,8 @@ pub struct Layer {
     /// Per element: the level the combination is computed at and its target scale (for
     /// activations and outputs; unused for inputs and sums).
     pub combine: Vec<Meta>,
-    /// The combination reads lazy (degree-2) values: rescale twice, then relinearize. For a
+    /// The combination reads lazy (degree-2) values: one key switch that also divides by the
+    /// two primes of its rescales (`relinearize_rescale_by_assign`). For a
     /// sum: its terms are lazy, so it is degree 2 itself (relinearized by its reader).
     pub reads_lazy: bool,
     /// Per element: level and scale of the value itself.

@@ -431,28 +431,15 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                     .time(Op::Add, || self.ev.add_const_assign(&mut x, constant))?;
             }
             if layer.reads_lazy {
-                // A sum of unrelinearized squares: two rescales and one key switch. Rescaling
-                // a degree-2 ciphertext rounds its s^2 part too, a noise of about 0.2 N per
-                // coefficient instead of ~0.3 sqrt(h) for degree 1. Inside the network
-                // (scale 2^40) that is far below the values and the key switch is cheaper
-                // two levels down; the logits end at a small scale (`LOGIT_WEIGHT_BITS`),
-                // where it made the logits' error 4e-2 at N = 32768 (a random width/16
-                // model; 1.2e-4 with the key switch first), so they switch keys first.
-                let relinearize_first = layer.kind == LayerKind::Output;
-                let relinearize = |x: &mut Ciphertext| {
-                    self.times
-                        .time(Op::KeySwitch, || self.ev.relinearize_assign(x, self.rlk))
-                };
-                if relinearize_first {
-                    relinearize(&mut x)?;
-                }
-                self.times.time(Op::Rescale, || -> Result<(), ExecError> {
-                    self.ev.rescale_assign(&mut x)?;
-                    Ok(self.ev.rescale_assign(&mut x)?)
+                // A sum of unrelinearized squares: one key switch whose mod-down divides by
+                // the two primes of its rescales as well. Rescaling a degree-2 ciphertext
+                // first would round its s^2 part too (a noise of about 0.2 N per coefficient;
+                // at the logits' small scale that made the error 4e-2 at N = 32768), and two
+                // rescales of three polynomials cost about half as many transforms as the key
+                // switch itself.
+                self.times.time(Op::KeySwitch, || {
+                    self.ev.relinearize_rescale_by_assign(&mut x, self.rlk, 2)
                 })?;
-                if !relinearize_first {
-                    relinearize(&mut x)?;
-                }
             } else {
                 self.times
                     .time(Op::Rescale, || self.ev.rescale_assign(&mut x))?;

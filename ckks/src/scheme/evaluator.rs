@@ -554,13 +554,8 @@ impl Evaluator {
             return Err(Error::WrongDegree(a.degree(), 2));
         }
         let d2 = a.polys.pop().expect("degree 2");
-        let (o0, o1) = self.key_switch_core(
-            &d2,
-            a.level,
-            &rlk.0,
-            Some([&a.polys[0], &a.polys[1]]),
-            false,
-        );
+        let (o0, o1) =
+            self.key_switch_core(&d2, a.level, &rlk.0, Some([&a.polys[0], &a.polys[1]]), 0);
         a.polys = vec![o0, o1];
         a.seed = None;
         Ok(())
@@ -596,16 +591,23 @@ impl Evaluator {
             }
             for (i, inv_i) in inv.iter().enumerate() {
                 let qi = ring.modulus(i);
-                // (last mod q_i) - half, then NTT.
-                kernels::mul_const(&mut tmp, &last, &ShoupConst::new(1, qi), qi);
                 let qv = qi.value();
-                let half_i = qi.reduce(half);
-                for t in tmp.iter_mut() {
-                    *t = if *t >= half_i {
-                        *t - half_i
-                    } else {
-                        *t + qv - half_i
-                    };
+                // ((last - half) mod q_i), then NTT. When q_i > half (primes of one size, or
+                // q_0), `last - half` lies in (-q_i, q_i): one select, no reduction.
+                if qv > half {
+                    for (t, &x) in tmp.iter_mut().zip(&last) {
+                        *t = if x >= half { x - half } else { x + qv - half };
+                    }
+                } else {
+                    kernels::mul_const(&mut tmp, &last, &ShoupConst::new(1, qi), qi);
+                    let half_i = qi.reduce(half);
+                    for t in tmp.iter_mut() {
+                        *t = if *t >= half_i {
+                            *t - half_i
+                        } else {
+                            *t + qv - half_i
+                        };
+                    }
                 }
                 ring.table(i).forward(&mut tmp);
                 kernels::sub_mul_const(poly.limb_mut(i), &tmp, inv_i, qi);
@@ -699,13 +701,28 @@ impl Evaluator {
         level: usize,
         key: &KeySwitchingKey,
     ) -> (RnsPoly, RnsPoly) {
-        self.key_switch_core(d, level, key, None, false)
+        self.key_switch_core(d, level, key, None, 0)
     }
 
     /// Relinearizes and rescales in one pass: the mod-down divides by `P * q_level` at once,
     /// so the rescale costs no transforms of its own. Same result as `relinearize_assign`
     /// followed by `rescale_assign`, up to rounding noise.
     pub fn relinearize_rescale_assign(&self, a: &mut Ciphertext, rlk: &RelinKey) -> Result<()> {
+        self.relinearize_rescale_by_assign(a, rlk, 1)
+    }
+
+    /// Relinearizes and rescales by the top `count` primes in one key switch: the mod-down
+    /// divides by `P * q_level * ... * q_(level - count + 1)`. For a sum of squares that
+    /// needs two rescales this replaces two rescales of three polynomials (about half the
+    /// transforms of the key switch itself) by two more rows in the mod-down; the key switch
+    /// runs `count - 1` levels higher. Same result as `relinearize_assign` followed by
+    /// `count` rescales, up to rounding noise of the same size.
+    pub fn relinearize_rescale_by_assign(
+        &self,
+        a: &mut Ciphertext,
+        rlk: &RelinKey,
+        count: usize,
+    ) -> Result<()> {
         self.check(a)?;
         if rlk.params() != &self.params {
             return Err(Error::ParamsMismatch);
@@ -713,21 +730,27 @@ impl Evaluator {
         if a.degree() != 2 {
             return Err(Error::WrongDegree(a.degree(), 2));
         }
-        if a.level == 0 {
-            return Err(Error::LevelTooLow { needed: 1, have: 0 });
+        if a.level < count {
+            return Err(Error::LevelTooLow {
+                needed: count,
+                have: a.level,
+            });
         }
         let l = a.level;
         let d2 = a.polys.pop().expect("degree 2");
-        let (o0, o1) = self.key_switch_core(&d2, l, &rlk.0, Some([&a.polys[0], &a.polys[1]]), true);
+        let (o0, o1) =
+            self.key_switch_core(&d2, l, &rlk.0, Some([&a.polys[0], &a.polys[1]]), count);
         a.polys = vec![o0, o1];
-        a.level = l - 1;
-        a.scale /= self.params.q()[l] as f64;
+        a.level = l - count;
+        for i in 0..count {
+            a.scale /= self.params.q()[l - i] as f64;
+        }
         a.seed = None;
         Ok(())
     }
 
     /// Key switching, optionally adding `(c0, c1)` to the result before the final division
-    /// (as `P * c`, so it costs no extra pass) and optionally dividing by the top prime too.
+    /// (as `P * c`, so it costs no extra pass) and dividing by the top `rescale` primes too.
     ///
     /// Per digit: inverse NTT, fast base extension to the other primes and `P`, forward NTT,
     /// and the inner product with the key; finally divide by `P` (mod-down). The work is
@@ -739,8 +762,9 @@ impl Evaluator {
         level: usize,
         key: &KeySwitchingKey,
         add: Option<[&RnsPoly; 2]>,
-        rescale: bool,
+        rescale: usize,
     ) -> (RnsPoly, RnsPoly) {
+        debug_assert!(rescale <= level);
         let p = &self.params;
         let ring = p.ring();
         let n = p.n();
@@ -804,12 +828,10 @@ impl Evaluator {
             }
         };
 
-        // The dividing primes: P, and q_level when rescaling. Their rows go back to the
-        // coefficient domain, scaled for the extension to the remaining primes.
-        let out_level = if rescale { level - 1 } else { level };
-        let dividing: Vec<usize> = (level + 1..qp.len())
-            .chain(rescale.then_some(level))
-            .collect();
+        // The dividing primes: P, and the top `rescale` primes of q. Their rows go back to
+        // the coefficient domain, scaled for the extension to the remaining primes.
+        let out_level = level - rescale;
+        let dividing: Vec<usize> = (level + 1..qp.len()).chain(out_level + 1..=level).collect();
         let div_moduli: Vec<_> = dividing.iter().map(|&pos| qp_moduli[pos]).collect();
         let down = BaseConverter::new(&div_moduli, &qp_moduli[..=out_level]);
         let mut p0 = RnsPoly::zero(n, dividing.len());
@@ -833,8 +855,10 @@ impl Evaluator {
             let (o0, o1) = (out0.limb_mut(k), out1.limb_mut(k));
             key_row(k, o0, o1);
             let qk = ring.modulus(k);
-            let inv = if rescale {
-                let w = qk.mul(p.p_inv_mod_q()[k].w, p.rescale_inv(level)[k].w);
+            let inv = if rescale > 0 {
+                let w = (out_level + 1..=level).fold(p.p_inv_mod_q()[k].w, |w, r| {
+                    qk.mul(w, p.rescale_inv(r)[k].w)
+                });
                 ShoupConst::new(w, qk)
             } else {
                 p.p_inv_mod_q()[k]

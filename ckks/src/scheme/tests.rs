@@ -387,6 +387,35 @@ proptest! {
         prop_assert!(max_err(&f.decrypt(&sq)[..128], &want_sq) < 1e-5);
     }
 
+    /// One key switch dividing by two primes as well equals relinearizing and rescaling
+    /// twice: same level, same scale, same values.
+    #[test]
+    fn relinearize_rescale_by_two_matches_separate_steps(a in vec_in(8.0, 64), b in vec_in(8.0, 64)) {
+        let mut f = small();
+        let (ca, cb) = (f.encrypt(&a), f.encrypt(&b));
+        let mut d2 = f.ev.mul(&ca, &cb).unwrap();
+        // Two primes' worth of scale to divide away: 2^120 -> about 2^40.
+        f.ev.mul_const_assign(&mut d2, 1.0, f.params.default_scale()).unwrap();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+        let mut separate = f.ev.relinearize(&d2, &f.rlk).unwrap();
+        f.ev.rescale_by_assign(&mut separate, 2).unwrap();
+        let mut fused = d2.clone();
+        f.ev.relinearize_rescale_by_assign(&mut fused, &f.rlk, 2).unwrap();
+        prop_assert_eq!(fused.degree(), 1);
+        prop_assert_eq!(fused.level(), f.params.max_level() - 2);
+        prop_assert_eq!(fused.level(), separate.level());
+        prop_assert!((fused.scale() / separate.scale() - 1.0).abs() < 1e-12);
+        prop_assert!(max_err(&f.decrypt(&fused)[..64], &want) < 1e-5);
+        prop_assert!(max_err(&f.decrypt(&separate)[..64], &want) < 1e-5);
+        // Count 0 is plain relinearization; more primes than levels is an error.
+        let mut plain = d2.clone();
+        f.ev.relinearize_rescale_by_assign(&mut plain, &f.rlk, 0).unwrap();
+        prop_assert_eq!(plain.level(), d2.level());
+        let mut low = d2.clone();
+        f.ev.drop_to_level(&mut low, 1).unwrap();
+        prop_assert!(f.ev.relinearize_rescale_by_assign(&mut low, &f.rlk, 2).is_err());
+    }
+
     #[test]
     fn mul_plain_matches_f64(a in vec_in(4.0, 32), b in vec_in(4.0, 32)) {
         let mut f = small();
