@@ -430,13 +430,22 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.times
                     .time(Op::Add, || self.ev.add_const_assign(&mut x, constant))?;
             }
-            if layer.reads_lazy {
-                // A sum of unrelinearized squares: one key switch whose mod-down divides by
-                // the two primes of its rescales as well. Rescaling a degree-2 ciphertext
-                // first would round its s^2 part too (a noise of about 0.2 N per coefficient;
-                // at the logits' small scale that made the error 4e-2 at N = 32768), and two
-                // rescales of three polynomials cost about half as many transforms as the key
-                // switch itself.
+            if layer.reads_lazy && layer.kind == LayerKind::Output {
+                // The logits (a few ciphertexts, at a small scale): key switch, then two
+                // rounding rescales. Rescaling the degree-2 sum first would round its s^2
+                // part too (about 0.2 N per coefficient: 4e-2 of logit error at N = 32768),
+                // and the fused division below floors with an error of up to the number of
+                // divided primes per coefficient (1e-2 on a width/4 model).
+                self.times.time(Op::KeySwitch, || {
+                    self.ev.relinearize_assign(&mut x, self.rlk)
+                })?;
+                self.times
+                    .time(Op::Rescale, || self.ev.rescale_by_assign(&mut x, 2))?;
+            } else if layer.reads_lazy {
+                // Inside the network (scale 2^40) that floor is far below the values: one
+                // key switch whose mod-down divides by the two primes of the rescales as
+                // well, instead of two rescales of three polynomials (about half as many
+                // transforms as the key switch) and a key switch two levels down.
                 self.times.time(Op::KeySwitch, || {
                     self.ev.relinearize_rescale_by_assign(&mut x, self.rlk, 2)
                 })?;
@@ -446,13 +455,9 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
             }
             let y = match &layer.kind {
                 LayerKind::Activation { beta, lazy } => {
-                    let mut y = self.times.time(Op::Square, || -> Result<_, ExecError> {
-                        let mut y = self.ev.square(&x)?;
-                        let s = x.scale();
-                        self.ev.mul_const_assign(&mut x, beta[e], s)?;
-                        self.ev.add_assign(&mut y, &x)?;
-                        Ok(y)
-                    })?;
+                    let mut y = self
+                        .times
+                        .time(Op::Square, || self.ev.square_plus(&x, beta[e]))?;
                     if !lazy {
                         self.times.time(Op::KeySwitch, || {
                             self.ev.relinearize_rescale_assign(&mut y, self.rlk)

@@ -544,6 +544,48 @@ impl Evaluator {
         })
     }
 
+    /// `a^2 + beta a` (degree 2, scale `a.scale^2`), `beta` encoded as the integer
+    /// `round(beta * a.scale)`: the product `a * (a + beta)` in one tensor pass per prime,
+    /// instead of a square, a constant multiple of `a` and an addition (five passes).
+    pub fn square_plus(&self, a: &Ciphertext, beta: f64) -> Result<Ciphertext> {
+        self.check(a)?;
+        if a.degree() != 1 {
+            return Err(Error::WrongDegree(a.degree(), 1));
+        }
+        let r = self.scalar_residues(beta, a.scale, a.level)?;
+        let ring = self.params.ring();
+        let n = self.params.n();
+        let limbs = a.level + 1;
+        let mut d = [
+            RnsPoly::zero(n, limbs),
+            RnsPoly::zero(n, limbs),
+            RnsPoly::zero(n, limbs),
+        ];
+        // `a0 + beta` for one prime: the constant is the same in every NTT slot.
+        let mut shifted = vec![0u64; n];
+        for (i, &ri) in r.iter().enumerate() {
+            let m = ring.modulus(i);
+            for (s, &x) in shifted.iter_mut().zip(a.polys[0].limb(i)) {
+                *s = m.add(x, ri);
+            }
+            let [d0, d1, d2] = &mut d;
+            kernels::tensor(
+                [d0.limb_mut(i), d1.limb_mut(i), d2.limb_mut(i)],
+                [a.polys[0].limb(i), a.polys[1].limb(i)],
+                Some([&shifted, a.polys[1].limb(i)]),
+                m,
+            );
+        }
+        let [d0, d1, d2] = d;
+        Ok(Ciphertext {
+            params: self.params.clone(),
+            polys: vec![d0, d1, d2],
+            level: a.level,
+            scale: a.scale * a.scale,
+            seed: None,
+        })
+    }
+
     /// Degree 2 -> degree 1 with the relinearization key.
     pub fn relinearize_assign(&self, a: &mut Ciphertext, rlk: &RelinKey) -> Result<()> {
         self.check(a)?;

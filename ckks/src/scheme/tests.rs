@@ -387,6 +387,25 @@ proptest! {
         prop_assert!(max_err(&f.decrypt(&sq)[..128], &want_sq) < 1e-5);
     }
 
+    /// `a^2 + beta a` in one tensor pass equals the square plus the constant multiple.
+    #[test]
+    fn square_plus_matches_separate_steps(a in vec_in(8.0, 64), beta in -20.0f64..20.0) {
+        let mut f = small();
+        let ca = f.encrypt(&a);
+        let fused = f.ev.square_plus(&ca, beta).unwrap();
+        let mut separate = f.ev.square(&ca).unwrap();
+        let mut lin = ca.clone();
+        f.ev.mul_const_assign(&mut lin, beta, ca.scale()).unwrap();
+        f.ev.add_assign(&mut separate, &lin).unwrap();
+        prop_assert_eq!(fused.degree(), 2);
+        prop_assert_eq!(fused.level(), ca.level());
+        prop_assert!((fused.scale() / separate.scale() - 1.0).abs() < 1e-12);
+        // Same integer constant, same products: the same ciphertext exactly.
+        prop_assert_eq!(fused.polys(), separate.polys());
+        let want: Vec<f64> = a.iter().map(|x| x * x + beta * x).collect();
+        prop_assert!(max_err(&f.decrypt(&fused)[..64], &want) < 1e-5);
+    }
+
     /// One key switch dividing by two primes as well equals relinearizing and rescaling
     /// twice: same level, same scale, same values.
     #[test]
