@@ -46,6 +46,15 @@ pub struct Evaluator {
     params: Params,
 }
 
+/// The second factor of [`Evaluator::tensor`]: `a` itself, another ciphertext, or `a` plus
+/// a constant (residues per prime).
+#[derive(Clone, Copy)]
+enum Factor<'a> {
+    Same,
+    Other(&'a Ciphertext),
+    SamePlus(&'a [u64]),
+}
+
 /// Bytes of input residues per block of [`Evaluator::linear_combinations`].
 pub(crate) const GEMM_BLOCK_BYTES: usize = 512 * 1024;
 /// Extra coefficients between packed GEMM input rows, so rows do not start at the same
@@ -495,37 +504,7 @@ impl Evaluator {
         if a.degree() != 1 || b.degree() != 1 {
             return Err(Error::WrongDegree(a.degree().max(b.degree()), 1));
         }
-        let (d0, d1, d2) = self.tensor(a, Some(b));
-        Ok(Ciphertext {
-            params: self.params.clone(),
-            polys: vec![d0, d1, d2],
-            level: a.level,
-            scale: a.scale * b.scale,
-            seed: None,
-        })
-    }
-
-    /// The three polynomials of `a * b` (or `a^2`), one fused pass per prime.
-    fn tensor(&self, a: &Ciphertext, b: Option<&Ciphertext>) -> (RnsPoly, RnsPoly, RnsPoly) {
-        let ring = self.params.ring();
-        let n = self.params.n();
-        let limbs = a.level + 1;
-        let mut d = [
-            RnsPoly::zero(n, limbs),
-            RnsPoly::zero(n, limbs),
-            RnsPoly::zero(n, limbs),
-        ];
-        for i in 0..limbs {
-            let [d0, d1, d2] = &mut d;
-            kernels::tensor(
-                [d0.limb_mut(i), d1.limb_mut(i), d2.limb_mut(i)],
-                [a.polys[0].limb(i), a.polys[1].limb(i)],
-                b.map(|b| [b.polys[0].limb(i), b.polys[1].limb(i)]),
-                ring.modulus(i),
-            );
-        }
-        let [d0, d1, d2] = d;
-        (d0, d1, d2)
+        Ok(self.tensor(a, Factor::Other(b)))
     }
 
     /// `a^2`, saving one product over `mul(a, a)`.
@@ -534,14 +513,7 @@ impl Evaluator {
         if a.degree() != 1 {
             return Err(Error::WrongDegree(a.degree(), 1));
         }
-        let (d0, d1, d2) = self.tensor(a, None);
-        Ok(Ciphertext {
-            params: self.params.clone(),
-            polys: vec![d0, d1, d2],
-            level: a.level,
-            scale: a.scale * a.scale,
-            seed: None,
-        })
+        Ok(self.tensor(a, Factor::Same))
     }
 
     /// `a^2 + beta a` (degree 2, scale `a.scale^2`), `beta` encoded as the integer
@@ -553,6 +525,11 @@ impl Evaluator {
             return Err(Error::WrongDegree(a.degree(), 1));
         }
         let r = self.scalar_residues(beta, a.scale, a.level)?;
+        Ok(self.tensor(a, Factor::SamePlus(&r)))
+    }
+
+    /// The degree-2 product of `a` and `b`, one fused pass per prime.
+    fn tensor(&self, a: &Ciphertext, b: Factor) -> Ciphertext {
         let ring = self.params.ring();
         let n = self.params.n();
         let limbs = a.level + 1;
@@ -561,29 +538,44 @@ impl Evaluator {
             RnsPoly::zero(n, limbs),
             RnsPoly::zero(n, limbs),
         ];
-        // `a0 + beta` for one prime: the constant is the same in every NTT slot.
-        let mut shifted = vec![0u64; n];
-        for (i, &ri) in r.iter().enumerate() {
+        // For `SamePlus`: `a0 + constant` for one prime (a constant is the same in every NTT
+        // slot).
+        let mut shifted = match b {
+            Factor::SamePlus(_) => vec![0u64; n],
+            _ => Vec::new(),
+        };
+        for i in 0..limbs {
             let m = ring.modulus(i);
-            for (s, &x) in shifted.iter_mut().zip(a.polys[0].limb(i)) {
-                *s = m.add(x, ri);
-            }
+            let (a0, a1) = (a.polys[0].limb(i), a.polys[1].limb(i));
+            let b = match b {
+                Factor::Same => None,
+                Factor::Other(b) => Some([b.polys[0].limb(i), b.polys[1].limb(i)]),
+                Factor::SamePlus(r) => {
+                    for (s, &x) in shifted.iter_mut().zip(a0) {
+                        *s = m.add(x, r[i]);
+                    }
+                    Some([&shifted[..], a1])
+                }
+            };
             let [d0, d1, d2] = &mut d;
             kernels::tensor(
                 [d0.limb_mut(i), d1.limb_mut(i), d2.limb_mut(i)],
-                [a.polys[0].limb(i), a.polys[1].limb(i)],
-                Some([&shifted, a.polys[1].limb(i)]),
+                [a0, a1],
+                b,
                 m,
             );
         }
-        let [d0, d1, d2] = d;
-        Ok(Ciphertext {
+        let b_scale = match b {
+            Factor::Other(b) => b.scale,
+            _ => a.scale,
+        };
+        Ciphertext {
             params: self.params.clone(),
-            polys: vec![d0, d1, d2],
+            polys: d.into(),
             level: a.level,
-            scale: a.scale * a.scale,
+            scale: a.scale * b_scale,
             seed: None,
-        })
+        }
     }
 
     /// Degree 2 -> degree 1 with the relinearization key.
