@@ -749,8 +749,10 @@ impl Evaluator {
     /// divides by `P * q_level * ... * q_(level - count + 1)`. For a sum of squares that
     /// needs two rescales this replaces two rescales of three polynomials (about half the
     /// transforms of the key switch itself) by two more rows in the mod-down; the key switch
-    /// runs `count - 1` levels higher. Same result as `relinearize_assign` followed by
-    /// `count` rescales, up to rounding noise of the same size.
+    /// runs `count - 1` levels higher. Same values as `relinearize_assign` followed by
+    /// `count` rescales, but the division floors (fast base conversion) with an error of up
+    /// to the number of divided primes per coefficient where the rescales round to 1/2: at a
+    /// small scale (the engine's logits, 2^28) keep the separate steps.
     pub fn relinearize_rescale_by_assign(
         &self,
         a: &mut Ciphertext,
