@@ -1,5 +1,5 @@
 //! Runs one operation in a loop, for `perf record`: `cargo run --release --example
-//! profile_ops -- relin|rescale|lazy|lazy_fused|decrypt|mul|ntt|mrr|gemm [reps]`. `gemm`: the shape of one
+//! profile_ops -- relin|rescale|lazy|lazy_fused|to_bytes|from_bytes|decrypt|mul|ntt|mrr|gemm [reps]`. `gemm`: the shape of one
 //! fire1.expand3 tile at CIFAR-10 width (64 outputs x 288 inputs, 12 limbs). Run with
 //! `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000` to
 //! allocate as `beaa` does (no page faults for each fresh buffer).
@@ -23,6 +23,7 @@ fn main() {
     let a = Encryptor::new(&params).encrypt_sk(&sk, &pt).unwrap();
     let d2 = ev.mul(&a, &a).unwrap();
     let d1 = ev.relinearize(&d2, &rlk).unwrap();
+    let d1_bytes = d1.to_bytes();
     let mut low = a.clone();
     ev.drop_to_level(&mut low, 11).unwrap();
     let gemm_inputs: Vec<Ciphertext> = (0..288).map(|_| low.clone()).collect();
@@ -69,6 +70,9 @@ fn main() {
                 ev.relinearize_rescale_by_assign(&mut c, &rlk, 2).unwrap();
                 drop(c)
             }
+            // Tile files: a degree-1 ciphertext at the top level to bytes and back.
+            "to_bytes" => drop(std::hint::black_box(d1.to_bytes())),
+            "from_bytes" => drop(Ciphertext::from_bytes(&params, &d1_bytes).unwrap()),
             "decrypt" => drop(enc.decode(&decrypt(&sk, &a).unwrap())),
             "mul" => drop(ev.mul(&a, &a).unwrap()),
             "ntt" => {
