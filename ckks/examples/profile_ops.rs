@@ -70,6 +70,13 @@ fn main() {
                 ev.relinearize_rescale_by_assign(&mut c, &rlk, 2).unwrap();
                 drop(c)
             }
+            // The same dividing by three primes: the reader of squares whose combination
+            // was not rescaled.
+            "lazy_fused3" => {
+                let mut c = d2.clone();
+                ev.relinearize_rescale_by_assign(&mut c, &rlk, 3).unwrap();
+                drop(c)
+            }
             // Tile files: a degree-1 ciphertext at the top level to bytes and back.
             "to_bytes" => drop(std::hint::black_box(d1.to_bytes())),
             "from_bytes" => drop(Ciphertext::from_bytes(&params, &d1_bytes).unwrap()),

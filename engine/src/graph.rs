@@ -9,6 +9,8 @@
 //!   `y = x~^2 + beta x~` with `beta = sign(a) b / s` (the `beta x~` term is an integer
 //!   multiple at the scale of `x~`, so it lands at the scale of the square; one level).
 //!   Downstream forms use `sign(a) y + c`, so one ciphertext carries the whole activation.
+//!   A *lazy* activation leaves `y` degree 2 and unrescaled for its reader, which sums it;
+//!   an *unrescaled* one also skips `x~`'s rescale ([`UNRESCALED_WEIGHT_BITS`]).
 //! - **sum**: average pooling whose window is a sum of equally weighted values of one level
 //!   and scale is materialized as the plain sum (additions only, no level) when a convolution
 //!   reads it; the `1/k^2` rides along as a weight. A sum of lazy squares stays degree 2.
@@ -122,9 +124,13 @@ pub struct Layer {
     /// activations and outputs; unused for inputs and sums).
     pub combine: Vec<Meta>,
     /// The combination reads lazy (degree-2) values: one key switch that also divides by the
-    /// two primes of its rescales (`relinearize_rescale_by_assign`). For a
+    /// primes of its rescales (`relinearize_rescale_by_assign`). For a
     /// sum: its terms are lazy, so it is degree 2 itself (relinearized by its reader).
     pub reads_lazy: bool,
+    /// Primes the combination's rescale divides by: 1; 2 over lazy squares (their own
+    /// rescale, deferred); 3 over lazy squares of an unrescaled combination; 0 for such an
+    /// unrescaled activation itself, and for inputs, sums and partial sums.
+    pub divides: usize,
     /// Per element: level and scale of the value itself.
     pub meta: Vec<Meta>,
 }
@@ -215,6 +221,15 @@ pub mod winograd {
     pub const BLOCK: usize = 2;
 }
 
+/// Bits of the weights of an *unrescaled* activation's combination: a lazy activation over
+/// degree-1 inputs (conv1, the expand layers) combined at (inputs' scale) x 2^this and not
+/// rescaled at all. Its squares then carry (scale x 2^this)^2 and its reader's key switch
+/// divides by three primes instead of two: the same levels, and each of its values saves a
+/// rescale (65,536 of conv1's at 16 primes per CIFAR-10 job). The reader's weights get
+/// `2 x 40 - 2 x this` = 32 bits instead of 40; 24 bits here round conv1's weights to
+/// 6e-8 of the largest input, far below the encrypted logits' error of ~1e-4.
+pub const UNRESCALED_WEIGHT_BITS: i32 = 24;
+
 /// Activations with |a| below this are treated as linear (`b x + c`).
 const MIN_QUADRATIC: f64 = 1e-12;
 
@@ -238,6 +253,28 @@ fn holds_lazy(layer: &Layer) -> bool {
     }
 }
 
+/// Primes a reader of layer `l`'s values must divide by besides its own rescale: 1 for lazy
+/// squares (their rescale deferred to the reader), 2 for lazy squares of an unrescaled
+/// combination, the same for a sum over either, 0 otherwise.
+fn pending_primes(layers: &[Layer], l: usize) -> usize {
+    let layer = &layers[l];
+    match layer.kind {
+        LayerKind::Activation { lazy: true, .. } => {
+            if layer.divides == 0 {
+                2
+            } else {
+                1
+            }
+        }
+        LayerKind::Sum if layer.reads_lazy => layer
+            .forms
+            .first()
+            .and_then(|f| f.terms.first())
+            .map_or(0, |(v, _)| pending_primes(layers, v.layer as usize)),
+        _ => 0,
+    }
+}
+
 /// All values of a model under a parameter set.
 #[derive(Debug, Clone)]
 pub struct ValueGraph {
@@ -251,11 +288,15 @@ impl ValueGraph {
     /// Builds the graph of `model` with inputs at the top level and default scale of `params`;
     /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]); with
     /// `winograd = Some(c)`, the 3x3 convolutions over at least `c` input channels that allow it
-    /// are computed in Winograd's form.
+    /// are computed in Winograd's form. The lazy layers also named in `unrescaled` combine
+    /// without a rescale ([`UNRESCALED_WEIGHT_BITS`]); each must read degree-1 values only,
+    /// have every element quadratic and not be in Winograd's form, and every reader must read
+    /// such layers only, or none.
     pub fn build(
         model: &Model,
         params: &Params,
         lazy: &BTreeSet<String>,
+        unrescaled: &BTreeSet<String>,
         winograd: Option<usize>,
     ) -> Result<Self, ExecError> {
         Builder {
@@ -263,6 +304,7 @@ impl ValueGraph {
             q: params.q(),
             layers: Vec::new(),
             lazy,
+            unrescaled,
             winograd_min_channels: winograd,
             winograd: BTreeMap::new(),
         }
@@ -330,10 +372,9 @@ impl ValueGraph {
                     );
                 }
                 if let Some(beta) = beta {
-                    // the rescaled x~ the coefficient multiplies (twice rescaled over squares)
-                    let mut level = cm.level - 1;
-                    let mut scale = cm.scale / q[cm.level.max(0) as usize] as f64;
-                    if layer.reads_lazy {
+                    // the x~ the coefficient multiplies: the combination divided by its primes
+                    let (mut level, mut scale) = (cm.level, cm.scale);
+                    for _ in 0..layer.divides {
                         scale /= q[level.max(0) as usize] as f64;
                         level -= 1;
                     }
@@ -421,6 +462,7 @@ struct Builder<'m> {
     q: &'m [u64],
     layers: Vec<Layer>,
     lazy: &'m BTreeSet<String>,
+    unrescaled: &'m BTreeSet<String>,
     /// Fewest input channels of a 3x3 convolution computed in Winograd's form (`None`: none).
     winograd_min_channels: Option<usize>,
     /// Per convolution node: its Winograd form, for the activation that reads it.
@@ -445,8 +487,11 @@ impl Builder<'_> {
     }
 
     /// Level and target scale of combining `form`: at its lowest level, at (that level's
-    /// prime) x (smallest scale), so the rescale returns to about the inputs' scale.
-    /// Mirrors `Evaluator::linear_combination` + `rescale_assign`.
+    /// prime) x (smallest scale), so the rescale returns to about the inputs' scale. Over
+    /// squares of an unrescaled combination, `(s 2^u)^2` for inputs at `s`, the target is
+    /// `s^2` times the two top primes, so that dividing by three primes returns to about
+    /// `s` (see [`UNRESCALED_WEIGHT_BITS`]). Mirrors `Evaluator::linear_combination` +
+    /// `rescale_assign`.
     fn combine_meta(&self, form: &Form) -> Result<Meta, ExecError> {
         if form.terms.is_empty() {
             return Err(ExecError::Model(
@@ -464,10 +509,30 @@ impl Builder<'_> {
             .iter()
             .map(|(v, _)| self.meta(*v).scale)
             .fold(f64::INFINITY, f64::min);
-        Ok(Meta {
-            level,
-            scale: scale * self.prime(level),
-        })
+        let pending = self.pending(form)?;
+        let scale = match pending {
+            2 => {
+                scale * self.prime(level) * self.prime(level - 1)
+                    / 2f64.powi(2 * UNRESCALED_WEIGHT_BITS)
+            }
+            _ => scale * self.prime(level),
+        };
+        Ok(Meta { level, scale })
+    }
+
+    /// [`pending_primes`] of the values `form` reads; one count for all of them.
+    fn pending(&self, form: &Form) -> Result<usize, ExecError> {
+        let mut counts = form
+            .terms
+            .iter()
+            .map(|(v, _)| pending_primes(&self.layers, v.layer as usize));
+        let first = counts.next().unwrap_or(0);
+        if counts.any(|c| c != first) {
+            return Err(ExecError::Model(
+                "a combination reads squares of unrescaled and of rescaled combinations".into(),
+            ));
+        }
+        Ok(first)
     }
 
     /// Whether a form reads lazy (degree-2) values.
@@ -477,14 +542,11 @@ impl Builder<'_> {
             .any(|(v, _)| holds_lazy(&self.layers[v.layer as usize]))
     }
 
-    /// Level and scale after the rescale(s) following a combination; mirrors
-    /// `rescale_assign` (twice over lazy inputs).
-    fn after_combine(&self, cm: Meta, lazy: bool) -> Meta {
-        let mut m = Meta {
-            level: cm.level - 1,
-            scale: cm.scale / self.prime(cm.level),
-        };
-        if lazy {
+    /// Level and scale after dividing a combination by its top `divides` primes; mirrors
+    /// `rescale_assign` / `relinearize_rescale_by_assign`.
+    fn after_combine(&self, cm: Meta, divides: usize) -> Meta {
+        let mut m = cm;
+        for _ in 0..divides {
             m = Meta {
                 level: m.level - 1,
                 scale: m.scale / self.prime(m.level),
@@ -554,6 +616,7 @@ impl Builder<'_> {
                         forms: Vec::new(),
                         combine: Vec::new(),
                         reads_lazy: false,
+                        divides: 0,
                         meta: vec![
                             Meta {
                                 level: top as isize,
@@ -722,11 +785,13 @@ impl Builder<'_> {
         let mut combine = Vec::with_capacity(out.len());
         let mut meta = Vec::with_capacity(out.len());
         let reads_lazy = out.iter().any(|f| self.reads_lazy(f));
+        let mut divides = 1;
         for f in &out {
             let mut m = self.combine_meta(f)?;
             m.scale = m.scale / self.prime(m.level) * 2f64.powi(LOGIT_WEIGHT_BITS);
+            divides = 1 + self.pending(f)?;
             combine.push(m);
-            meta.push(self.after_combine(m, reads_lazy));
+            meta.push(self.after_combine(m, divides));
         }
         let out = match self.partial_sums(&out, &combine) {
             Some(partial) => {
@@ -756,6 +821,7 @@ impl Builder<'_> {
             forms: out,
             combine,
             reads_lazy,
+            divides,
             meta,
         });
         Ok(ValueGraph {
@@ -784,6 +850,19 @@ impl Builder<'_> {
         let id = self.layers.len() as u32;
         let lazy = self.lazy.contains(name);
         let reads_lazy = x.iter().any(|f| self.reads_lazy(f));
+        let unrescaled = self.unrescaled.contains(name);
+        if unrescaled
+            && (!lazy
+                || reads_lazy
+                || winograd.is_some()
+                || a.iter().any(|ae| (*ae as f64).abs() < MIN_QUADRATIC))
+        {
+            return Err(ExecError::Model(format!(
+                "activation {name} cannot skip its rescale: it must be lazy, read degree-1 \
+                 values, have every element quadratic and not be in Winograd's form"
+            )));
+        }
+        let mut divides = if unrescaled { 0 } else { 1 };
         let mut forms = Vec::new();
         let mut combine = Vec::new();
         let mut meta = Vec::new();
@@ -803,8 +882,26 @@ impl Builder<'_> {
             let s = ae.abs().sqrt();
             let mut xs = Form::default();
             xs.add_scaled(&x[e], s);
-            let cm = self.combine_meta(&xs)?;
-            let xt = self.after_combine(cm, reads_lazy);
+            let cm = if unrescaled {
+                let level = xs.terms.iter().map(|(v, _)| self.meta(*v).level).min();
+                let scale = xs.terms.iter().map(|(v, _)| self.meta(*v).scale);
+                Meta {
+                    level: level.ok_or_else(|| ExecError::Model(format!("{name}: empty form")))?,
+                    scale: scale.fold(f64::INFINITY, f64::min) * 2f64.powi(UNRESCALED_WEIGHT_BITS),
+                }
+            } else {
+                let pending = self.pending(&xs)?;
+                if forms.is_empty() {
+                    divides = 1 + pending;
+                } else if divides != 1 + pending {
+                    return Err(ExecError::Model(format!(
+                        "activation {name}: elements read squares of unrescaled and of \
+                         rescaled combinations"
+                    )));
+                }
+                self.combine_meta(&xs)?
+            };
+            let xt = self.after_combine(cm, divides);
             let y = if lazy {
                 Meta {
                     level: xt.level,
@@ -851,6 +948,7 @@ impl Builder<'_> {
             forms,
             combine,
             reads_lazy,
+            divides,
             meta,
         });
         Ok(out)
@@ -894,6 +992,7 @@ impl Builder<'_> {
             forms,
             combine: metas.clone(),
             reads_lazy: false,
+            divides: 0,
             meta: metas,
         })
     }
@@ -995,6 +1094,7 @@ impl Builder<'_> {
             winograd: None,
             combine: Vec::new(),
             reads_lazy,
+            divides: 0,
             forms,
             meta,
         });
@@ -1022,6 +1122,7 @@ mod tests {
                 forms: Vec::new(),
                 combine: Vec::new(),
                 reads_lazy: false,
+                divides: 0,
                 meta: vec![
                     Meta {
                         level: 0,

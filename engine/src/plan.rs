@@ -71,12 +71,16 @@ impl Plan {
         winograd: Option<usize>,
     ) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let eager = build_graph(model, params, &BTreeSet::new(), winograd)?;
-        let lazy = lazy_layers(&eager, &Schedule::new(&eager));
+        let none = BTreeSet::new();
+        let eager = build_graph(model, params, &none, &none, winograd)?;
+        let (lazy, unrescaled) = lazy_layers(&eager, &Schedule::new(&eager));
         let graph = if lazy.is_empty() {
             eager
         } else {
-            build_graph(model, params, &lazy, winograd)?
+            // A model whose activations have linear elements (|a| ~ 0) cannot leave them
+            // unrescaled: it is planned with every combination rescaled.
+            build_graph(model, params, &lazy, &unrescaled, winograd)
+                .or_else(|_| build_graph(model, params, &lazy, &none, winograd))?
         };
         let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
@@ -173,6 +177,17 @@ impl Plan {
             .layers
             .iter()
             .filter(|l| matches!(l.kind, LayerKind::Activation { lazy: true, .. }))
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
+    /// Lazy activation layers whose combination is not rescaled at all (their reader's key
+    /// switch divides by three primes; `graph::UNRESCALED_WEIGHT_BITS`).
+    pub fn unrescaled_layers(&self) -> Vec<&str> {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| matches!(l.kind, LayerKind::Activation { .. }) && l.divides == 0)
             .map(|l| l.name.as_str())
             .collect()
     }
@@ -306,9 +321,10 @@ fn build_graph(
     model: &Model,
     params: &Params,
     lazy: &BTreeSet<String>,
+    unrescaled: &BTreeSet<String>,
     winograd: Option<usize>,
 ) -> Result<ValueGraph, PlanError> {
-    ValueGraph::build(model, params, lazy, winograd).map_err(|e| match e {
+    ValueGraph::build(model, params, lazy, unrescaled, winograd).map_err(|e| match e {
         ExecError::Relu(n) => PlanError::Relu(n),
         other => PlanError::Other(other.to_string()),
     })
@@ -319,8 +335,15 @@ fn build_graph(
 /// into fire1.squeeze through pool1's inlined sum (65,536 -> 8,192 relinearizations at
 /// CIFAR-10 width), the expand layers
 /// into the next squeeze, conv3 into the logits. Same levels; far fewer key switches.
-fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+///
+/// Second, the lazy layers to leave *unrescaled*: those whose reader reads only lazy layers
+/// that themselves read no lazy values and are not in Winograd's form (whose weights need a
+/// prime's precision): conv1 and the expand layers, and conv3 in the direct form. Each saves
+/// one rescale per value for one more prime in its reader's key switch and one more level
+/// in its reader's GEMM (conv1: 65,536 rescales at 16 primes against 1/15 more of
+/// fire1.squeeze's multiply-adds).
+fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut groups: Vec<BTreeSet<u32>> = Vec::new();
     for reader in &g.layers {
         if !matches!(
             reader.kind,
@@ -360,10 +383,46 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> BTreeSet<String> {
             .sum::<usize>()
             > reader.len();
         if all_inlined_activations && fewer {
-            out.extend(read.iter().map(|&l| g.layers[l as usize].name.clone()));
+            groups.push(read);
         }
     }
-    out
+    let lazy: BTreeSet<u32> = groups.iter().flatten().copied().collect();
+    // Whether layer `l` reads a lazy layer, seen through inlined sums.
+    let reads_lazy = |l: u32| {
+        let mut todo: Vec<u32> = g.layers[l as usize]
+            .forms
+            .iter()
+            .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer))
+            .collect();
+        let mut seen = BTreeSet::new();
+        while let Some(s) = todo.pop() {
+            if lazy.contains(&s) {
+                return true;
+            }
+            let layer = &g.layers[s as usize];
+            if layer.kind == LayerKind::Sum && seen.insert(s) {
+                todo.extend(
+                    layer
+                        .forms
+                        .iter()
+                        .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer)),
+                );
+            }
+        }
+        false
+    };
+    let name = |l: &u32| g.layers[*l as usize].name.clone();
+    let unrescaled = groups
+        .iter()
+        .filter(|group| {
+            group
+                .iter()
+                .all(|&l| g.layers[l as usize].winograd.is_none() && !reads_lazy(l))
+        })
+        .flatten()
+        .map(name)
+        .collect();
+    (lazy.iter().map(name).collect(), unrescaled)
 }
 
 /// How many bits P may fall short of the largest key-switching digit.
@@ -411,7 +470,7 @@ impl Plan {
             .map_err(|e| PlanError::Other(e.to_string()))?;
         // Lazy relinearization keeps every level, so the plain graph gives the depth; no
         // schedule or second graph is needed just to choose parameters.
-        let graph = build_graph(model, &probe, &BTreeSet::new(), None)?;
+        let graph = build_graph(model, &probe, &BTreeSet::new(), &BTreeSet::new(), None)?;
         let top = probe.max_level() as isize;
         Ok((top - graph.lowest_level().min(top)) as usize)
     }
@@ -487,6 +546,53 @@ mod tests {
         let conv1_len = g.layers[conv1].len();
         assert!(plan.relinearizations() < plan.squares() - conv1_len + squeeze_len + 1);
         assert_eq!(g.multiply_adds(pool1), 0);
+    }
+
+    /// conv1 and the expand layers read degree-1 values and are summed lazily by their
+    /// readers: they combine without a rescale, their readers divide by three primes, and
+    /// every other value keeps the level and (to rounding) the scale it has when all
+    /// combinations are rescaled.
+    #[test]
+    fn lazy_layers_over_degree_one_values_skip_their_rescale_at_no_level() {
+        use beaa_model::testing::random_model;
+        use beaa_model::{Activation, SqueezeNetSpec};
+        let spec = SqueezeNetSpec::tiny(3, 8, 4);
+        let model = random_model(5, &spec, Activation::PolyElement);
+        let params = Params::insecure_for_tests(ParamSpec::chain(10, 16, 40, 8)).unwrap();
+        let plan = Plan::new(&model, &params).unwrap();
+        let unrescaled = plan.unrescaled_layers();
+        for name in ["conv1.act", "fire1.expand1.act", "fire1.expand3.act"] {
+            assert!(unrescaled.contains(&name), "{name} in {unrescaled:?}");
+        }
+        let g = &plan.graph;
+        let layer = |name: &str| g.layers.iter().find(|l| l.name == name).unwrap();
+        let conv1 = layer("conv1.act");
+        assert_eq!(conv1.divides, 0);
+        assert!(conv1.meta.iter().all(|m| m.level == g.input_level as isize));
+        assert_eq!(layer("fire1.squeeze.act").divides, 3);
+        assert_eq!(layer("fire2.squeeze.act").divides, 3);
+        let lazy = plan.lazy_layers().iter().map(|s| s.to_string()).collect();
+        let rescaled = build_graph(&model, &params, &lazy, &BTreeSet::new(), None).unwrap();
+        assert_eq!(rescaled.layers.len(), g.layers.len());
+        for (a, b) in g.layers.iter().zip(&rescaled.layers) {
+            // Their values, and sums of them (pool1), are one level higher.
+            let source = |l: &crate::graph::Layer| match l.kind {
+                LayerKind::Sum => g.layers[l.forms[0].terms[0].0.layer as usize].name.clone(),
+                _ => l.name.clone(),
+            };
+            if unrescaled.contains(&source(a).as_str()) {
+                assert_eq!(a.meta[0].level, b.meta[0].level + 1, "{}", a.name);
+                continue;
+            }
+            for (ma, mb) in a.meta.iter().zip(&b.meta) {
+                assert_eq!(ma.level, mb.level, "{}", a.name);
+                assert!((ma.scale / mb.scale - 1.0).abs() < 1e-9, "{}", a.name);
+            }
+        }
+        assert_eq!(
+            plan.depth,
+            (g.input_level as isize - rescaled.lowest_level()) as usize
+        );
     }
 
     #[test]

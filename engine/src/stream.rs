@@ -439,19 +439,23 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 self.times.time(Op::KeySwitch, || {
                     self.ev.relinearize_assign(&mut x, self.rlk)
                 })?;
-                self.times
-                    .time(Op::Rescale, || self.ev.rescale_by_assign(&mut x, 2))?;
+                self.times.time(Op::Rescale, || {
+                    self.ev.rescale_by_assign(&mut x, layer.divides)
+                })?;
             } else if layer.reads_lazy {
                 // Inside the network (scale 2^40) that floor is far below the values: one
                 // key switch whose mod-down divides by the two primes of the rescales as
                 // well, instead of two rescales of three polynomials (about half as many
-                // transforms as the key switch) and a key switch two levels down.
+                // transforms as the key switch) and a key switch two levels down. Over squares
+                // of an unrescaled combination it divides by three primes.
                 self.times.time(Op::KeySwitch, || {
-                    self.ev.relinearize_rescale_by_assign(&mut x, self.rlk, 2)
+                    self.ev
+                        .relinearize_rescale_by_assign(&mut x, self.rlk, layer.divides)
                 })?;
-            } else {
-                self.times
-                    .time(Op::Rescale, || self.ev.rescale_assign(&mut x))?;
+            } else if layer.divides > 0 {
+                self.times.time(Op::Rescale, || {
+                    self.ev.rescale_by_assign(&mut x, layer.divides)
+                })?;
             }
             let y = match &layer.kind {
                 LayerKind::Activation { beta, lazy } => {

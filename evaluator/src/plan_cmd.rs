@@ -66,6 +66,8 @@ struct Report {
     work_dir_peak_bytes_stage_by_stage: u64,
     /// Activation layers whose squares are summed before one relinearization per sum.
     lazy: Vec<String>,
+    /// Lazy layers whose combination is not rescaled (their reader divides by three primes).
+    unrescaled: Vec<String>,
     /// Layers whose 3x3 convolution is computed in Winograd's form (`--winograd`).
     winograd: Vec<String>,
     squares_per_job: usize,
@@ -157,6 +159,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         work_dir_peak_bytes: peak,
         work_dir_peak_bytes_stage_by_stage: peak_sequential,
         lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
+        unrescaled: plan
+            .unrescaled_layers()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         winograd: plan
             .winograd_layers()
             .iter()
@@ -228,6 +235,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         report.squares_per_job,
         report.relinearizations_per_job
     );
+    if !report.unrescaled.is_empty() {
+        eprintln!(
+            "  unrescaled {} (combined without a rescale; their readers divide by 3 primes)",
+            report.unrescaled.join(", ")
+        );
+    }
     if !report.winograd.is_empty() {
         eprintln!(
             "  winograd {} (F(2x2, 3x3): 2x2 output blocks as tiles)",
