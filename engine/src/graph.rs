@@ -82,7 +82,9 @@ pub enum LayerKind {
     /// leaves `y` unrelinearized and unrescaled (degree 2): its only reader sums many of them
     /// and relinearizes once per sum, where fewer ciphertexts exist.
     Activation { beta: Vec<f64>, lazy: bool },
-    /// Plain sum of the form's values with weights +-1 (no rescale).
+    /// Plain sum of the form's values with weights +-1 (no rescale). Over lazy squares it
+    /// is degree 2, unless it finishes them itself (`divides > 0`: a stored sum, pool2, one
+    /// key switch per sum instead of one per square).
     Sum,
     /// One tile's share of a reduction over every tile (the logits read the global average
     /// pool): the combination at the reader's level and target scale, neither rescaled nor
@@ -244,13 +246,26 @@ const MIN_QUADRATIC: f64 = 1e-12;
 pub const LOGIT_WEIGHT_BITS: i32 = 28;
 
 /// Whether a layer's values are degree 2 (unrelinearized, unrescaled squares): a lazy
-/// activation, or a sum over lazy activations.
+/// activation, or a sum over lazy activations that does not relinearize them itself.
 fn holds_lazy(layer: &Layer) -> bool {
     match layer.kind {
         LayerKind::Activation { lazy, .. } => lazy,
-        LayerKind::Sum => layer.reads_lazy,
+        LayerKind::Sum => layer.reads_lazy && layer.divides == 0,
         _ => false,
     }
+}
+
+/// What a plan leaves for the readers of values to finish (chosen by `plan::lazy_layers`).
+#[derive(Debug, Clone, Default)]
+pub struct Deferred {
+    /// Activations left degree 2 and unrescaled: their reader relinearizes its sums.
+    pub lazy: BTreeSet<String>,
+    /// Lazy activations whose combination is not rescaled either
+    /// ([`UNRESCALED_WEIGHT_BITS`]).
+    pub unrescaled: BTreeSet<String>,
+    /// Sums over lazy activations that relinearize and rescale their own values (a stored
+    /// pool read by a convolution in Winograd's form, which needs degree-1 inputs).
+    pub finishing_sums: BTreeSet<String>,
 }
 
 /// Primes a reader of layer `l`'s values must divide by besides its own rescale: 1 for lazy
@@ -266,7 +281,7 @@ fn pending_primes(layers: &[Layer], l: usize) -> usize {
                 1
             }
         }
-        LayerKind::Sum if layer.reads_lazy => layer
+        LayerKind::Sum if layer.reads_lazy && layer.divides == 0 => layer
             .forms
             .first()
             .and_then(|f| f.terms.first())
@@ -288,23 +303,23 @@ impl ValueGraph {
     /// Builds the graph of `model` with inputs at the top level and default scale of `params`;
     /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]); with
     /// `winograd = Some(c)`, the 3x3 convolutions over at least `c` input channels that allow it
-    /// are computed in Winograd's form. The lazy layers also named in `unrescaled` combine
-    /// without a rescale ([`UNRESCALED_WEIGHT_BITS`]); each must read degree-1 values only,
-    /// have every element quadratic and not be in Winograd's form, and every reader must read
-    /// such layers only, or none.
+    /// are computed in Winograd's form. The lazy layers also named in `deferred.unrescaled`
+    /// combine without a rescale ([`UNRESCALED_WEIGHT_BITS`]); each must read degree-1 values
+    /// only, have every element quadratic and not be in Winograd's form, and every reader
+    /// must read such layers only, or none; their readers may not be sums.
     pub fn build(
         model: &Model,
         params: &Params,
-        lazy: &BTreeSet<String>,
-        unrescaled: &BTreeSet<String>,
+        deferred: &Deferred,
         winograd: Option<usize>,
     ) -> Result<Self, ExecError> {
         Builder {
             model,
             q: params.q(),
             layers: Vec::new(),
-            lazy,
-            unrescaled,
+            lazy: &deferred.lazy,
+            unrescaled: &deferred.unrescaled,
+            finishing_sums: &deferred.finishing_sums,
             winograd_min_channels: winograd,
             winograd: BTreeMap::new(),
         }
@@ -463,6 +478,7 @@ struct Builder<'m> {
     layers: Vec<Layer>,
     lazy: &'m BTreeSet<String>,
     unrescaled: &'m BTreeSet<String>,
+    finishing_sums: &'m BTreeSet<String>,
     /// Fewest input channels of a 3x3 convolution computed in Winograd's form (`None`: none).
     winograd_min_channels: Option<usize>,
     /// Per convolution node: its Winograd form, for the activation that reads it.
@@ -734,7 +750,7 @@ impl Builder<'_> {
                         .get(node.name.as_str())
                         .is_some_and(|ops| ops.iter().any(|op| matches!(op, Op::Conv2d { .. })));
                     if conv_reads && pooled.iter().all(|f| self.summable(f)) {
-                        self.sum_layer(&node.name, node.shape, pooled)
+                        self.sum_layer(&node.name, node.shape, pooled)?
                     } else {
                         pooled
                     }
@@ -1064,14 +1080,28 @@ impl Builder<'_> {
         })
     }
 
-    fn sum_layer(&mut self, name: &str, shape: [usize; 3], pooled: Vec<Form>) -> Vec<Form> {
+    fn sum_layer(
+        &mut self,
+        name: &str,
+        shape: [usize; 3],
+        pooled: Vec<Form>,
+    ) -> Result<Vec<Form>, ExecError> {
         let id = self.layers.len() as u32;
         let mut forms = Vec::with_capacity(pooled.len());
         let mut meta = Vec::with_capacity(pooled.len());
         let mut out = Vec::with_capacity(pooled.len());
+        let mut divides = 0;
+        if self.finishing_sums.contains(name) {
+            divides = pooled.first().map_or(Ok(0), |f| self.pending(f))?;
+            if divides != 1 {
+                return Err(ExecError::Model(format!(
+                    "{name}: only a sum of squares of rescaled combinations can finish them"
+                )));
+            }
+        }
         for (e, f) in pooled.into_iter().enumerate() {
             let w = f.terms[0].1.abs();
-            meta.push(self.meta(f.terms[0].0));
+            meta.push(self.after_combine(self.meta(f.terms[0].0), divides));
             out.push(Form::of(
                 ValueRef {
                     layer: id,
@@ -1094,11 +1124,11 @@ impl Builder<'_> {
             winograd: None,
             combine: Vec::new(),
             reads_lazy,
-            divides: 0,
+            divides,
             forms,
             meta,
         });
-        out
+        Ok(out)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Planning: the executor's walk on levels and scales only.
 
 use crate::exec::ExecError;
-use crate::graph::{LayerKind, Meta, ValueGraph};
+use crate::graph::{Deferred, LayerKind, Meta, ValueGraph};
 use crate::schedule::{Schedule, Segment};
 use beaa_ckks::{max_log_qp_128, ParamSpec, Params};
 use beaa_model::Model;
@@ -71,16 +71,20 @@ impl Plan {
         winograd: Option<usize>,
     ) -> Result<Self, PlanError> {
         let top = params.max_level();
-        let none = BTreeSet::new();
-        let eager = build_graph(model, params, &none, &none, winograd)?;
-        let (lazy, unrescaled) = lazy_layers(&eager, &Schedule::new(&eager));
-        let graph = if lazy.is_empty() {
+        let eager = build_graph(model, params, &Deferred::default(), winograd)?;
+        let deferred = lazy_layers(&eager, &Schedule::new(&eager));
+        let graph = if deferred.lazy.is_empty() {
             eager
         } else {
             // A model whose activations have linear elements (|a| ~ 0) cannot leave them
             // unrescaled: it is planned with every combination rescaled.
-            build_graph(model, params, &lazy, &unrescaled, winograd)
-                .or_else(|_| build_graph(model, params, &lazy, &none, winograd))?
+            build_graph(model, params, &deferred, winograd).or_else(|_| {
+                let rescaled = Deferred {
+                    unrescaled: BTreeSet::new(),
+                    ..deferred.clone()
+                };
+                build_graph(model, params, &rescaled, winograd)
+            })?
         };
         let lowest = graph.lowest_level().min(top as isize);
         let depth = (top as isize - lowest) as usize;
@@ -192,6 +196,16 @@ impl Plan {
             .collect()
     }
 
+    /// Stored sums over lazy squares that relinearize their own sums (pool2).
+    pub fn finishing_sums(&self) -> Vec<&str> {
+        self.graph
+            .layers
+            .iter()
+            .filter(|l| l.kind == LayerKind::Sum && l.divides > 0)
+            .map(|l| l.name.as_str())
+            .collect()
+    }
+
     /// Relinearizations (key switches) per batch.
     pub fn relinearizations(&self) -> usize {
         self.graph
@@ -202,7 +216,7 @@ impl Plan {
                     LayerKind::Activation { lazy: false, .. } => l.len(),
                     _ => 0,
                 };
-                let combines = !matches!(l.kind, LayerKind::Sum);
+                let combines = !matches!(l.kind, LayerKind::Sum) || l.divides > 0;
                 own + if l.reads_lazy && combines { l.len() } else { 0 }
             })
             .sum()
@@ -320,35 +334,40 @@ impl Plan {
 fn build_graph(
     model: &Model,
     params: &Params,
-    lazy: &BTreeSet<String>,
-    unrescaled: &BTreeSet<String>,
+    deferred: &Deferred,
     winograd: Option<usize>,
 ) -> Result<ValueGraph, PlanError> {
-    ValueGraph::build(model, params, lazy, unrescaled, winograd).map_err(|e| match e {
+    ValueGraph::build(model, params, deferred, winograd).map_err(|e| match e {
         ExecError::Relu(n) => PlanError::Relu(n),
         other => PlanError::Other(other.to_string()),
     })
 }
 
 /// Activation layers to leave unrelinearized: those recomputed inside a single reader (an
-/// activation or the output) that sums them into fewer ciphertexts than they are - conv1
-/// into fire1.squeeze through pool1's inlined sum (65,536 -> 8,192 relinearizations at
-/// CIFAR-10 width), the expand layers
-/// into the next squeeze, conv3 into the logits. Same levels; far fewer key switches.
+/// activation, the output or a stored sum) that sums them into fewer ciphertexts than they
+/// are - conv1 into fire1.squeeze through pool1's inlined sum (65,536 -> 8,192
+/// relinearizations at CIFAR-10 width), the expand layers into the next squeeze (fire1) or
+/// into pool2, which finishes its sums itself (fire2), conv3 into the logits. Same levels;
+/// far fewer key switches.
 ///
 /// Second, the lazy layers to leave *unrescaled*: those whose reader reads only lazy layers
 /// that themselves read no lazy values and are not in Winograd's form (whose weights need a
 /// prime's precision): conv1 and the expand layers, and conv3 in the direct form. Each saves
 /// one rescale per value for one more prime in its reader's key switch and one more level
 /// in its reader's GEMM (conv1: 65,536 rescales at 16 primes against 1/15 more of
-/// fire1.squeeze's multiply-adds).
-fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut groups: Vec<BTreeSet<u32>> = Vec::new();
-    for reader in &g.layers {
-        if !matches!(
-            reader.kind,
-            LayerKind::Activation { .. } | LayerKind::Partial | LayerKind::Output
-        ) {
+/// fire1.squeeze's multiply-adds). Not under a stored sum, which has no weights to absorb
+/// the unrescaled squares' extra scale.
+fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> Deferred {
+    // Per reader: the layers it sums lazily, and whether it is a stored sum.
+    let mut groups: Vec<(BTreeSet<u32>, Option<u32>)> = Vec::new();
+    for (r, reader) in g.layers.iter().enumerate() {
+        let stored_sum = reader.kind == LayerKind::Sum && !schedule.inlined[r];
+        if !stored_sum
+            && !matches!(
+                reader.kind,
+                LayerKind::Activation { .. } | LayerKind::Partial | LayerKind::Output
+            )
+        {
             continue;
         }
         // Inlined sums (a pool read by a convolution) are seen through: a sum of squares is
@@ -383,10 +402,10 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> (BTreeSet<String>, BTreeS
             .sum::<usize>()
             > reader.len();
         if all_inlined_activations && fewer {
-            groups.push(read);
+            groups.push((read, stored_sum.then_some(r as u32)));
         }
     }
-    let lazy: BTreeSet<u32> = groups.iter().flatten().copied().collect();
+    let lazy: BTreeSet<u32> = groups.iter().flat_map(|(g, _)| g).copied().collect();
     // Whether layer `l` reads a lazy layer, seen through inlined sums.
     let reads_lazy = |l: u32| {
         let mut todo: Vec<u32> = g.layers[l as usize]
@@ -414,15 +433,24 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> (BTreeSet<String>, BTreeS
     let name = |l: &u32| g.layers[*l as usize].name.clone();
     let unrescaled = groups
         .iter()
-        .filter(|group| {
-            group
-                .iter()
-                .all(|&l| g.layers[l as usize].winograd.is_none() && !reads_lazy(l))
+        .filter(|(group, sum)| {
+            sum.is_none()
+                && group
+                    .iter()
+                    .all(|&l| g.layers[l as usize].winograd.is_none() && !reads_lazy(l))
         })
-        .flatten()
+        .flat_map(|(group, _)| group)
         .map(name)
         .collect();
-    (lazy.iter().map(name).collect(), unrescaled)
+    Deferred {
+        lazy: lazy.iter().map(name).collect(),
+        unrescaled,
+        finishing_sums: groups
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .map(name)
+            .collect(),
+    }
 }
 
 /// How many bits P may fall short of the largest key-switching digit.
@@ -470,7 +498,7 @@ impl Plan {
             .map_err(|e| PlanError::Other(e.to_string()))?;
         // Lazy relinearization keeps every level, so the plain graph gives the depth; no
         // schedule or second graph is needed just to choose parameters.
-        let graph = build_graph(model, &probe, &BTreeSet::new(), &BTreeSet::new(), None)?;
+        let graph = build_graph(model, &probe, &Deferred::default(), None)?;
         let top = probe.max_level() as isize;
         Ok((top - graph.lowest_level().min(top)) as usize)
     }
@@ -571,8 +599,27 @@ mod tests {
         assert!(conv1.meta.iter().all(|m| m.level == g.input_level as isize));
         assert_eq!(layer("fire1.squeeze.act").divides, 3);
         assert_eq!(layer("fire2.squeeze.act").divides, 3);
-        let lazy = plan.lazy_layers().iter().map(|s| s.to_string()).collect();
-        let rescaled = build_graph(&model, &params, &lazy, &BTreeSet::new(), None).unwrap();
+        // pool2 is stored: it finishes the fire2 expand layers' lazy squares itself, one key
+        // switch per sum, and they keep their rescale (a sum has no weights to absorb more).
+        assert_eq!(plan.finishing_sums(), ["pool2"]);
+        assert_eq!(layer("pool2").divides, 1);
+        assert_eq!(
+            g.degree(g.layers.iter().position(|l| l.name == "pool2").unwrap()),
+            1
+        );
+        for name in ["fire2.expand1.act", "fire2.expand3.act"] {
+            assert!(plan.lazy_layers().contains(&name) && !unrescaled.contains(&name));
+        }
+        let deferred = Deferred {
+            lazy: plan.lazy_layers().iter().map(|s| s.to_string()).collect(),
+            finishing_sums: plan
+                .finishing_sums()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            unrescaled: BTreeSet::new(),
+        };
+        let rescaled = build_graph(&model, &params, &deferred, None).unwrap();
         assert_eq!(rescaled.layers.len(), g.layers.len());
         for (a, b) in g.layers.iter().zip(&rescaled.layers) {
             // Their values, and sums of them (pool1), are one level higher.

@@ -677,7 +677,17 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
                 if found != layer.forms[e].terms.len() {
                     return Err(ExecError::Model(format!("{}: missing term", layer.name)));
                 }
-                let y = y.ok_or_else(|| ExecError::Model(format!("{}: empty sum", layer.name)))?;
+                let mut y =
+                    y.ok_or_else(|| ExecError::Model(format!("{}: empty sum", layer.name)))?;
+                if layer.divides > 0 {
+                    // A stored sum of lazy squares (pool2): one key switch per sum, which
+                    // also divides by the squares' deferred prime.
+                    self.check_cancel()?;
+                    self.times.time(Op::KeySwitch, || {
+                        self.ev
+                            .relinearize_rescale_by_assign(&mut y, self.rlk, layer.divides)
+                    })?;
+                }
                 check_meta(&y, layer.meta[e], &layer.name)?;
                 Ok(y)
             })

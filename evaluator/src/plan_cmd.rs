@@ -68,6 +68,8 @@ struct Report {
     lazy: Vec<String>,
     /// Lazy layers whose combination is not rescaled (their reader divides by three primes).
     unrescaled: Vec<String>,
+    /// Stored sums of lazy squares that relinearize their own sums (pool2).
+    finishing_sums: Vec<String>,
     /// Layers whose 3x3 convolution is computed in Winograd's form (`--winograd`).
     winograd: Vec<String>,
     squares_per_job: usize,
@@ -164,6 +166,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        finishing_sums: plan
+            .finishing_sums()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         winograd: plan
             .winograd_layers()
             .iter()
@@ -235,6 +242,12 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         report.squares_per_job,
         report.relinearizations_per_job
     );
+    if !report.finishing_sums.is_empty() {
+        eprintln!(
+            "  finishing {} (stored sums that relinearize their lazy squares)",
+            report.finishing_sums.join(", ")
+        );
+    }
     if !report.unrescaled.is_empty() {
         eprintln!(
             "  unrescaled {} (combined without a rescale; their readers divide by 3 primes)",
