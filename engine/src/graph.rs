@@ -127,11 +127,13 @@ pub struct Layer {
     pub combine: Vec<Meta>,
     /// The combination reads lazy (degree-2) values: one key switch that also divides by the
     /// primes of its rescales (`relinearize_rescale_by_assign`). For a
-    /// sum: its terms are lazy, so it is degree 2 itself (relinearized by its reader).
+    /// sum: its terms are lazy, so it is degree 2 itself (relinearized by its reader) unless
+    /// it finishes them (`divides` 1).
     pub reads_lazy: bool,
     /// Primes the combination's rescale divides by: 1; 2 over lazy squares (their own
     /// rescale, deferred); 3 over lazy squares of an unrescaled combination; 0 for such an
-    /// unrescaled activation itself, and for inputs, sums and partial sums.
+    /// unrescaled activation itself, and for inputs, partial sums and sums (1 for a sum that
+    /// finishes lazy squares, in the key switch of each of its values).
     pub divides: usize,
     /// Per element: level and scale of the value itself.
     pub meta: Vec<Meta>,
@@ -301,7 +303,8 @@ pub struct ValueGraph {
 
 impl ValueGraph {
     /// Builds the graph of `model` with inputs at the top level and default scale of `params`;
-    /// the activation layers named in `lazy` stay unrelinearized (see [`LayerKind`]); with
+    /// the activation layers named in `deferred.lazy` stay unrelinearized (see [`LayerKind`]),
+    /// and the sums in `deferred.finishing_sums` relinearize those they add up; with
     /// `winograd = Some(c)`, the 3x3 convolutions over at least `c` input channels that allow it
     /// are computed in Winograd's form. The lazy layers also named in `deferred.unrescaled`
     /// combine without a rescale ([`UNRESCALED_WEIGHT_BITS`]); each must read degree-1 values
