@@ -510,8 +510,22 @@ impl Builder<'_> {
     /// squares of an unrescaled combination, `(s 2^u)^2` for inputs at `s`, the target is
     /// `s^2` times the two top primes, so that dividing by three primes returns to about
     /// `s` (see [`UNRESCALED_WEIGHT_BITS`]). Mirrors `Evaluator::linear_combination` +
-    /// `rescale_assign`.
-    fn combine_meta(&self, form: &Form) -> Result<Meta, ExecError> {
+    /// `rescale_assign`. Also returns the form's [`pending_primes`].
+    fn combine_meta(&self, form: &Form) -> Result<(Meta, usize), ExecError> {
+        let Meta { level, scale } = self.lowest(form)?;
+        let pending = self.pending(form)?;
+        let scale = match pending {
+            2 => {
+                scale * self.prime(level) * self.prime(level - 1)
+                    / 2f64.powi(2 * UNRESCALED_WEIGHT_BITS)
+            }
+            _ => scale * self.prime(level),
+        };
+        Ok((Meta { level, scale }, pending))
+    }
+
+    /// The lowest level and the smallest scale among the values `form` reads.
+    fn lowest(&self, form: &Form) -> Result<Meta, ExecError> {
         if form.terms.is_empty() {
             return Err(ExecError::Model(
                 "a feature element is a pure constant; the model has a dead layer".into(),
@@ -528,14 +542,6 @@ impl Builder<'_> {
             .iter()
             .map(|(v, _)| self.meta(*v).scale)
             .fold(f64::INFINITY, f64::min);
-        let pending = self.pending(form)?;
-        let scale = match pending {
-            2 => {
-                scale * self.prime(level) * self.prime(level - 1)
-                    / 2f64.powi(2 * UNRESCALED_WEIGHT_BITS)
-            }
-            _ => scale * self.prime(level),
-        };
         Ok(Meta { level, scale })
     }
 
@@ -806,9 +812,9 @@ impl Builder<'_> {
         let reads_lazy = out.iter().any(|f| self.reads_lazy(f));
         let mut divides = 1;
         for f in &out {
-            let mut m = self.combine_meta(f)?;
+            let (mut m, pending) = self.combine_meta(f)?;
             m.scale = m.scale / self.prime(m.level) * 2f64.powi(LOGIT_WEIGHT_BITS);
-            divides = 1 + self.pending(f)?;
+            divides = 1 + pending;
             combine.push(m);
             meta.push(self.after_combine(m, divides));
         }
@@ -902,14 +908,13 @@ impl Builder<'_> {
             let mut xs = Form::default();
             xs.add_scaled(&x[e], s);
             let cm = if unrescaled {
-                let level = xs.terms.iter().map(|(v, _)| self.meta(*v).level).min();
-                let scale = xs.terms.iter().map(|(v, _)| self.meta(*v).scale);
+                let m = self.lowest(&xs)?;
                 Meta {
-                    level: level.ok_or_else(|| ExecError::Model(format!("{name}: empty form")))?,
-                    scale: scale.fold(f64::INFINITY, f64::min) * 2f64.powi(UNRESCALED_WEIGHT_BITS),
+                    scale: m.scale * 2f64.powi(UNRESCALED_WEIGHT_BITS),
+                    ..m
                 }
             } else {
-                let pending = self.pending(&xs)?;
+                let (cm, pending) = self.combine_meta(&xs)?;
                 if forms.is_empty() {
                     divides = 1 + pending;
                 } else if divides != 1 + pending {
@@ -918,7 +923,7 @@ impl Builder<'_> {
                          rescaled combinations"
                     )));
                 }
-                self.combine_meta(&xs)?
+                cm
             };
             let xt = self.after_combine(cm, divides);
             let y = if lazy {

@@ -360,8 +360,8 @@ fn build_graph(
 /// unrescaled, gave the shipped CIFAR-10 model a logit error of 4.9e-4 at N = 2048 (4.3e-6
 /// rescaled; 24-bit weights right before the output).
 fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> Deferred {
-    // Per reader: the layers it sums lazily, whether it is a stored sum, whether the logits.
-    let mut groups: Vec<(BTreeSet<u32>, Option<u32>, bool)> = Vec::new();
+    // Per reader: the layers it sums lazily.
+    let mut groups: Vec<(u32, BTreeSet<u32>)> = Vec::new();
     for (r, reader) in g.layers.iter().enumerate() {
         let stored_sum = reader.kind == LayerKind::Sum && !schedule.inlined[r];
         if !stored_sum
@@ -404,46 +404,23 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> Deferred {
             .sum::<usize>()
             > reader.len();
         if all_inlined_activations && fewer {
-            let logits = matches!(reader.kind, LayerKind::Partial | LayerKind::Output);
-            groups.push((read, stored_sum.then_some(r as u32), logits));
+            groups.push((r as u32, read));
         }
     }
-    let lazy: BTreeSet<u32> = groups.iter().flat_map(|(g, _, _)| g).copied().collect();
-    // Whether layer `l` reads a lazy layer, seen through inlined sums.
-    let reads_lazy = |l: u32| {
-        let mut todo: Vec<u32> = g.layers[l as usize]
-            .forms
-            .iter()
-            .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer))
-            .collect();
-        let mut seen = BTreeSet::new();
-        while let Some(s) = todo.pop() {
-            if lazy.contains(&s) {
-                return true;
-            }
-            let layer = &g.layers[s as usize];
-            if layer.kind == LayerKind::Sum && seen.insert(s) {
-                todo.extend(
-                    layer
-                        .forms
-                        .iter()
-                        .flat_map(|f| f.terms.iter().map(|(v, _)| v.layer)),
-                );
-            }
-        }
-        false
-    };
+    let lazy: BTreeSet<u32> = groups.iter().flat_map(|(_, g)| g).copied().collect();
+    // A lazy layer reads lazy values exactly when it is itself a reader of lazy layers.
+    let readers: BTreeSet<u32> = groups.iter().map(|(r, _)| *r).collect();
     let name = |l: &u32| g.layers[*l as usize].name.clone();
     let unrescaled = groups
         .iter()
-        .filter(|(group, sum, logits)| {
-            sum.is_none()
-                && !logits
+        .filter(|(r, group)| {
+            // Readers that are sums (stored) or the logits are excluded (above).
+            matches!(g.layers[*r as usize].kind, LayerKind::Activation { .. })
                 && group
                     .iter()
-                    .all(|&l| g.layers[l as usize].winograd.is_none() && !reads_lazy(l))
+                    .all(|l| g.layers[*l as usize].winograd.is_none() && !readers.contains(l))
         })
-        .flat_map(|(group, _, _)| group)
+        .flat_map(|(_, group)| group)
         .map(name)
         .collect();
     Deferred {
@@ -451,7 +428,8 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> Deferred {
         unrescaled,
         finishing_sums: groups
             .iter()
-            .filter_map(|(_, s, _)| s.as_ref())
+            .map(|(r, _)| r)
+            .filter(|&&r| g.layers[r as usize].kind == LayerKind::Sum)
             .map(name)
             .collect(),
     }
