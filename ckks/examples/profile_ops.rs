@@ -1,6 +1,7 @@
 //! Runs one operation in a loop, for `perf record`: `cargo run --release --example
 //! profile_ops -- relin|rescale|lazy|lazy_fused|to_bytes|from_bytes|decrypt|mul|ntt|mrr|gemm [reps]`. `gemm`: the shape of one
-//! fire1.expand3 tile at CIFAR-10 width (64 outputs x 288 inputs, 12 limbs). Run with
+//! fire1.expand3 tile at CIFAR-10 width (64 outputs x 288 inputs, 12 limbs), or
+//! `gemm REPS OUTPUTS TERMS LEVEL DEGREE` for another shape. Run with
 //! `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000` to
 //! allocate as `beaa` does (no page faults for each fresh buffer).
 
@@ -24,13 +25,19 @@ fn main() {
     let d2 = ev.mul(&a, &a).unwrap();
     let d1 = ev.relinearize(&d2, &rlk).unwrap();
     let d1_bytes = d1.to_bytes();
-    let mut low = a.clone();
-    ev.drop_to_level(&mut low, 11).unwrap();
-    let gemm_inputs: Vec<Ciphertext> = (0..288).map(|_| low.clone()).collect();
+    // `gemm OUTPUTS TERMS LEVEL DEGREE` after the repetitions: another layer's tile shape.
+    let shape: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).collect();
+    let (outputs, terms, level, degree) = match shape[..] {
+        [o, t, l, d] => (o, t as u32, l, d),
+        _ => (64, 288, 11, 1),
+    };
+    let mut low = if degree == 2 { d2.clone() } else { a.clone() };
+    ev.drop_to_level(&mut low, level).unwrap();
+    let gemm_inputs: Vec<Ciphertext> = (0..terms).map(|_| low.clone()).collect();
     let gemm_refs: Vec<&Ciphertext> = gemm_inputs.iter().collect();
-    let gemm_terms: Vec<Vec<(u32, f64)>> = (0..64)
+    let gemm_terms: Vec<Vec<(u32, f64)>> = (0..outputs as u32)
         .map(|j| {
-            (0..288u32)
+            (0..terms)
                 .map(|t| (t, ((t + j) % 13) as f64 * 0.01 - 0.06))
                 .collect()
         })
@@ -39,10 +46,11 @@ fn main() {
         .iter()
         .map(|t| LinearRow {
             terms: t,
-            level: 11,
-            target_scale: low.scale() * params.q()[11] as f64,
+            level,
+            target_scale: low.scale() * params.q()[level] as f64,
         })
         .collect();
+    let gemm_work = outputs * terms as usize * (level + 1) * (degree + 1) * params.n();
     let t = std::time::Instant::now();
     let mut best = f64::MAX;
     for _ in 0..reps {
@@ -96,4 +104,10 @@ fn main() {
         "{op}: mean {:.3} ms, min {best:.3} ms",
         t.elapsed().as_secs_f64() * 1e3 / reps as f64
     );
+    if op == "gemm" {
+        println!(
+            "gemm {outputs} x {terms} at level {level}, degree {degree}: {:.2} G multiply-adds/s (min)",
+            gemm_work as f64 / best / 1e6
+        );
+    }
 }
