@@ -29,8 +29,6 @@ pub trait Store: Sync {
     fn flush(&self) -> Result<(), ExecError> {
         Ok(())
     }
-    /// A hint that the tile will be read soon (a file store asks the kernel to read it ahead).
-    fn prefetch(&self, _layer: u32, _tile: u32) {}
 }
 
 /// A tile's ciphertexts; `None` once consumed.
@@ -395,19 +393,6 @@ impl Store for DirStore {
 
     fn bytes_held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
-    }
-
-    /// `posix_fadvise(WILLNEED)`: the kernel starts reading the file while the worker computes
-    /// (a full job reads tens of GB back from disk, evicted by what it wrote since).
-    fn prefetch(&self, layer: u32, tile: u32) {
-        #[cfg(target_os = "linux")]
-        if let Ok(file) = self.open_tile(layer, tile) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid open descriptor; the call only reads the arguments.
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = (layer, tile);
     }
 
     fn flush(&self) -> Result<(), ExecError> {

@@ -145,22 +145,9 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
         let worker = |_| -> Result<(), ExecError> {
             while !failed.load(Ordering::Relaxed) {
                 self.check_cancel()?;
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&x) = todo.get(i) else {
+                let Some(&x) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
-                // The tile taken after the ones running now: its stored positions are read
-                // from disk while these compute.
-                if let Some(&ahead) = todo.get(i + if outer { threads } else { 1 }) {
-                    let mut refs = stage.sources[ahead].clone();
-                    refs.sort_unstable();
-                    refs.dedup();
-                    for (l, p) in refs {
-                        if self.g.layers[l as usize].kind != LayerKind::Input {
-                            self.store.prefetch(l, p);
-                        }
-                    }
-                }
                 let done = self
                     .tile(&cache, (stage.layer, x as u32), !outer)
                     .and_then(|values| {
