@@ -1,14 +1,16 @@
 //! The GEMM's ceiling on this core: `cargo run --release -p beaa-ckks --example ifma_peak
-//! [REPS]`. Prints one JSON line with three rates in multiply-adds per second (a modular
-//! multiply-add of a residue by a constant takes a low and a high 52-bit IFMA per lane):
+//! [REPS]`. Prints one JSON line with two rates in multiply-adds per second and their ratio
+//! (a modular multiply-add of a residue by a constant takes a low and a high 52-bit IFMA per
+//! lane):
 //! - `peak`: 16 independent chains of IFMAs on registers, no loads (the instruction's
 //!   throughput);
 //! - `rows_loop`: the rows kernel's inner loop alone (4 outputs x 16 coefficients per pass,
 //!   2 loads and 4 broadcasts per 16 IFMAs) over a packed 288-term block, as
 //!   `linear_combinations` feeds it for a fire1.expand3 tile, without the kernel's modular
-//!   folds, output reduction, constant preparation or allocation;
-//! - compare with `profile_ops gemm` (the whole `linear_combinations`) and a job's GEMM
-//!   thread-seconds.
+//!   folds, output reduction, constant preparation or allocation.
+//!
+//! Compare them with `profile_ops gemm` (the whole `linear_combinations`) and with a job's
+//! GEMM thread-seconds.
 //!
 //! Needs AVX-512 IFMA; prints `{"ifma": false}` otherwise.
 
@@ -36,7 +38,7 @@ mod x86 {
     }
 
     /// The rows kernel's inner loop over `terms` packed rows of `len` coefficients (stride
-    /// `len + 8`), 4 outputs per pass; returns the seconds.
+    /// `len + 8`), 4 outputs per pass, into `out` (`len` coefficients per output).
     #[target_feature(enable = "avx512f,avx512ifma")]
     pub unsafe fn rows_loop(x: &[u64], terms: usize, len: usize, w: &[u64], out: &mut [u64]) {
         let stride = len + 8;

@@ -414,7 +414,8 @@ fn lazy_layers(g: &ValueGraph, schedule: &Schedule) -> Deferred {
     let unrescaled = groups
         .iter()
         .filter(|(r, group)| {
-            // Readers that are sums (stored) or the logits are excluded (above).
+            // Activation readers only: a stored sum has no weights to absorb the extra scale,
+            // and the logits (or their partial sums) need their inputs' precision (above).
             matches!(g.layers[*r as usize].kind, LayerKind::Activation { .. })
                 && group
                     .iter()

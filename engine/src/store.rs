@@ -157,7 +157,7 @@ impl Syncer {
 
     fn run(&self, held: &AtomicU64) {
         loop {
-            let job = {
+            let (job, failed) = {
                 let mut s = self.lock();
                 loop {
                     #[cfg(test)]
@@ -167,7 +167,7 @@ impl Syncer {
                     }
                     if let Some(job) = s.queue.pop_front() {
                         s.busy = true;
-                        break job;
+                        break (job, s.error.is_some());
                     }
                     if s.closing {
                         return;
@@ -175,7 +175,6 @@ impl Syncer {
                     s = self.changed.wait(s).expect("syncer lock");
                 }
             };
-            let failed = self.lock().error.is_some();
             let result = match &job {
                 SyncJob::Put { tmp, path, .. } => std::fs::File::open(tmp)
                     .and_then(|f| f.sync_data())
