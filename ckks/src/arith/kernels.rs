@@ -5,7 +5,8 @@
 //! the estimate `floor(x * w52 / 2^52)` is at most one below `floor(x * w / t)`, so one
 //! conditional subtraction finishes the reduction. Inputs therefore need not be reduced
 //! modulo `t` (only below 2^52), which is what base conversion between primes of different
-//! sizes needs.
+//! sizes needs. The GEMM's rows kernel instead folds its long lazy sums with two Montgomery
+//! reductions by 2^52 and takes its constants prescaled by 2^104 ([`RowConsts`]).
 
 use super::Modulus;
 
@@ -211,9 +212,13 @@ pub struct RowConsts {
 }
 
 enum Passes {
-    /// Per pass, its rows' constants term-major: the IFMA kernel's layout, and the portable
-    /// path's (one row per pass).
+    /// Per pass, its rows' constants term-major: the portable path's layout (one row per
+    /// pass).
     Shoup(Vec<Vec<ShoupConst>>),
+    /// Per pass of at most [`DOT_ROWS`] rows, `w 2^104 mod t` term-major: the IFMA kernel
+    /// folds its lazy sums with two Montgomery reductions by 2^52, which this factor undoes.
+    #[cfg(target_arch = "x86_64")]
+    Ifma(ifma::RowsFold, Vec<Vec<u64>>),
     /// Per pass, `[w, w >> 32, bits(w / t)]` term-major.
     #[cfg(target_arch = "x86_64")]
     Avx2(Vec<Vec<[u64; 3]>>),
@@ -229,7 +234,7 @@ impl RowConsts {
                 return Self {
                     rows,
                     terms,
-                    passes: Passes::Shoup(split_passes(c, rows, DOT_ROWS)),
+                    passes: Passes::Ifma(ifma::RowsFold::new(t), ifma_passes(c, rows, t)),
                 };
             }
             if has_avx2_fma() {
@@ -263,6 +268,17 @@ fn split_passes(c: &[ShoupConst], rows: usize, per_pass: usize) -> Vec<Vec<Shoup
         .collect()
 }
 
+/// [`split_passes`] in the IFMA rows kernel's layout: each constant times 2^104 mod `t`.
+#[cfg(target_arch = "x86_64")]
+fn ifma_passes(c: &[ShoupConst], rows: usize, t: &Modulus) -> Vec<Vec<u64>> {
+    let r52 = ((1u128 << 52) % t.value() as u128) as u64;
+    let r104 = t.mul(r52, r52);
+    split_passes(c, rows, DOT_ROWS)
+        .into_iter()
+        .map(|pass| pass.iter().map(|k| t.mul(k.w, r104)).collect())
+        .collect()
+}
+
 /// [`split_passes`] in the AVX2 kernel's layout.
 #[cfg(target_arch = "x86_64")]
 fn avx2_passes(c: &[ShoupConst], rows: usize, t: &Modulus) -> Vec<Vec<[u64; 3]>> {
@@ -283,11 +299,11 @@ pub fn dot_const_rows_prepared(outs: &mut [&mut [u64]], x: &[&[u64]], k: &RowCon
     assert!(outs.len() == k.rows && x.len() == k.terms && !x.is_empty());
     match &k.passes {
         #[cfg(target_arch = "x86_64")]
-        Passes::Shoup(passes) if has_ifma() && k.rows > 1 => {
+        Passes::Ifma(fold, passes) => {
             for (outs, part) in outs.chunks_mut(DOT_ROWS).zip(passes) {
-                // SAFETY: the CPU supports avx512f + avx512ifma (checked above); lengths are
-                // checked by the kernel.
-                unsafe { ifma::dot_const_rows(outs, x, part, t) };
+                // SAFETY: the constants were prepared for avx512f + avx512ifma, which the CPU
+                // supports; lengths are checked by the kernel.
+                unsafe { ifma::dot_const_rows(outs, x, part, fold, t) };
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -368,12 +384,12 @@ fn tensor_portable(
 /// Largest number of products `dot2` may sum before reducing.
 pub const DOT_MAX_TERMS: usize = 16;
 
-/// Terms the IFMA rows kernel (the GEMM's) sums lazily between folds: with inputs and
-/// constants below 2^50, `n` terms leave the low halves below `n 2^52` and the high halves
-/// below `n 2^48` (2^60 and 2^56 here), which a fold of three reductions handles. Folding
-/// every 16 terms, as `dot_const` does, spent about a fifth of the kernel's instructions on
-/// folds.
-const ROWS_FOLD_TERMS: usize = 256;
+/// Terms the IFMA rows kernel (the GEMM's) sums lazily between folds: each term adds below
+/// 2^52 to the 64-bit low half, so 4,096 terms cannot overflow it (the high half, below 2^50
+/// per term for inputs below 2^52, stays below 2^62). In practice every row of the GEMM
+/// is folded once. Folding every 16 terms, as `dot_const` does, spent about a fifth of the
+/// kernel's instructions on folds.
+const ROWS_FOLD_TERMS: usize = 4096;
 
 /// Two inner products at once, reduced once at the end:
 /// `out0[k] = sum_j x_j[k] * b_j[k] mod t`, `out1[k] = sum_j x_j[k] * a_j[k] mod t`.
@@ -496,50 +512,6 @@ mod ifma {
         );
         let s = _mm512_add_epi64(a, b);
         _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
-    }
-
-    /// `hi * 2^52 + lo mod t` for the rows kernel's longer lazy sums (`hi < 2^56`,
-    /// `lo < 2^60`): the part of `hi` above 52 bits is reduced as a multiple of 2^104.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512ifma")]
-    fn lanes_fold_wide(lo: __m512i, hi: __m512i, k: &WideFold, t: __m512i) -> __m512i {
-        let mask = _mm512_set1_epi64(MASK52 as i64);
-        let hi = _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52));
-        let top = _mm512_srli_epi64(hi, 52);
-        let below = lanes_fold(
-            _mm512_and_si512(lo, mask),
-            _mm512_and_si512(hi, mask),
-            &k.k52,
-            &k.one,
-            t,
-        );
-        let above = lanes_mul(
-            top,
-            _mm512_set1_epi64(k.k104.w as i64),
-            _mm512_set1_epi64(k.k104.w52 as i64),
-            t,
-        );
-        let s = _mm512_add_epi64(below, above);
-        _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
-    }
-
-    /// The constants of [`lanes_fold_wide`]: 2^52, 1 and 2^104 modulo `t`.
-    struct WideFold {
-        k52: ShoupConst,
-        one: ShoupConst,
-        k104: ShoupConst,
-    }
-
-    impl WideFold {
-        fn new(t: &crate::arith::Modulus) -> Self {
-            let tv = t.value() as u128;
-            let k52 = (1u128 << 52) % tv;
-            Self {
-                k52: ShoupConst::new(k52 as u64, t),
-                one: ShoupConst::new(1, t),
-                k104: ShoupConst::new((k52 * k52 % tv) as u64, t),
-            }
-        }
     }
 
     /// # Safety
@@ -692,9 +664,58 @@ mod ifma {
         }
     }
 
+    /// The constants of [`lanes_redc2`] for one prime.
+    pub struct RowsFold {
+        /// `-t^-1 mod 2^52`.
+        t_inv: u64,
+        /// `2^-104 mod t`, for the scalar tail (which sums the prescaled products exactly).
+        inv104: u64,
+    }
+
+    impl RowsFold {
+        pub fn new(t: &crate::arith::Modulus) -> Self {
+            let tv = t.value();
+            // Newton's iteration for t^-1 mod 2^64 (t odd): each step doubles the correct bits.
+            let mut inv = tv;
+            for _ in 0..6 {
+                inv = inv.wrapping_mul(2u64.wrapping_sub(tv.wrapping_mul(inv)));
+            }
+            debug_assert_eq!(tv.wrapping_mul(inv), 1);
+            let r52 = ((1u128 << 52) % tv as u128) as u64;
+            Self {
+                t_inv: inv.wrapping_neg() & MASK52,
+                inv104: t.inv(t.mul(r52, r52)).expect("an odd prime"),
+            }
+        }
+    }
+
+    /// `(hi 2^52 + lo) 2^-104 mod t` in `[0, t)` for lazy sums with `lo < 2^64`,
+    /// `hi < 2^62` and `2^12 < t < 2^52`: two Montgomery reductions by 2^52, three IFMAs
+    /// each. For `l < 2^52` and `q = l (-t^-1) mod 2^52`, `l + lo52(q t)` is exactly 0 or
+    /// 2^52, so `(V + q t) / 2^52` is `V`'s upper part plus `hi52(q t)` plus that carry.
+    /// The first leaves below `2^63`, the second below `2^11 + t`: one subtraction
+    /// finishes. (A Shoup fold of both halves took nine IFMAs and twice the other work.)
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512ifma")]
+    fn lanes_redc2(lo: __m512i, hi: __m512i, t_inv: __m512i, t: __m512i) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let mask = _mm512_set1_epi64(MASK52 as i64);
+        let reduce = |low: __m512i, high: __m512i| {
+            let q = _mm512_madd52lo_epu64(zero, low, t_inv);
+            let carry = _mm512_srli_epi64(_mm512_madd52lo_epu64(low, q, t), 52);
+            _mm512_madd52hi_epu64(_mm512_add_epi64(high, carry), q, t)
+        };
+        let r = reduce(
+            _mm512_and_si512(lo, mask),
+            _mm512_add_epi64(hi, _mm512_srli_epi64(lo, 52)),
+        );
+        let s = reduce(_mm512_and_si512(r, mask), _mm512_srli_epi64(r, 52));
+        _mm512_min_epu64(s, _mm512_sub_epi64(s, t))
+    }
+
     /// `out_r[k..k + 8U]` of [`dot_const_rows`] for `R` outputs: each input vector is loaded
-    /// once and multiplied by `R` broadcast constants; lazy sums folded every
-    /// `ROWS_FOLD_TERMS` terms.
+    /// once and multiplied by `R` broadcast constants (prescaled by 2^104); lazy sums folded
+    /// every `ROWS_FOLD_TERMS` terms.
     ///
     /// # Safety
     /// Needs avx512f and avx512ifma; every `outs[r]` and every row at least `k + 8U` long.
@@ -705,14 +726,15 @@ mod ifma {
         x: &[&[u64]],
         ws: &[u64],
         k: usize,
-        fold: &WideFold,
+        t_inv: __m512i,
         tt: __m512i,
     ) {
         let zero = _mm512_setzero_si512();
         let mut acc = [[zero; U]; R];
-        for (rows, wc) in x
+        for (chunk, (rows, wc)) in x
             .chunks(super::ROWS_FOLD_TERMS)
             .zip(ws.chunks(super::ROWS_FOLD_TERMS * R))
+            .enumerate()
         {
             let mut lo = [[zero; U]; R];
             let mut hi = [[zero; U]; R];
@@ -732,9 +754,13 @@ mod ifma {
             }
             for r in 0..R {
                 for u in 0..U {
-                    let s =
-                        _mm512_add_epi64(acc[r][u], lanes_fold_wide(lo[r][u], hi[r][u], fold, tt));
-                    acc[r][u] = _mm512_min_epu64(s, _mm512_sub_epi64(s, tt));
+                    let f = lanes_redc2(lo[r][u], hi[r][u], t_inv, tt);
+                    acc[r][u] = if chunk == 0 {
+                        f
+                    } else {
+                        let s = _mm512_add_epi64(acc[r][u], f);
+                        _mm512_min_epu64(s, _mm512_sub_epi64(s, tt))
+                    };
                 }
             }
         }
@@ -746,20 +772,25 @@ mod ifma {
         }
     }
 
+    /// `outs[r][k] = sum_i x_i[k] * w[i R + r] 2^-104 mod t` for `R = outs.len()` outputs
+    /// (at most `DOT_ROWS`), inputs below 2^52 and constants `w` below `t` prepared by
+    /// [`super::ifma_passes`].
+    ///
     /// # Safety
-    /// Needs avx512f and avx512ifma; at most `DOT_ROWS` outputs.
+    /// Needs avx512f and avx512ifma.
     #[target_feature(enable = "avx512f,avx512ifma")]
     pub unsafe fn dot_const_rows(
         outs: &mut [&mut [u64]],
         x: &[&[u64]],
-        c: &[ShoupConst],
+        w: &[u64],
+        fold: &RowsFold,
         t: &crate::arith::Modulus,
     ) {
         match outs.len() {
-            1 => unsafe { dot_const(outs[0], x, c, t) },
-            2 => unsafe { rows_impl::<2>(outs, x, c, t) },
-            3 => unsafe { rows_impl::<3>(outs, x, c, t) },
-            4 => unsafe { rows_impl::<4>(outs, x, c, t) },
+            1 => unsafe { rows_impl::<1>(outs, x, w, fold, t) },
+            2 => unsafe { rows_impl::<2>(outs, x, w, fold, t) },
+            3 => unsafe { rows_impl::<3>(outs, x, w, fold, t) },
+            4 => unsafe { rows_impl::<4>(outs, x, w, fold, t) },
             r => panic!("dot_const_rows: {r} outputs in one pass"),
         }
     }
@@ -768,7 +799,8 @@ mod ifma {
     unsafe fn rows_impl<const R: usize>(
         outs: &mut [&mut [u64]],
         x: &[&[u64]],
-        c: &[ShoupConst],
+        w: &[u64],
+        fold: &RowsFold,
         t: &crate::arith::Modulus,
     ) {
         let n = outs[0].len();
@@ -778,21 +810,21 @@ mod ifma {
         for row in x {
             assert!(row.len() >= n);
         }
-        assert_eq!(c.len(), x.len() * R);
+        assert_eq!(w.len(), x.len() * R);
         let tv = t.value();
-        let fold = WideFold::new(t);
+        assert!(tv > 1 << 12 && tv < 1 << 52);
         let tt = _mm512_set1_epi64(tv as i64);
-        let ws: Vec<u64> = c.iter().map(|ci| ci.w).collect();
+        let t_inv = _mm512_set1_epi64(fold.t_inv as i64);
         let ptrs: [*mut u64; R] = std::array::from_fn(|r| outs[r].as_mut_ptr());
         let mut k = 0;
         while k + 8 * ROWS_UNROLL <= n {
             // SAFETY: k + 8 ROWS_UNROLL <= n <= every row's and output's length (asserted).
-            unsafe { dot_rows_vectors::<R, ROWS_UNROLL>(&ptrs, x, &ws, k, &fold, tt) };
+            unsafe { dot_rows_vectors::<R, ROWS_UNROLL>(&ptrs, x, w, k, t_inv, tt) };
             k += 8 * ROWS_UNROLL;
         }
         while k + 8 <= n {
             // SAFETY: as above.
-            unsafe { dot_rows_vectors::<R, 1>(&ptrs, x, &ws, k, &fold, tt) };
+            unsafe { dot_rows_vectors::<R, 1>(&ptrs, x, w, k, t_inv, tt) };
             k += 8;
         }
         for kk in k..n {
@@ -800,9 +832,9 @@ mod ifma {
                 let s: u128 = x
                     .iter()
                     .enumerate()
-                    .map(|(j, row)| row[kk] as u128 * c[j * R + r].w as u128)
+                    .map(|(j, row)| row[kk] as u128 * w[j * R + r] as u128)
                     .sum();
-                o[kk] = t.reduce_u128(s);
+                o[kk] = t.mul(t.reduce_u128(s), fold.inv104);
             }
         }
     }
@@ -1680,7 +1712,7 @@ mod tests {
     fn dot_const_rows_largest_terms() {
         let t = Modulus::new(ntt_primes_below(50, 16, 1, &[]).unwrap()[0]).unwrap();
         let tv = t.value() as u128;
-        let terms = 3 * ROWS_FOLD_TERMS + 5;
+        let terms = 2 * ROWS_FOLD_TERMS + 5;
         let len = 37;
         let x = vec![(1u64 << 50) - 1; len];
         let rows: Vec<&[u64]> = (0..terms).map(|_| x.as_slice()).collect();
@@ -1703,7 +1735,7 @@ mod tests {
         /// the lazy-fold boundaries, lengths covering the 16- and 8-wide bodies and the tail,
         /// inputs up to 2^50 (the lazy sums' worst case).
         #[test]
-        fn dot_const_rows_matches_u128(bits in 20u32..=50, outputs in 1usize..=2 * DOT_ROWS + 1, terms in 1usize..=2 * ROWS_FOLD_TERMS + 3, len in 1usize..60, seed in any::<u64>()) {
+        fn dot_const_rows_matches_u128(bits in 20u32..=50, outputs in 1usize..=2 * DOT_ROWS + 1, terms in prop_oneof![1usize..=300, ROWS_FOLD_TERMS - 2..=ROWS_FOLD_TERMS + 3], len in 1usize..60, seed in any::<u64>()) {
             let t = Modulus::new(ntt_primes_below(bits, 16, 1, &[]).unwrap()[0]).unwrap();
             let tv = t.value() as u128;
             let mut state = seed;
