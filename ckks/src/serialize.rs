@@ -114,7 +114,7 @@ const _: () = assert!(crate::arith::MAX_MODULUS_BITS <= 57);
 /// Unpacks one polynomial, rejecting residues not below their prime.
 fn unpack(bytes: &[u8], params: &Params, basis: &[usize]) -> Result<RnsPoly> {
     let n = params.n();
-    let mut poly = RnsPoly::zero(n, basis.len());
+    let mut poly = RnsPoly::for_overwrite(n, basis.len());
     let mut pos = 0usize;
     for (row, &i) in poly.rows_mut().zip(basis) {
         let m = params.ring().modulus(i);

@@ -89,6 +89,14 @@ impl<I: InputSource + ?Sized> Runner<'_, I> {
 
     /// Runs the segments in order, skipping tiles already done, and returns the logits.
     pub fn run(&self, progress: StageProgress<'_>) -> Result<Vec<Ciphertext>, ExecError> {
+        /// Frees the polynomial buffers kept for reuse when the run ends, however it ends.
+        struct ReleaseSpares;
+        impl Drop for ReleaseSpares {
+            fn drop(&mut self) {
+                beaa_ckks::ring::release_spare_buffers();
+            }
+        }
+        let _spares = ReleaseSpares;
         let mut done_work = 0u64;
         for (si, range) in self.segments {
             self.run_segment(*si, range.clone(), &mut done_work, progress)?;

@@ -9,4 +9,4 @@ mod poly;
 pub use basis::BaseConverter;
 pub use context::RingContext;
 pub use ntt::NttTable;
-pub use poly::{poly_bytes_live, take_poly_bytes_peak, AlignedVec, RnsPoly};
+pub use poly::{poly_bytes_live, release_spare_buffers, take_poly_bytes_peak, AlignedVec, RnsPoly};

@@ -34,6 +34,88 @@ fn aligned_zeros(len: usize) -> AlignedVec {
     AVec::from_iter(64, std::iter::repeat_n(0u64, len))
 }
 
+/// Most bytes of dropped polynomials' buffers kept for [`RnsPoly::for_overwrite`]: about
+/// two GEMM calls' outputs (a conv1 tile's are 512 MiB at N = 32768), whose sizes repeat from
+/// tile to tile. None in the browser, whose memory is scarcer.
+#[cfg(not(target_arch = "wasm32"))]
+const SPARE_BYTES: usize = 1 << 30;
+#[cfg(target_arch = "wasm32")]
+const SPARE_BYTES: usize = 0;
+/// Smaller buffers are not worth keeping, except in this crate's tests, where every reused
+/// buffer is poisoned (see [`RnsPoly::for_overwrite`]) so that the scheme's tests, at small
+/// N, check that each user writes every residue.
+const SPARE_MIN_BYTES: usize = if cfg!(test) { 8 } else { 64 << 10 };
+
+/// Spare buffers, oldest first.
+struct Spares {
+    bufs: Vec<AlignedVec>,
+    bytes: usize,
+}
+
+static SPARES: std::sync::Mutex<Spares> = std::sync::Mutex::new(Spares {
+    bufs: Vec::new(),
+    bytes: 0,
+});
+
+fn spares() -> std::sync::MutexGuard<'static, Spares> {
+    // The lists stay consistent at every unlock, so a panic elsewhere poisons nothing.
+    SPARES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The newest spare buffer with room for `len` words and not more than twice that, its
+/// contents whatever they were, resized to `len`.
+fn take_spare(len: usize) -> Option<AlignedVec> {
+    if len * 8 < SPARE_MIN_BYTES {
+        return None;
+    }
+    let mut buf = {
+        let mut s = spares();
+        let i = s
+            .bufs
+            .iter()
+            .rposition(|b| b.capacity() >= len && b.capacity() <= 2 * len)?;
+        let buf = s.bufs.remove(i);
+        s.bytes -= buf.capacity() * 8;
+        buf
+    };
+    // A shorter one grows by zeros; the rest is left as it was.
+    buf.resize(len, 0);
+    Some(buf)
+}
+
+/// Keeps `buf` for a later [`RnsPoly::for_overwrite`], dropping the oldest spares for room.
+fn keep_spare(buf: AlignedVec) {
+    let bytes = buf.capacity() * 8;
+    if !(SPARE_MIN_BYTES..=SPARE_BYTES).contains(&bytes) {
+        return;
+    }
+    let evicted = {
+        let mut s = spares();
+        let mut evicted = Vec::new();
+        while s.bytes + bytes > SPARE_BYTES {
+            let old = s.bufs.remove(0);
+            s.bytes -= old.capacity() * 8;
+            evicted.push(old);
+        }
+        s.bytes += bytes;
+        s.bufs.push(buf);
+        evicted
+    };
+    // Freed outside the lock.
+    drop(evicted);
+}
+
+/// Frees every spare buffer kept for [`RnsPoly::for_overwrite`] (a finished job's, so that an
+/// idle server does not hold them).
+pub fn release_spare_buffers() {
+    let bufs = {
+        let mut s = spares();
+        s.bytes = 0;
+        std::mem::take(&mut s.bufs)
+    };
+    drop(bufs);
+}
+
 /// A polynomial in RNS form: `limbs` rows of `n` residues, row-major.
 ///
 /// A polynomial does not know its moduli; the caller pairs row `i` with a prime of the
@@ -59,6 +141,7 @@ impl Clone for RnsPoly {
 impl Drop for RnsPoly {
     fn drop(&mut self) {
         LIVE_BYTES.fetch_sub(self.data.capacity() as u64 * 8, Relaxed);
+        keep_spare(std::mem::replace(&mut self.data, AVec::new(64)));
     }
 }
 
@@ -78,6 +161,22 @@ impl Eq for RnsPoly {}
 impl RnsPoly {
     pub fn zero(n: usize, limbs: usize) -> Self {
         let data = aligned_zeros(n * limbs);
+        count_alloc(data.capacity() as u64 * 8);
+        Self { n, limbs, data }
+    }
+
+    /// A polynomial whose residues are unspecified (but initialized), for a computation that
+    /// writes every one of them: the buffer of a polynomial dropped earlier when one fits,
+    /// which saves zeroing it (memset was about 8% of a job's time,
+    /// `perf record` on the width/4 model's full batch). Test builds fill it with `u64::MAX`,
+    /// which is no residue, so that a residue left unwritten shows.
+    pub fn for_overwrite(n: usize, limbs: usize) -> Self {
+        let Some(mut data) = take_spare(n * limbs) else {
+            return Self::zero(n, limbs);
+        };
+        if cfg!(test) {
+            data.fill(u64::MAX);
+        }
         count_alloc(data.capacity() as u64 * 8);
         Self { n, limbs, data }
     }
@@ -147,6 +246,25 @@ mod tests {
 
     /// Polynomials made, cloned and dropped are counted: the peak since the last take holds
     /// both copies of a 32 MB polynomial. (Other tests run beside this one and only add.)
+    /// A dropped polynomial's buffer is reused by the next `for_overwrite` of a size it fits
+    /// (and counted as live again), not by one for which it is more than twice too large.
+    /// (The sizes are odd so that tests running beside this one do not take the buffer.)
+    #[test]
+    fn dropped_buffers_are_reused_for_overwrite() {
+        const N: usize = 3_333_331;
+        let a = RnsPoly::zero(N, 1);
+        let ptr = a.as_slice().as_ptr();
+        drop(a);
+        let small = RnsPoly::for_overwrite(N / 3, 1);
+        assert_ne!(small.as_slice().as_ptr(), ptr);
+        assert!(small.as_slice().iter().all(|&x| x == 0));
+        let b = RnsPoly::for_overwrite(N - 5, 1);
+        assert_eq!(b.as_slice().as_ptr(), ptr);
+        assert_eq!(b.as_slice().len(), N - 5);
+        assert!(b.as_slice().iter().all(|&x| x == u64::MAX));
+        assert!(poly_bytes_live() >= 8 * N as u64);
+    }
+
     #[test]
     fn polynomial_bytes_are_counted() {
         const BYTES: u64 = (1 << 16) * 64 * 8;

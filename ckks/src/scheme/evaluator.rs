@@ -263,7 +263,10 @@ impl Evaluator {
             .collect::<Result<_>>()?;
         let ring = self.params.ring();
         let n = self.params.n();
-        let mut polys = vec![RnsPoly::zero(n, level + 1), RnsPoly::zero(n, level + 1)];
+        let mut polys = vec![
+            RnsPoly::for_overwrite(n, level + 1),
+            RnsPoly::for_overwrite(n, level + 1),
+        ];
         for i in 0..=level {
             let m = ring.modulus(i);
             let consts: Vec<ShoupConst> = ints
@@ -340,7 +343,11 @@ impl Evaluator {
         let mut out: Vec<Vec<RnsPoly>> = rows
             .iter()
             .zip(&degrees)
-            .map(|(r, &d)| (0..=d).map(|_| RnsPoly::zero(n, r.level + 1)).collect())
+            .map(|(r, &d)| {
+                (0..=d)
+                    .map(|_| RnsPoly::for_overwrite(n, r.level + 1))
+                    .collect()
+            })
             .collect();
         // Consecutive rows over the same inputs at the same level (the output channels of one
         // convolution position) form a group: one pass over the inputs computes up to
@@ -534,9 +541,9 @@ impl Evaluator {
         let n = self.params.n();
         let limbs = a.level + 1;
         let mut d = [
-            RnsPoly::zero(n, limbs),
-            RnsPoly::zero(n, limbs),
-            RnsPoly::zero(n, limbs),
+            RnsPoly::for_overwrite(n, limbs),
+            RnsPoly::for_overwrite(n, limbs),
+            RnsPoly::for_overwrite(n, limbs),
         ];
         // For `SamePlus`: `a0 + constant` for one prime (a constant is the same in every NTT
         // slot).
@@ -826,7 +833,7 @@ impl Evaluator {
             }
         }
 
-        let mut ext = RnsPoly::zero(n, digits);
+        let mut ext = RnsPoly::for_overwrite(n, digits);
         // Inner product of the extended digits with the key for one prime (position `pos`
         // in `qp`), plus `P * c` when asked, into `out0`/`out1`.
         let mut key_row = |pos: usize, out0: &mut [u64], out1: &mut [u64]| {
@@ -870,8 +877,8 @@ impl Evaluator {
         let dividing: Vec<usize> = (level + 1..qp.len()).chain(out_level + 1..=level).collect();
         let div_moduli: Vec<_> = dividing.iter().map(|&pos| qp_moduli[pos]).collect();
         let down = BaseConverter::new(&div_moduli, &qp_moduli[..=out_level]);
-        let mut p0 = RnsPoly::zero(n, dividing.len());
-        let mut p1 = RnsPoly::zero(n, dividing.len());
+        let mut p0 = RnsPoly::for_overwrite(n, dividing.len());
+        let mut p1 = RnsPoly::for_overwrite(n, dividing.len());
         for (m, &pos) in dividing.iter().enumerate() {
             key_row(pos, p0.limb_mut(m), p1.limb_mut(m));
             for poly in [&mut p0, &mut p1] {
@@ -884,8 +891,8 @@ impl Evaluator {
         let p1_rows: Vec<&[u64]> = p1.rows().collect();
 
         // Then each remaining prime: inner product, then (x - (x mod D)) / D.
-        let mut out0 = RnsPoly::zero(n, out_level + 1);
-        let mut out1 = RnsPoly::zero(n, out_level + 1);
+        let mut out0 = RnsPoly::for_overwrite(n, out_level + 1);
+        let mut out1 = RnsPoly::for_overwrite(n, out_level + 1);
         let mut tmp = vec![0u64; n];
         for k in 0..=out_level {
             let (o0, o1) = (out0.limb_mut(k), out1.limb_mut(k));

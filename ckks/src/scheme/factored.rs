@@ -232,8 +232,8 @@ impl Evaluator {
             .map(|f| {
                 f.map(|_| {
                     [
-                        RnsPoly::zero(n, map.level + 1),
-                        RnsPoly::zero(n, map.level + 1),
+                        RnsPoly::for_overwrite(n, map.level + 1),
+                        RnsPoly::for_overwrite(n, map.level + 1),
                     ]
                 })
             })
