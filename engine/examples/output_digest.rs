@@ -13,7 +13,7 @@
 
 use beaa_ckks::{Encryptor, Evaluator, KeyGenerator, ParamSpec, Params};
 use beaa_engine::{run_job, Plan, RunControl};
-use beaa_model::testing::random_model;
+use beaa_model::testing::{random_model, random_pixels};
 use beaa_model::{Activation, SqueezeNetSpec};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -34,17 +34,7 @@ fn main() {
             .map_or(default, |a| a.parse().expect("a number"))
     };
     let (log_n, k, side) = (arg(1, 11), arg(2, 4), arg(3, 16));
-    let spec = SqueezeNetSpec {
-        in_channels: 3,
-        height: side,
-        width: side,
-        classes: 10,
-        conv1: 64 / k,
-        fire1: (32 / k, 64 / k, 64 / k),
-        fire2: (32 / k, 64 / k, 64 / k),
-        conv2: 192 / k,
-        conv3: 192 / k,
-    };
+    let spec = SqueezeNetSpec::cifar10_divided(k, side);
     let model = random_model(3, &spec, Activation::PolyElement);
     let probe =
         Params::insecure_for_tests(ParamSpec::chain(log_n as u32, 40, 40, 8)).expect("probe");
@@ -56,18 +46,11 @@ fn main() {
     let rlk = kg.relin_key(&sk);
     let mut enc = Encryptor::with_rng(&params, ChaCha20Rng::seed_from_u64(2));
     let batch = params.n() / 2;
-    let mut s = 7u64;
+    let pixels = random_pixels(model.input_len() * batch, 7);
     let inputs: Vec<_> = (0..model.input_len())
-        .map(|_| {
-            let column: Vec<f64> = (0..batch)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((s >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
-                })
-                .collect();
-            enc.encrypt_values_sk(&sk, &column, params.default_scale(), params.max_level())
+        .map(|k| {
+            let column = &pixels[k * batch..(k + 1) * batch];
+            enc.encrypt_values_sk(&sk, column, params.default_scale(), params.max_level())
                 .expect("encrypt")
         })
         .collect();

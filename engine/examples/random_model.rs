@@ -24,17 +24,9 @@ fn main() {
     };
     let spec = match size {
         "tiny" => SqueezeNetSpec::tiny(3, 8, 4),
-        s if s == "cifar10" || s.starts_with("cifar10/") => SqueezeNetSpec {
-            in_channels: 3,
-            height: side,
-            width: side,
-            classes: 10,
-            conv1: 64 / divisor,
-            fire1: (32 / divisor, 64 / divisor, 64 / divisor),
-            fire2: (32 / divisor, 64 / divisor, 64 / divisor),
-            conv2: 192 / divisor,
-            conv3: 192 / divisor,
-        },
+        s if s == "cifar10" || s.starts_with("cifar10/") => {
+            SqueezeNetSpec::cifar10_divided(divisor, side)
+        }
         other => panic!("unknown size {other}"),
     };
     let model = random_model(1, &spec, Activation::PolyElement);

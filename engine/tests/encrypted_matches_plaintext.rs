@@ -4,20 +4,12 @@
 use beaa_ckks::{decrypt, Encoder, Encryptor, Evaluator, KeyGenerator, ParamSpec, Params};
 use beaa_engine::schedule::MIN_TILES_PER_SEGMENT;
 use beaa_engine::{run, run_job, Plan, PlanError, RunControl};
-use beaa_model::testing::random_model;
+use beaa_model::testing::{random_model, random_pixels};
 use beaa_model::{Activation, SqueezeNetSpec};
 use std::collections::{BTreeMap, BTreeSet};
 
 fn images(n: usize, len: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..n * len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
-        })
-        .collect()
+    random_pixels(n * len, seed)
 }
 
 /// Element-wise packing: ciphertext k holds feature k of every image, image b in slot b.

@@ -201,15 +201,7 @@ pub fn run(args: &InferenceBenchArgs) -> Result<()> {
         }
         // Random normalized images (public test data, not keys).
         None => {
-            let mut state = 0x9e3779b97f4a7c15u64;
-            let images: Vec<f64> = (0..batch * per)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
-                })
-                .collect();
+            let images = beaa_model::testing::random_pixels(batch * per, 0x9e3779b97f4a7c15);
             (
                 images,
                 "random normalized pixels, uniform in [-1.5, 1.5]".to_string(),

@@ -33,6 +33,36 @@ impl SqueezeNetSpec {
             conv3: 4,
         }
     }
+
+    /// The CIFAR-10 network (3 x `side` x `side` input, 10 classes) with every width divided
+    /// by `divisor`: `cifar10_divided(1, 32)` is the shipped model's graph.
+    pub fn cifar10_divided(divisor: usize, side: usize) -> Self {
+        SqueezeNetSpec {
+            in_channels: 3,
+            height: side,
+            width: side,
+            classes: 10,
+            conv1: 64 / divisor,
+            fire1: (32 / divisor, 64 / divisor, 64 / divisor),
+            fire2: (32 / divisor, 64 / divisor, 64 / divisor),
+            conv2: 192 / divisor,
+            conv3: 192 / divisor,
+        }
+    }
+}
+
+/// `len` pseudo-random normalized pixels, uniform in [-1.5, 1.5], from a fixed sequence
+/// (public test data, not keys): the same images on every machine for a given `seed`.
+pub fn random_pixels(len: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 3.0 - 1.5
+        })
+        .collect()
 }
 
 fn uniform(rng: &mut ChaCha8Rng, lo: f64, hi: f64) -> f32 {
