@@ -234,7 +234,11 @@ impl RowConsts {
                 return Self {
                     rows,
                     terms,
-                    passes: Passes::Ifma(ifma::RowsFold::new(t), ifma_passes(c, rows, t)),
+                    passes: {
+                        let fold = ifma::RowsFold::new(t);
+                        let passes = ifma_passes(c, rows, &fold, t);
+                        Passes::Ifma(fold, passes)
+                    },
                 };
             }
             if has_avx2_fma() {
@@ -268,14 +272,12 @@ fn split_passes(c: &[ShoupConst], rows: usize, per_pass: usize) -> Vec<Vec<Shoup
         .collect()
 }
 
-/// [`split_passes`] in the IFMA rows kernel's layout: each constant times 2^104 mod `t`.
+/// [`split_passes`] in the IFMA rows kernel's layout: each constant prescaled by `fold`.
 #[cfg(target_arch = "x86_64")]
-fn ifma_passes(c: &[ShoupConst], rows: usize, t: &Modulus) -> Vec<Vec<u64>> {
-    let r52 = ((1u128 << 52) % t.value() as u128) as u64;
-    let r104 = t.mul(r52, r52);
+fn ifma_passes(c: &[ShoupConst], rows: usize, fold: &ifma::RowsFold, t: &Modulus) -> Vec<Vec<u64>> {
     split_passes(c, rows, DOT_ROWS)
         .into_iter()
-        .map(|pass| pass.iter().map(|k| t.mul(k.w, r104)).collect())
+        .map(|pass| pass.iter().map(|k| fold.prescale(k.w, t)).collect())
         .collect()
 }
 
@@ -668,6 +670,8 @@ mod ifma {
     pub struct RowsFold {
         /// `-t^-1 mod 2^52`.
         t_inv: u64,
+        /// `2^104 mod t`, the factor the constants are prescaled by.
+        r104: u64,
         /// `2^-104 mod t`, for the scalar tail (which sums the prescaled products exactly).
         inv104: u64,
     }
@@ -682,10 +686,17 @@ mod ifma {
             }
             debug_assert_eq!(tv.wrapping_mul(inv), 1);
             let r52 = ((1u128 << 52) % tv as u128) as u64;
+            let r104 = t.mul(r52, r52);
             Self {
                 t_inv: inv.wrapping_neg() & MASK52,
-                inv104: t.inv(t.mul(r52, r52)).expect("an odd prime"),
+                r104,
+                inv104: t.inv(r104).expect("an odd prime"),
             }
+        }
+
+        /// `w 2^104 mod t`: a constant `w < t` in the kernel's form.
+        pub fn prescale(&self, w: u64, t: &crate::arith::Modulus) -> u64 {
+            t.mul(w, self.r104)
         }
     }
 
@@ -774,7 +785,7 @@ mod ifma {
 
     /// `outs[r][k] = sum_i x_i[k] * w[i R + r] 2^-104 mod t` for `R = outs.len()` outputs
     /// (at most `DOT_ROWS`), inputs below 2^52 and constants `w` below `t` prepared by
-    /// [`super::ifma_passes`].
+    /// [`RowsFold::prescale`].
     ///
     /// # Safety
     /// Needs avx512f and avx512ifma.

@@ -244,8 +244,6 @@ impl Zeroize for RnsPoly {
 mod tests {
     use super::*;
 
-    /// Polynomials made, cloned and dropped are counted: the peak since the last take holds
-    /// both copies of a 32 MB polynomial. (Other tests run beside this one and only add.)
     /// A dropped polynomial's buffer is reused by the next `for_overwrite` of a size it fits
     /// (and counted as live again), not by one for which it is more than twice too large.
     /// (The sizes are odd so that tests running beside this one do not take the buffer.)
@@ -265,6 +263,8 @@ mod tests {
         assert!(poly_bytes_live() >= 8 * N as u64);
     }
 
+    /// Polynomials made, cloned and dropped are counted: the peak since the last take holds
+    /// both copies of a 32 MB polynomial. (Other tests run beside this one and only add.)
     #[test]
     fn polynomial_bytes_are_counted() {
         const BYTES: u64 = (1 << 16) * 64 * 8;
